@@ -1,0 +1,21 @@
+"""Attack generators: pure functions (:func:`perturb`, :func:`pgd`, :func:`fgsm_rs`) and callbacks."""
+
+from robustmix.attacks.callbacks import FGSMAttack, PGDAttack
+from robustmix.attacks.objectives import OBJECTIVES, cross_entropy, cw_margin, dlr, kl_divergence, targeted_dlr
+from robustmix.attacks.pgd import fgsm_rs, perturb, pgd, project, random_start
+
+__all__ = [
+    "OBJECTIVES",
+    "FGSMAttack",
+    "PGDAttack",
+    "cross_entropy",
+    "cw_margin",
+    "dlr",
+    "fgsm_rs",
+    "kl_divergence",
+    "perturb",
+    "pgd",
+    "project",
+    "random_start",
+    "targeted_dlr",
+]

@@ -1,0 +1,243 @@
+"""Projected gradient attacks in pixel space: PGD (L-inf, L2), FGSM with random start, and descent.
+
+Every function here keeps the ground rules of robustmix:
+
+- images are pixels in [0, 1] and ``eps`` is in pixel units; results stay in ``B(x, eps)``
+  intersected with [0, 1];
+- gradients come from ``torch.autograd.grad`` with respect to the perturbed input only, so no
+  parameter ``.grad`` is touched and no DDP all-reduce fires;
+- the model runs in the requested BatchNorm/dropout mode (eval by default) and every module's
+  mode is restored afterwards, also on an exception;
+- gradients are enabled inside, so attacks work when called under ``torch.no_grad()`` or
+  ``torch.inference_mode()``;
+- the attack loss is multiplied by ``loss_scale`` before differentiating, so input gradients do
+  not underflow under fp16 autocast (sign and normalized L2 steps are invariant to the scale);
+- every call runs exactly ``steps`` iterations: no data-dependent early exit, no host sync in the
+  loop, so all DDP ranks do the same work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from robustmix.attacks.objectives import get_objective
+from robustmix.modes import BNMode, check_bn_mode, model_mode
+
+Norm = Literal["linf", "l2"]
+Start = Literal["uniform", "normal", "none"]
+#: Called before each step with ``(iteration, logits [B, C] detached, x_k [B, ...])``; it sees
+#: the logits the attack computed anyway, so observing costs no forward pass.
+Observer = Callable[[int, Tensor, Tensor], None]
+
+NORMS = ("linf", "l2")
+STARTS = ("uniform", "normal", "none")
+#: Power of two: multiplying by it is exact in every float format.
+DEFAULT_LOSS_SCALE = 2.0**10
+
+
+def _per_sample(value: float | Tensor, x: Tensor, name: str) -> Tensor | float:
+    """Check a scalar or ``[B]`` budget and shape it to broadcast against ``x``."""
+    if isinstance(value, Tensor):
+        if value.dim() == 0:
+            value = value.item()
+        else:
+            if value.shape != (x.shape[0],):
+                raise ValueError(f"per-sample {name} must have shape [B] = [{x.shape[0]}], got {list(value.shape)}")
+            if not bool(torch.isfinite(value).all()) or bool((value < 0).any()):
+                raise ValueError(f"{name} must be finite and >= 0 for every sample")
+            return value.to(device=x.device, dtype=x.dtype).view(-1, *([1] * (x.dim() - 1)))
+    value = float(value)
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    return value
+
+
+def _flat_norm(t: Tensor) -> Tensor:
+    """Per-sample L2 norm of ``[B, ...]``, shaped ``[B, 1, ...]`` for broadcasting."""
+    return t.flatten(1).norm(dim=1).view(-1, *([1] * (t.dim() - 1)))
+
+
+def project(x_new: Tensor, x: Tensor, eps: Tensor | float, norm: Norm) -> Tensor:
+    """Project ``x_new`` onto ``B(x, eps)`` (L-inf or L2) intersected with [0, 1]."""
+    if norm == "linf":
+        x_new = torch.maximum(torch.minimum(x_new, x + eps), x - eps)
+    else:
+        delta = x_new - x
+        delta = delta * torch.clamp(eps / (_flat_norm(delta) + 1e-12), max=1.0)
+        x_new = x + delta
+    # Clamping to [0, 1] moves every coordinate towards x (which is in [0, 1]): the norm only shrinks.
+    return x_new.clamp(0.0, 1.0)
+
+
+def random_start(
+    x: Tensor, eps: Tensor | float, norm: Norm, start: Start, generator: torch.Generator | None = None
+) -> Tensor:
+    """Starting point of an attack, inside ``B(x, eps)`` and [0, 1].
+
+    ``"uniform"``: uniform in the L-inf box, or uniform in the L2 ball; ``"normal"``:
+    ``x + 0.001 * N(0, I)`` (TRADES); ``"none"``: ``x`` itself.
+    """
+    if start == "none":
+        return x.clone()
+    if start == "normal":
+        noise = 0.001 * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    elif norm == "linf":
+        noise = (2 * torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) - 1) * eps
+    else:
+        direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        direction = direction / (_flat_norm(direction) + 1e-12)
+        u = torch.rand((x.shape[0],), generator=generator, device=x.device, dtype=x.dtype)
+        radius = u.pow(1.0 / x[0].numel()).view(-1, *([1] * (x.dim() - 1)))
+        noise = direction * radius * eps
+    return project(x + noise, x, eps, norm)
+
+
+def _check(x: Tensor, y: Tensor, steps: int, norm: str, start: str) -> None:
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor of pixels in [0, 1], got {getattr(x, 'dtype', type(x))}")
+    if x.dim() < 2 or x.shape[0] == 0:
+        raise ValueError(f"x must be a non-empty batch [B, ...], got shape {list(x.shape)}")
+    if y.shape != (x.shape[0],):
+        raise ValueError(f"y must have shape [B] = [{x.shape[0]}], got {list(y.shape)}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    if start not in STARTS:
+        raise ValueError(f"start must be one of {STARTS}, got {start!r}")
+
+
+def perturb(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    eps: float | Tensor,
+    step_size: float | Tensor,
+    steps: int,
+    norm: Norm = "linf",
+    loss: str = "ce",
+    start: Start = "uniform",
+    descend: bool = False,
+    x_init: Tensor | None = None,
+    reference: Tensor | None = None,
+    bn_mode: BNMode = "eval",
+    observer: Observer | None = None,
+    loss_scale: float = DEFAULT_LOSS_SCALE,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Projected gradient ascent (or descent) of a per-sample loss around ``x``.
+
+    Args:
+        model: Classifier taking pixels in [0, 1] ``[B, ...]`` and returning logits ``[B, C]``.
+            Under DDP pass the unwrapped module.
+        x: Clean images ``[B, ...]``, pixels in [0, 1].
+        y: Labels ``[B]`` (int64).
+        eps: Radius of the ball around ``x``, in pixels; a float or per-sample ``[B]``.
+        step_size: Step length in pixels (L-inf: per coordinate; L2: of the whole step); a float
+            or per-sample ``[B]``.
+        steps: Number of gradient steps (exactly this many forwards and backwards).
+        norm: ``"linf"`` (sign steps) or ``"l2"`` (normalized gradient steps).
+        loss: Objective name in :data:`robustmix.attacks.objectives.OBJECTIVES`: ``"ce"``,
+            ``"kl"`` (TRADES; needs ``reference`` clean logits), ``"cw"``, ``"dlr"``.
+        start: Start point when ``x_init`` is not given: uniform in the ball, ``0.001 * N(0, I)``,
+            or none.
+        descend: Minimize the objective instead (anti-adversaries, the adversary's adversary).
+        x_init: Explicit start (e.g. ``x_adv`` for the adversary's adversary); projected first.
+        reference: Extra input of the objective (clean logits for ``"kl"``).
+        bn_mode: BatchNorm/dropout mode during the attack: ``"eval"``, ``"train"``, or
+            ``"train_frozen_bn"``.
+        observer: Called before every step with the iteration, detached logits and iterate.
+        loss_scale: Multiplier of the summed loss before differentiation (fp16 safety).
+        generator: Random generator for the start (same device as ``x``).
+
+    Returns:
+        The perturbed images ``[B, ...]``, detached, same dtype and device as ``x``.
+    """
+    _check(x, y, steps, norm, start)
+    objective = get_objective(loss)
+    check_bn_mode(bn_mode)
+    eps = _per_sample(eps, x, "eps")
+    step_size = _per_sample(step_size, x, "step_size")
+    sign = -1.0 if descend else 1.0
+
+    # inference_mode(False) + clone: inputs made under inference_mode cannot enter autograd.
+    with torch.inference_mode(False), torch.enable_grad(), model_mode(model, bn_mode):
+        x = x.detach().clone() if x.is_inference() else x.detach()
+        if reference is not None and reference.is_inference():
+            reference = reference.clone()
+        if x_init is None:
+            x_k = random_start(x, eps, norm, start, generator)
+        else:
+            x_k = project(x_init.detach().clone(), x, eps, norm)
+        for k in range(steps):
+            x_k.requires_grad_(True)
+            logits = model(x_k)
+            if observer is not None:
+                observer(k, logits.detach(), x_k.detach())
+            objective_sum = objective(logits, y, reference).sum() * (sign * loss_scale)
+            (grad,) = torch.autograd.grad(objective_sum, x_k)
+            # fp16 overflow would turn into NaN and poison the iterate; such coordinates do not move.
+            grad = torch.nan_to_num(grad, nan=0.0)
+            x_k = x_k.detach()
+            if norm == "linf":
+                x_k = x_k + step_size * grad.sign()
+            else:
+                x_k = x_k + step_size * grad / (_flat_norm(grad) + 1e-12)
+            x_k = project(x_k, x, eps, norm)
+    return x_k.detach()
+
+
+def pgd(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    eps: float | Tensor,
+    step_size: float | Tensor,
+    steps: int,
+    norm: Norm = "linf",
+    loss: str = "ce",
+    start: Start = "uniform",
+    reference: Tensor | None = None,
+    bn_mode: BNMode = "eval",
+    observer: Observer | None = None,
+    loss_scale: float = DEFAULT_LOSS_SCALE,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Projected gradient descent attack (Madry et al. 2018): ascend ``loss`` for ``steps`` steps.
+
+    See :func:`perturb` for the arguments. Returns ``x_adv [B, ...]`` in ``B(x, eps)`` and [0, 1].
+    """
+    return perturb(
+        model, x, y, eps=eps, step_size=step_size, steps=steps, norm=norm, loss=loss, start=start,
+        reference=reference, bn_mode=bn_mode, observer=observer, loss_scale=loss_scale, generator=generator,
+    )  # fmt: skip
+
+
+def fgsm_rs(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    eps: float | Tensor,
+    step_size: float | Tensor | None = None,
+    bn_mode: BNMode = "eval",
+    loss_scale: float = DEFAULT_LOSS_SCALE,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """FGSM with a uniform random start ("fast AT", Wong et al. 2020), L-inf.
+
+    One signed gradient step of ``step_size`` (default ``1.25 * eps``) from a uniform start in
+    the ``eps`` box, projected back to ``B(x, eps)`` and [0, 1].
+    """
+    if step_size is None:
+        step_size = 1.25 * eps
+    return perturb(
+        model, x, y, eps=eps, step_size=step_size, steps=1, norm="linf", loss="ce", start="uniform",
+        bn_mode=bn_mode, loss_scale=loss_scale, generator=generator,
+    )  # fmt: skip

@@ -1,0 +1,161 @@
+"""One adversarial training step: a batch through a list of callbacks, to a loss.
+
+:class:`AdversarialStep` knows nothing about optimizers, schedulers or Accelerate: it returns
+the loss and the host loop calls ``backward`` on it. The same object serves robustmix's
+:class:`~robustmix.trainer.Trainer` and a user's own loop::
+
+    step = AdversarialStep([PGDAttack(eps=8 / 255, step_size=2 / 255, steps=10), AdversarialCE()])
+    for x, y in loader:
+        loss, ctx = step(model, x, y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import Tensor, nn
+
+from robustmix.callbacks import Callback, CompositionError, check_composition
+from robustmix.context import StepContext
+from robustmix.models import unwrap_model
+from robustmix.validation import check_batch
+
+MIXED_PRECISION = ("no", "bf16", "fp16")
+
+
+class AdversarialStep:
+    """Runs one batch through callbacks in stage order and returns ``(loss, ctx)``.
+
+    The composition of the callbacks is checked once, here: every field a callback reads must be
+    written by an earlier stage, and only ``weights`` may have several writers (they multiply,
+    and the product is renormalized to batch mean 1).
+
+    Args:
+        callbacks: Attack, anti-adversary, margin, label, weight and loss callbacks, in any order.
+        num_classes: Number of classes; defaults to the model's ``num_classes`` attribute.
+        mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"``, recorded in the context.
+        check_inputs: Validate every batch (range, NaN/inf, labels) before any work; costs one
+            host synchronization per step.
+        requires_index: Whether batches must come with dataset indices; inferred from the
+            callbacks (those that read ``index``).
+
+    Raises:
+        CompositionError: the callbacks cannot run together (names the missing or doubly written field).
+    """
+
+    def __init__(
+        self,
+        callbacks: Sequence[Callback],
+        *,
+        num_classes: int | None = None,
+        mixed_precision: str = "no",
+        check_inputs: bool = True,
+    ) -> None:
+        if mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got {mixed_precision!r}")
+        self.callbacks = list(callbacks)
+        self.staged = check_composition(self.callbacks)
+        self.requires_index = any("index" in c.reads for c in self.staged)
+        weight_writers = [c for c in self.staged if "weights" in c.writes]
+        # The product of several reweighters is renormalized once, after the last of them.
+        self._renormalize_after = weight_writers[-1] if len(weight_writers) > 1 else None
+        self.num_classes = num_classes
+        self.mixed_precision = mixed_precision
+        self.check_inputs = check_inputs
+
+    def __call__(
+        self,
+        model: nn.Module,
+        inputs: Tensor,
+        targets: Tensor,
+        index: Tensor | None = None,
+        *,
+        epoch: int = 0,
+        step: int = 0,
+        total_epochs: int | None = None,
+        total_steps: int | None = None,
+    ) -> tuple[Tensor, StepContext]:
+        """Run the callbacks on one batch.
+
+        Args:
+            model: The model being trained (may be DDP-wrapped); it takes pixels in [0, 1].
+            inputs: Images ``[B, ...]``, pixels in [0, 1].
+            targets: Labels ``[B]`` in ``[0, num_classes)``.
+            index: Dataset indices ``[B]``; required when a callback keeps per-example state.
+            epoch: Current epoch (0-based), read by schedules such as burn-in.
+            step: Global optimizer step (0-based).
+            total_epochs: Planned epochs, if known.
+            total_steps: Planned steps, if known.
+
+        Returns:
+            The scalar loss (backpropagate it) and the step's :class:`StepContext`.
+        """
+        attack_model = unwrap_model(model)
+        num_classes = self.num_classes or getattr(attack_model, "num_classes", None)
+        if num_classes is None:
+            raise ValueError("cannot tell the number of classes: pass num_classes= to AdversarialStep")
+        if self.requires_index and index is None:
+            users = ", ".join(type(c).__name__ for c in self.staged if "index" in c.reads)
+            raise CompositionError(f"{users} keep per-example state and need `index=` (dataset indices) in every step")
+        if self.check_inputs:
+            check_batch(inputs, targets, num_classes, index)
+
+        ctx = StepContext(
+            model=model,
+            attack_model=attack_model,
+            inputs=inputs,
+            targets=targets,
+            num_classes=num_classes,
+            index=index,
+            epoch=epoch,
+            step=step,
+            total_epochs=total_epochs,
+            total_steps=total_steps,
+            mixed_precision=self.mixed_precision,
+        )
+        with ctx.counter.watch(attack_model):
+            for callback in self.staged:
+                callback(ctx)
+                if callback is self._renormalize_after:
+                    ctx.weights = ctx.weights / ctx.weights.mean().clamp_min(1e-12)
+        for callback in self.callbacks:
+            callback.on_before_backward(ctx)
+        return ctx.loss, ctx
+
+    def fire(self, event: str, *args: Any) -> None:
+        """Call ``event`` (e.g. ``"on_epoch_start"``) on every callback, in the order given.
+
+        In a user's own loop, fire ``on_after_optimizer_step`` after ``optimizer.step()`` when a
+        callback needs it (AWP) and ``on_epoch_start`` / ``on_epoch_end`` around epochs.
+        """
+        if not event.startswith("on_") or not hasattr(Callback, event):
+            raise ValueError(f"unknown callback event {event!r}")
+        for callback in self.callbacks:
+            getattr(callback, event)(*args)
+
+    def state_dict(self) -> dict[str, dict[str, Any]]:
+        """Every stateful callback's state, keyed ``"<position>.<ClassName>"``."""
+        out = {}
+        for i, callback in enumerate(self.callbacks):
+            state = callback.state_dict()
+            if state:
+                out[f"{i}.{type(callback).__name__}"] = state
+        return out
+
+    def load_state_dict(self, state: dict[str, dict[str, Any]]) -> None:
+        """Restore :meth:`state_dict`; raises if the saved callbacks do not match these."""
+        expected = {f"{i}.{type(c).__name__}" for i, c in enumerate(self.callbacks) if c.state_dict()}
+        if set(state) != expected:
+            raise ValueError(f"callback state keys {sorted(state)} do not match this step's {sorted(expected)}")
+        for i, callback in enumerate(self.callbacks):
+            key = f"{i}.{type(callback).__name__}"
+            if key in state:
+                callback.load_state_dict(state[key])
+
+    def __repr__(self) -> str:
+        inner = ",\n    ".join(repr(c) for c in self.staged)
+        return f"AdversarialStep([\n    {inner},\n])"
