@@ -1,0 +1,490 @@
+"""Image classification datasets as tensors in [0,1], with a stable per-example index.
+
+Registry datasets (CIFAR-10/100, SVHN) come from the Hugging Face Hub or from a local copy with the same schema, and
+any local `load_from_disk` folder, parquet file/folder or image folder loads through the same conversion code. The
+embedded default, `digits`, is scikit-learn's handwritten digits upsampled to 32x32 and needs no network.
+
+Every split except `test` is carved out of the source's train split: `validation` is a fixed, seeded, stratified
+hold-out, so model selection never touches the test split. Pass the same `val_size` and `seed` for every split of
+one run, or train and validation overlap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+import sklearn.datasets
+import torch
+import torch.nn.functional as F
+from sklearn.model_selection import train_test_split
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+SPLITS = ("train", "validation", "test")
+CIFAR_PAD = 4
+_DECODE_CHUNK = 1000
+_GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "F")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Where a dataset lives and what its examples look like.
+
+    Attributes:
+        repo: Hugging Face Hub repository id; None for a dataset embedded in the library.
+        config: Hub configuration name, or None for the default one.
+        image_column: Column holding the images.
+        label_column: Column holding the integer class labels.
+        num_classes: Number of classes; labels lie in [0, num_classes).
+        in_chans: Channels after conversion (3 converts grayscale/RGBA/palette images to RGB, 1 to grayscale).
+        image_size: Height and width in pixels.
+        mean: Per-channel mean of the train split, pixels in [0,1] (for the model's Normalize wrapper).
+        std: Per-channel standard deviation of the train split, pixels in [0,1].
+        val_size: Number of examples held out from the train split as the validation split.
+        augment: Whether `augment_cifar` (random crop and horizontal flip) suits this data; flips turn digits into
+            other glyphs, so digit datasets say False.
+    """
+
+    repo: str | None
+    config: str | None
+    image_column: str
+    label_column: str
+    num_classes: int
+    in_chans: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    val_size: int
+    augment: bool
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "cifar10": DatasetSpec(
+        repo="uoft-cs/cifar10",
+        config=None,
+        image_column="img",
+        label_column="label",
+        num_classes=10,
+        in_chans=3,
+        image_size=32,
+        mean=(0.4914, 0.4822, 0.4465),
+        std=(0.2470, 0.2435, 0.2616),
+        val_size=1000,
+        augment=True,
+    ),
+    "cifar100": DatasetSpec(
+        repo="uoft-cs/cifar100",
+        config=None,
+        image_column="img",
+        label_column="fine_label",
+        num_classes=100,
+        in_chans=3,
+        image_size=32,
+        mean=(0.5071, 0.4865, 0.4409),
+        std=(0.2673, 0.2564, 0.2762),
+        val_size=1000,
+        augment=True,
+    ),
+    "svhn": DatasetSpec(
+        repo="ufldl-stanford/svhn",
+        config="cropped_digits",
+        image_column="image",
+        label_column="label",
+        num_classes=10,
+        in_chans=3,
+        image_size=32,
+        mean=(0.4377, 0.4438, 0.4728),
+        std=(0.1980, 0.2010, 0.1970),
+        val_size=1000,
+        augment=False,
+    ),
+    # Mean and std measured on the default train split after upsampling; val_size is 10% of the 1,797 images.
+    "digits": DatasetSpec(
+        repo=None,
+        config=None,
+        image_column="image",
+        label_column="label",
+        num_classes=10,
+        in_chans=1,
+        image_size=32,
+        mean=(0.3050,),
+        std=(0.3236,),
+        val_size=180,
+        augment=False,
+    ),
+}
+
+
+@dataclass(eq=False, repr=False)
+class ImageDataset(Dataset):
+    """Images, labels and per-example ids held in memory.
+
+    Attributes:
+        images: [N, C, H, W], uint8 pixels in 0..255 or float32 pixels in [0,1].
+        labels: [N] int64 class labels in [0, num_classes).
+        index: [N] int64 stable per-example ids, used to key per-example state (soft-label tables, histories).
+        num_classes: Number of classes.
+        name: Registry name or local path the data came from.
+        split: "train", "validation" or "test".
+    """
+
+    images: Tensor
+    labels: Tensor
+    index: Tensor
+    num_classes: int
+    name: str
+    split: str
+
+    def __post_init__(self) -> None:
+        if self.images.ndim != 4 or self.images.dtype not in (torch.uint8, torch.float32):
+            raise ValueError(
+                f"images must be uint8 or float32 [N, C, H, W], got {self.images.dtype} {tuple(self.images.shape)}"
+            )
+        n = len(self.images)
+        for field, values in (("labels", self.labels), ("index", self.index)):
+            if values.dtype != torch.int64 or tuple(values.shape) != (n,):
+                raise ValueError(f"{field} must be int64 [{n}], got {values.dtype} {tuple(values.shape)}")
+        _check_labels(self.labels, self.num_classes)
+        if self.images.dtype == torch.float32 and n > 0 and (self.images.min() < 0 or self.images.max() > 1):
+            raise ValueError("float32 images must hold pixels in [0,1]; normalization belongs inside the model")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __repr__(self) -> str:
+        return (
+            f"ImageDataset(name={self.name!r}, split={self.split!r}, size={len(self)}, "
+            f"image_shape={self.image_shape}, dtype={self.images.dtype}, num_classes={self.num_classes})"
+        )
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        """One example: "image" float32 [C, H, W] in [0,1], "label" and "index" int64 scalars."""
+        return {"image": _to_float(self.images[i]), "label": self.labels[i], "index": self.index[i]}
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """Shape of one image, (C, H, W)."""
+        c, h, w = self.images.shape[1:]
+        return c, h, w
+
+    def tensors(self) -> tuple[Tensor, Tensor]:
+        """All examples at once: images float32 [N, C, H, W] in [0,1] and labels int64 [N].
+
+        Float32 storage is returned without a copy.
+        """
+        return _to_float(self.images), self.labels
+
+    def to(self, device: torch.device | str) -> ImageDataset:
+        """The same examples with tensors on `device`; a GPU-resident dataset skips per-batch host-to-device copies."""
+        return dataclasses.replace(
+            self, images=self.images.to(device), labels=self.labels.to(device), index=self.index.to(device)
+        )
+
+
+def load_dataset(
+    name: str,
+    split: str = "train",
+    *,
+    path: str | None = None,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    num_classes: int | None = None,
+    val_size: int | None = None,
+    seed: int = 0,
+) -> ImageDataset:
+    """Load one split of a registry dataset or of a local dataset.
+
+    Registry names (see `DATASETS`) load from the Hub, or from `path` when given: a local copy with the same schema,
+    saved with `DatasetDict.save_to_disk` or as parquet files named per split. Any other `name` must be an existing
+    local path: a `load_from_disk` folder, a parquet file or folder, or an image folder (`class_name/image.png`
+    under optional `train/` and `test/` folders). A single parquet file or saved `Dataset` is the source of
+    whichever split is asked for. Images are decoded once, to uint8 tensors; grayscale images of a local dataset
+    stay one channel, all others become RGB.
+
+    Index: for train and validation, an example's position in the source's train split before the hold-out; for
+    test, its position in the test split.
+
+    `digits`, the embedded default, is scikit-learn's 1,797 handwritten 8x8 digits: pixels (0..16) divided by 16,
+    upsampled bilinearly to 1x32x32 (align_corners=False), clamped to [0,1] and stored as float32. Its split is
+    fixed and stratified: `train_test_split(random_state=0)` takes 20% as test, then `val_size` of the remaining
+    images, kept in original order, become validation (`random_state=seed`). The defaults give 1,257 train /
+    180 validation / 360 test images. Its index differs: for train, the position within the train split
+    (0..1256, so per-example tables can be dense); for validation and test, the position in the original
+    1,797-image array.
+
+    Args:
+        name: Registry name or local dataset path.
+        split: "train", "validation" (held out from the source's train split) or "test".
+        path: Local copy of a registry dataset, read instead of the Hub; not accepted for `digits`.
+        image_column: Image column; defaults to the registry's, or "image" for local data.
+        label_column: Label column; defaults to the registry's, or "label" for local data.
+        num_classes: Number of classes; defaults to the registry's, else a ClassLabel feature's, else the largest
+            label over all source splits plus one.
+        val_size: Examples held out for validation; defaults to the registry's (1000 for CIFAR and SVHN, 180 for
+            digits), or 10% of the train split for local data. 0 disables the hold-out.
+        seed: Seed of the stratified validation hold-out.
+
+    Returns:
+        The split as an `ImageDataset`.
+
+    Raises:
+        ValueError: Unknown name or split, missing path, column or split, non-integer labels, labels outside
+            [0, num_classes), images of different sizes, or an invalid `val_size`.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
+    if split == "validation" and val_size == 0:
+        raise ValueError("split 'validation' needs val_size > 0")
+    spec = DATASETS.get(name)
+    if spec is None and not Path(name).exists():
+        raise ValueError(
+            f"unknown dataset {name!r}: neither a registry name {sorted(DATASETS)} nor an existing local path"
+        )
+    if spec is not None and spec.repo is None:
+        options = {
+            "path": path,
+            "image_column": image_column,
+            "label_column": label_column,
+            "num_classes": num_classes,
+        }
+        given = [option for option, value in options.items() if value is not None]
+        if given:
+            raise ValueError(f"{name!r} is embedded in the library; {given} do not apply to it")
+        return _load_digits(split, spec.val_size if val_size is None else val_size, seed)
+
+    if spec is None:
+        source = _read_local(name)
+        image_column = image_column or "image"
+        label_column = label_column or "label"
+    else:
+        source = datasets.load_dataset(spec.repo, spec.config) if path is None else _read_local(path)
+        image_column = image_column or spec.image_column
+        label_column = label_column or spec.label_column
+        num_classes = num_classes or spec.num_classes
+
+    ds = _source_split(source, "test" if split == "test" else "train")
+    if len(ds) == 0:
+        raise ValueError(f"the source split of {split!r} in {name!r} holds no examples")
+    missing = [column for column in (image_column, label_column) if column not in ds.column_names]
+    if missing:
+        raise ValueError(f"column(s) {missing} not found in {name!r}; it has columns {ds.column_names}")
+    feature = ds.features[image_column]
+    if not (isinstance(feature, datasets.Image) or (isinstance(feature, dict) and "bytes" in feature)):
+        raise ValueError(f"column {image_column!r} does not hold images, its feature is {feature}")
+    ds = ds.select_columns([image_column, label_column]).cast_column(image_column, datasets.Image())
+    labels = _read_labels(ds, label_column)
+    num_classes = num_classes or _infer_num_classes(source, label_column)
+    _check_labels(torch.from_numpy(labels), num_classes)
+
+    if split == "test":
+        positions = np.arange(len(ds))
+    else:
+        if val_size is None:
+            val_size = spec.val_size if spec is not None else round(0.1 * len(ds))
+        train_positions, val_positions = _hold_out(labels, val_size, seed)
+        positions = val_positions if split == "validation" else train_positions
+
+    if spec is None:
+        mode = "L" if ds[0][image_column].mode in _GRAYSCALE_MODES else "RGB"
+    else:
+        mode = "RGB" if spec.in_chans == 3 else "L"
+    images = _decode_images(ds.select(positions), image_column, mode)
+    if spec is not None and images.shape[-2:] != (spec.image_size, spec.image_size):
+        raise ValueError(
+            f"{name!r} images must be {spec.image_size}x{spec.image_size}, got {images.shape[-2]}x{images.shape[-1]}"
+        )
+    return ImageDataset(
+        images=images,
+        labels=torch.from_numpy(labels[positions]),
+        index=torch.from_numpy(positions.astype(np.int64)),
+        num_classes=num_classes,
+        name=name,
+        split=split,
+    )
+
+
+def _load_digits(split: str, val_size: int, seed: int) -> ImageDataset:
+    """The embedded digits split described in `load_dataset`."""
+    digits = sklearn.datasets.load_digits()
+    labels = digits.target.astype(np.int64)
+    rest, test = train_test_split(np.arange(len(labels)), test_size=0.2, stratify=labels, random_state=0)
+    if split == "test":
+        chosen = index = np.sort(test)
+    else:
+        rest = np.sort(rest)
+        train_positions, val_positions = _hold_out(labels[rest], val_size, seed)
+        if split == "validation":
+            chosen = index = rest[val_positions]
+        else:
+            chosen, index = rest[train_positions], np.arange(len(train_positions))
+    pixels = torch.from_numpy(digits.images[chosen]).float().div(16).unsqueeze(1)
+    images = F.interpolate(pixels, size=32, mode="bilinear", align_corners=False).clamp(0, 1)
+    return ImageDataset(
+        images=images,
+        labels=torch.from_numpy(labels[chosen]),
+        index=torch.from_numpy(index.astype(np.int64)),
+        num_classes=10,
+        name="digits",
+        split=split,
+    )
+
+
+def get_split(name: str, split: str, **kwargs: object) -> tuple[Tensor, Tensor]:
+    """Exactly the examples robustmix trains and evaluates on, for an outside evaluator.
+
+    Args:
+        name: Registry name or local dataset path, as for `load_dataset`.
+        split: "train", "validation" or "test".
+        **kwargs: Keyword arguments of `load_dataset` (path, columns, num_classes, val_size, seed).
+
+    Returns:
+        Images float32 [N, C, H, W] with pixels in [0,1], and labels int64 [N].
+    """
+    return load_dataset(name, split, **kwargs).tensors()
+
+
+def augment_cifar(images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Random crop after 4-pixel zero padding, then random horizontal flip, per example, on the batch's device.
+
+    Matches torchvision's `RandomCrop(size, padding=4)` + `RandomHorizontalFlip()`: offsets are uniform in 0..8
+    pixels along each axis and each image flips with probability 1/2. Random numbers are drawn on the generator's
+    device, so a seeded generator gives the same batch on CPU and GPU.
+
+    Args:
+        images: [B, C, H, W] batch, pixels in [0,1].
+        generator: Source of randomness; the global one when None.
+
+    Returns:
+        Augmented batch, same shape, dtype and device.
+    """
+    if images.ndim != 4:
+        raise ValueError(f"images must be [B, C, H, W], got shape {tuple(images.shape)}")
+    b, _, h, w = images.shape
+    draw_device = images.device if generator is None else generator.device
+    offsets = torch.randint(0, 2 * CIFAR_PAD + 1, (2, b, 1), generator=generator, device=draw_device)
+    flip = torch.randint(0, 2, (b, 1), generator=generator, device=draw_device).bool()
+    offsets, flip = offsets.to(images.device), flip.to(images.device)
+    rows = offsets[0] + torch.arange(h, device=images.device)
+    cols = torch.arange(w, device=images.device)
+    cols = offsets[1] + torch.where(flip, w - 1 - cols, cols)
+    padded = F.pad(images, (CIFAR_PAD,) * 4)
+    batch = torch.arange(b, device=images.device)[:, None, None]
+    # Advanced indices around a slice put the indexed dims first: the gather yields [B, H, W, C].
+    return padded[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
+
+
+def make_dataloader(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int,
+    drop_last: bool = False,
+    num_workers: int = 0,
+) -> DataLoader:
+    """A DataLoader whose shuffling order depends only on `seed`.
+
+    Args:
+        dataset: Map-style dataset, usually an `ImageDataset`.
+        batch_size: Examples per batch.
+        shuffle: Reshuffle every epoch.
+        seed: Seed of the loader's own generator (shuffling and worker seeds).
+        drop_last: Drop the last incomplete batch.
+        num_workers: Worker processes; must be 0 for a GPU-resident dataset.
+
+    Returns:
+        The DataLoader; its batches are dicts of stacked "image", "label" and "index" tensors.
+    """
+    if num_workers > 0 and isinstance(dataset, ImageDataset) and dataset.images.device.type != "cpu":
+        raise ValueError(f"a dataset on {dataset.images.device} must be loaded with num_workers=0")
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        drop_last=drop_last,
+        num_workers=num_workers,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def _to_float(images: Tensor) -> Tensor:
+    return images.float().div_(255) if images.dtype == torch.uint8 else images
+
+
+def _check_labels(labels: Tensor, num_classes: int) -> None:
+    if len(labels) > 0 and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(
+            f"labels must lie in [0, {num_classes}) for num_classes={num_classes}, "
+            f"got range [{int(labels.min())}, {int(labels.max())}]"
+        )
+
+
+def _hold_out(labels: np.ndarray, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted (train, validation) positions of a stratified hold-out of `val_size` examples."""
+    n = len(labels)
+    if not 0 <= val_size < n:
+        raise ValueError(f"val_size must lie in [0, {n}) for a train split of {n} examples, got {val_size}")
+    positions = np.arange(n)
+    if val_size == 0:
+        return positions, positions[:0]
+    train, val = train_test_split(positions, test_size=val_size, stratify=labels, random_state=seed)
+    return np.sort(train), np.sort(val)
+
+
+def _read_local(path: str) -> datasets.Dataset | datasets.DatasetDict:
+    local = Path(path)
+    if not local.exists():
+        raise ValueError(f"local dataset path {path!r} does not exist")
+    if local.is_file():
+        if local.suffix != ".parquet":
+            raise ValueError(f"{path!r} is a file but not a .parquet file; pass a parquet file or a folder")
+        return datasets.Dataset.from_parquet(str(local))
+    if (local / "dataset_dict.json").exists() or (local / "state.json").exists():
+        return datasets.load_from_disk(str(local))
+    if any(local.rglob("*.parquet")):
+        return datasets.load_dataset("parquet", data_dir=str(local))
+    return datasets.load_dataset("imagefolder", data_dir=str(local))
+
+
+def _source_split(source: datasets.Dataset | datasets.DatasetDict, split: str) -> datasets.Dataset:
+    if isinstance(source, datasets.Dataset):
+        return source
+    if split not in source:
+        raise ValueError(f"the source has no {split!r} split; it has splits {list(source)}")
+    return source[split]
+
+
+def _read_labels(ds: datasets.Dataset, label_column: str) -> np.ndarray:
+    labels = np.asarray(ds.select_columns([label_column]).with_format("numpy")[:][label_column])
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(
+            f"label column {label_column!r} must hold integers (or a ClassLabel), got {ds.features[label_column]}"
+        )
+    return labels.astype(np.int64)
+
+
+def _infer_num_classes(source: datasets.Dataset | datasets.DatasetDict, label_column: str) -> int:
+    splits = [source] if isinstance(source, datasets.Dataset) else list(source.values())
+    splits = [ds for ds in splits if label_column in ds.column_names]
+    feature = splits[0].features[label_column]
+    if isinstance(feature, datasets.ClassLabel):
+        return feature.num_classes
+    return max(int(_read_labels(ds, label_column).max(initial=-1)) for ds in splits) + 1
+
+
+def _decode_images(ds: datasets.Dataset, image_column: str, mode: str) -> Tensor:
+    """uint8 [N, C, H, W] from an image column, converted to PIL `mode` ("RGB" or "L")."""
+    ds = ds.select_columns([image_column]).cast_column(image_column, datasets.Image(mode=mode)).with_format("numpy")
+    chunks = []
+    for start in range(0, len(ds), _DECODE_CHUNK):
+        chunk = ds[start : start + _DECODE_CHUNK][image_column]
+        if chunk.dtype == object or (chunks and chunk.shape[1:] != chunks[0].shape[1:]):
+            raise ValueError(f"images in column {image_column!r} differ in size; resize them to one size first")
+        chunks.append(chunk)
+    pixels = np.concatenate(chunks)
+    pixels = pixels[:, None] if pixels.ndim == 3 else pixels.transpose(0, 3, 1, 2)
+    return torch.from_numpy(np.ascontiguousarray(pixels))
