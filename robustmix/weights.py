@@ -1,0 +1,220 @@
+"""Loss reweighters: per-sample weights ``[B]`` from a margin, multiplied into ``weights``.
+
+Every weight vector is non-negative and normalized to batch mean 1 (:func:`normalize_weights`),
+so a reweighter changes which examples the loss looks at, not the learning rate. Several
+reweighters compose by multiplying; the step renormalizes their product. Weights are detached
+when they enter the context: no gradient flows through them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from robustmix.callbacks import Callback
+from robustmix.context import Stage, StepContext
+from robustmix.margins import _check_steps
+
+#: GAIRAT's weight functions of kappa.
+GAIRAT_KINDS = ("tanh", "sigmoid", "discrete")
+
+
+def normalize_weights(weights: Tensor) -> Tensor:
+    """Scale non-negative ``weights [B]`` to batch mean 1, in float32.
+
+    An all-zero batch expresses no preference and becomes uniform ones (never NaN). Not detached,
+    so a learned weight function (BiLAW) can be differentiated through the normalization.
+    """
+    weights = weights.float()
+    peak = weights.amax()
+    # Scaling by the largest weight first keeps the mean representable when every weight is tiny
+    # (subnormal) or huge; torch.where instead of an `if` keeps this free of host synchronizations.
+    scaled = weights / torch.where(peak > 0, peak, 1.0)
+    mean = scaled.mean()
+    return torch.where(mean > 0, scaled / mean, torch.ones_like(weights))
+
+
+def boundary_importance(margin: Tensor, c: float = 5.0) -> Tensor:
+    """GAIRAT-shaped importance of a margin: ``1 + tanh(c * (0.5 - (1 + m) / 2))`` ``[B]`` in [0, 2].
+
+    Non-increasing in the margin ``m [B]`` (in [-1, 1], e.g. the probability margin): examples
+    near or across the decision boundary matter more. ``c`` (>= 0, 5 by default) sets how sharply.
+    """
+    _check_finite_non_negative("c", c)
+    # 1 + tanh(z) == 2 * sigmoid(2 z), without the cancellation of 1 + tanh(z) when z << 0.
+    return 2 * torch.sigmoid(2 * c * (0.5 - (1 + margin.float()) / 2))
+
+
+def adalab_importance(margin: Tensor, c: float = 5.0) -> Tensor:
+    """ADA-Lab's importance weights ``[B]``: :func:`boundary_importance` of ``margin [B]``, batch mean 1."""
+    return normalize_weights(boundary_importance(margin, c))
+
+
+def gairat_weights(kappa: Tensor, steps: int, lam: float = -1.0, kind: str = "tanh") -> Tensor:
+    """GAIRAT's weights ``[B]`` from ``kappa [B]`` (attack iterations still correct), batch mean 1.
+
+    With ``h = K / 2``: ``"tanh"`` (the default) ``(1 + tanh(lam + 5 (h - kappa) / h)) / 2``;
+    ``"sigmoid"`` ``sigmoid(lam + 5 (h - kappa) / h)``; ``"discrete"`` ``(K + 1 - kappa) / (K + 1)``,
+    which ignores ``lam``. ``lam = +inf`` gives uniform weights exactly (PGD-AT). The released
+    code uses ``h = int(K / 2)``; the two agree for even ``K``.
+
+    Args:
+        kappa: Integers in ``[0, steps]``, ``[B]``.
+        steps: The attack's number of steps ``K`` (>= 1).
+        lam: Shift of the weight curve, -1 by default; larger is flatter. May be infinite.
+        kind: ``"tanh"``, ``"sigmoid"`` or ``"discrete"``.
+    """
+    _check_gairat(steps, lam, kind)
+    kappa = kappa.float()
+    if kind == "discrete":
+        return normalize_weights((steps + 1 - kappa) / (steps + 1))
+    half = steps / 2
+    z = lam + 5 * (half - kappa) / half
+    # (1 + tanh(z)) / 2 == sigmoid(2 z): exact at lam = +inf and free of cancellation at z << 0.
+    return normalize_weights(torch.sigmoid(2 * z if kind == "tanh" else z))
+
+
+def mail_weights(margin_pm: Tensor, bias: float = -1.5, slope: float = 1.0) -> Tensor:
+    """MAIL's weights ``sigmoid(slope * (PM + bias))`` ``[B]``, batch mean 1 (MAIL's factor 3 cancels).
+
+    Args:
+        margin_pm: MAIL's probability margin ``PM = max_{k != y} p_k - p_y`` ``[B]`` in [-1, 1]:
+            the *negative* of :func:`robustmix.margins.probability_margin`, positive when misclassified.
+        bias: Shift, -1.5 by default.
+        slope: Steepness (>= 0), 1 by default; weights increase with ``PM``.
+    """
+    _check_mail(bias, slope)
+    return normalize_weights(torch.sigmoid(slope * (margin_pm.float() + bias)))
+
+
+def _check_finite_non_negative(name: str, value: float) -> None:
+    if not (0 <= value < math.inf):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+
+
+def _check_gairat(steps: int, lam: float, kind: str) -> None:
+    _check_steps(steps)
+    if kind not in GAIRAT_KINDS:
+        raise ValueError(f"kind must be one of {GAIRAT_KINDS}, got {kind!r}")
+    if math.isnan(lam):
+        raise ValueError("lam must be a number (+inf gives uniform weights), got NaN")
+
+
+def _check_mail(bias: float, slope: float) -> None:
+    if not math.isfinite(bias):
+        raise ValueError(f"bias must be finite, got {bias}")
+    _check_finite_non_negative("slope", slope)
+
+
+def _check_burn_in(burn_in_epochs: int) -> None:
+    if isinstance(burn_in_epochs, bool) or not isinstance(burn_in_epochs, int) or burn_in_epochs < 0:
+        raise ValueError(f"burn_in_epochs must be an integer >= 0, got {burn_in_epochs!r}")
+
+
+class MarginWeights(Callback):
+    """Multiplies ``weights`` by ``fn(margin)``, normalized to batch mean 1: any reweighting of the margin.
+
+    Before ``burn_in_epochs`` it writes ones (plain AT).
+
+    Args:
+        fn: Maps ``margin [B]`` to non-negative weights ``[B]``; it should be non-increasing in the
+            margin so that examples near the decision boundary weigh more.
+        name: Shown in ``repr``; the function's name by default.
+        burn_in_epochs: Epochs of uniform weights at the start, 0 by default.
+    """
+
+    stage = Stage.WEIGHTS
+    reads = ("margin",)
+    writes = ("weights",)
+
+    def __init__(self, fn: Callable[[Tensor], Tensor], *, name: str | None = None, burn_in_epochs: int = 0) -> None:
+        _check_burn_in(burn_in_epochs)
+        self.fn = fn
+        self.name = name or getattr(fn, "__name__", type(fn).__name__)
+        self.burn_in_epochs = burn_in_epochs
+
+    def __call__(self, ctx: StepContext) -> None:
+        if ctx.epoch < self.burn_in_epochs:
+            weights = torch.ones(ctx.batch_size, device=ctx.inputs.device)
+        else:
+            weights = normalize_weights(self.fn(getattr(ctx, self.reads[0])))
+        ctx.multiply_weights(weights)
+
+    def __repr__(self) -> str:
+        return f"MarginWeights({self.name}, burn_in_epochs={self.burn_in_epochs})"
+
+
+class AdaLabWeights(MarginWeights):
+    """Multiplies ``weights`` by ADA-Lab's importance :func:`adalab_importance` of ``margin``.
+
+    Args:
+        c: Sharpness (>= 0), 5 by default.
+        burn_in_epochs: Epochs of uniform weights at the start, 0 by default.
+    """
+
+    def __init__(self, c: float = 5.0, burn_in_epochs: int = 0) -> None:
+        _check_finite_non_negative("c", c)
+        super().__init__(self._weights, name="adalab_importance", burn_in_epochs=burn_in_epochs)
+        self.c = c
+
+    def _weights(self, margin: Tensor) -> Tensor:
+        return adalab_importance(margin, self.c)
+
+    def __repr__(self) -> str:
+        return f"AdaLabWeights(c={self.c}, burn_in_epochs={self.burn_in_epochs})"
+
+
+class GAIRATWeights(MarginWeights):
+    """Multiplies ``weights`` by GAIRAT's :func:`gairat_weights` of ``kappa`` (``PGDAttack(track_kappa=True)``).
+
+    ``lam`` is read at every step, so an epoch hook may schedule it.
+
+    Args:
+        steps: The attack's number of steps ``K``.
+        lam: Shift of the weight curve, -1 by default; ``+inf`` is PGD-AT.
+        kind: ``"tanh"`` (the default), ``"sigmoid"`` or ``"discrete"``.
+        burn_in_epochs: Epochs of uniform weights at the start, 0 by default.
+    """
+
+    reads = ("kappa",)
+
+    def __init__(self, steps: int, lam: float = -1.0, kind: str = "tanh", burn_in_epochs: int = 0) -> None:
+        _check_gairat(steps, lam, kind)
+        super().__init__(self._weights, name="gairat_weights", burn_in_epochs=burn_in_epochs)
+        self.steps, self.lam, self.kind = steps, lam, kind
+
+    def _weights(self, kappa: Tensor) -> Tensor:
+        return gairat_weights(kappa, self.steps, self.lam, self.kind)
+
+    def __repr__(self) -> str:
+        return (
+            f"GAIRATWeights(steps={self.steps}, lam={self.lam}, kind={self.kind!r}, "
+            f"burn_in_epochs={self.burn_in_epochs})"
+        )
+
+
+class MAILWeights(MarginWeights):
+    """Multiplies ``weights`` by MAIL's :func:`mail_weights`; reads the probability ``margin``.
+
+    ``margin`` must be :class:`~robustmix.margins.ProbabilityMargin`'s ``p_y - max_{k != y} p_k``;
+    MAIL's ``PM`` is its negative.
+
+    Args:
+        bias: Shift, -1.5 by default.
+        slope: Steepness (>= 0), 1 by default.
+        burn_in_epochs: Epochs of uniform weights at the start, 0 by default.
+    """
+
+    def __init__(self, bias: float = -1.5, slope: float = 1.0, burn_in_epochs: int = 0) -> None:
+        _check_mail(bias, slope)
+        super().__init__(self._weights, name="mail_weights", burn_in_epochs=burn_in_epochs)
+        self.bias, self.slope = bias, slope
+
+    def _weights(self, margin: Tensor) -> Tensor:
+        return mail_weights(-margin, self.bias, self.slope)
+
+    def __repr__(self) -> str:
+        return f"MAILWeights(bias={self.bias}, slope={self.slope}, burn_in_epochs={self.burn_in_epochs})"
