@@ -1,0 +1,145 @@
+"""robustmix inside loops it does not own: plain PyTorch, a user's Accelerate loop, a trainer class."""
+
+import hashlib
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from robustmix import AdversarialCE, AdversarialStep, PGDAttack
+from robustmix.data import load_dataset
+from robustmix.integrations import AdversarialLossMixin
+from robustmix.models import create_model
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "docs" / "examples"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", ["plain_pytorch", "accelerate_loop"])
+def test_examples_add_at_most_five_lines(name):
+    marked = [line for line in (EXAMPLES / f"{name}.py").read_text().splitlines() if "  # robustmix" in line]
+    assert 1 <= len(marked) <= 5
+
+
+def _digits_subset(n: int = 256):
+    images, labels = load_dataset("digits", "train").tensors()
+    return images[:n], labels[:n]
+
+
+def _accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+    model.eval()
+    with torch.no_grad():
+        return (model(images).argmax(1) == labels).float().mean().item()
+
+
+def test_plain_pytorch_loop_trains_a_timm_model_on_digits():
+    torch.manual_seed(0)
+    images, labels = _digits_subset(128)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=32, shuffle=True)
+    # timm's smallest ResNet keeps this test to seconds; any timm model name works the same way.
+    model = create_model("test_resnet", num_classes=10, in_chans=1, mean=(0.5,), std=(0.5,))
+    before = _accuracy(model, images, labels)
+    losses = _load("plain_pytorch").train(model, loader, epochs=5, attack_steps=2)
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4
+    assert before < 0.2 and _accuracy(model, images, labels) > 0.35  # chance is 0.1
+
+
+def test_accelerate_loop_in_process():
+    model = _load("accelerate_loop").main(["--steps", "3", "--model", "test_resnet"])
+    assert model.training
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _digest(path: Path) -> str:
+    weights = torch.load(path)
+    h = hashlib.sha256()
+    for key in sorted(weights):
+        h.update(key.encode())
+        h.update(weights[key].cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+@pytest.mark.distributed
+def test_accelerate_loop_two_processes_end_with_identical_weights(tmp_path):
+    # accelerate 1.x runs `--cpu --num_processes 2` as ONE process; gloo ranks need the torchrun launcher
+    # (`--multi_gpu`) with ACCELERATE_USE_CPU set.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"}
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--main_process_port", str(_free_port()), str(EXAMPLES / "accelerate_loop.py"),
+        "--steps", "3", "--model", "test_resnet", "--save", str(tmp_path / "weights"),
+    ]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    digests = {_digest(tmp_path / f"weights.rank{rank}.pt") for rank in range(2)}
+    assert len(digests) == 1
+
+
+class UserTrainer:
+    """A user's trainer: the loss comes from one overridable method."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def compute_loss(self, model, inputs, return_outputs=False):
+        return nn.functional.cross_entropy(model(inputs["pixel_values"]), inputs["labels"])
+
+    def training_step(self, inputs) -> float:
+        loss = self.compute_loss(self.model, inputs)
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        return loss.item()
+
+
+class RobustUserTrainer(AdversarialLossMixin, UserTrainer):
+    adversarial_step = AdversarialStep([PGDAttack(eps=0.1, step_size=0.05, steps=2), AdversarialCE()])
+
+
+class TinyNet(nn.Module):
+    num_classes = 10
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.AvgPool2d(4), nn.Flatten(), nn.Linear(64, 10))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_mixin_replaces_the_loss_with_the_adversarial_one():
+    torch.manual_seed(0)
+    images, labels = _digits_subset(64)
+    batch = {"pixel_values": images, "labels": labels}
+    model = TinyNet()
+    trainer = RobustUserTrainer(model)
+    adversarial = trainer.compute_loss(model, batch).item()
+    clean = UserTrainer.compute_loss(trainer, model, batch).item()
+    assert adversarial > clean
+    _loss, outputs = trainer.compute_loss(model, batch, return_outputs=True)
+    assert outputs["logits"].shape == (64, 10)
+    first = trainer.training_step(batch)
+    for _ in range(5):
+        last = trainer.training_step(batch)
+    assert last < first
+    with pytest.raises(KeyError, match="image_key"):
+        trainer.compute_loss(model, {"images": images, "labels": labels})
