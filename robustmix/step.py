@@ -40,6 +40,8 @@ class AdversarialStep:
         mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"``, recorded in the context.
         check_inputs: Validate every batch (range, NaN/inf, labels) before any work; costs one
             host synchronization per step.
+
+    Attributes:
         requires_index: Whether batches must come with dataset indices; inferred from the
             callbacks (those that read ``index``).
 

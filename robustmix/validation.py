@@ -16,8 +16,9 @@ def check_batch(inputs: Tensor, targets: Tensor, num_classes: int, index: Tensor
         index: Optional dataset indices ``[B]``, integer.
 
     Raises:
-        TypeError: wrong dtype. ValueError: wrong shape, empty batch, non-finite pixels, pixels
-        outside [0, 1] (a normalized batch passed by mistake), labels out of range.
+        TypeError: wrong dtype.
+        ValueError: wrong shape, empty batch, non-finite pixels, pixels outside [0, 1] (a normalized
+            batch passed by mistake), labels out of range.
     """
     if not isinstance(inputs, Tensor) or not inputs.is_floating_point():
         raise TypeError(f"inputs must be a floating-point tensor of pixels in [0, 1], got {_kind(inputs)}")
