@@ -18,6 +18,7 @@ from robustmix.attacks.pgd import DEFAULT_LOSS_SCALE, NORMS, STARTS, Norm, Start
 from robustmix.callbacks import Callback
 from robustmix.context import Stage, StepContext
 from robustmix.modes import BNMode, check_bn_mode
+from robustmix.weights import _check_burn_in
 
 
 def adversarys_adversary(
@@ -111,7 +112,8 @@ class AdversarysAdversary(Callback):
     """Writes ``x_anti``: ADA-Lab's adversary's adversary, descent from ``x_adv`` inside ``B(x, eps)``.
 
     The ball is the attack's: ``eps [B]`` comes from the context (written by the attack or a
-    budget callback), so class-wise budgets carry over. Costs ``steps`` forwards and backwards.
+    budget callback), so class-wise budgets carry over. Costs ``steps`` forwards and backwards;
+    before ``burn_in_epochs`` it writes ``x_anti = x_adv`` and costs nothing.
 
     Args:
         steps: Number of descent steps ``K_aa``; one by default.
@@ -119,6 +121,7 @@ class AdversarysAdversary(Callback):
         norm: ``"linf"`` (the default) or ``"l2"``; use the attack's norm.
         bn_mode: BatchNorm/dropout mode during the descent, eval by default.
         loss_scale: Multiplier of the loss before differentiation (fp16 safety).
+        burn_in_epochs: Epochs (``ctx.epoch`` below it) during which the descent is skipped.
     """
 
     stage = Stage.ANTI
@@ -133,13 +136,18 @@ class AdversarysAdversary(Callback):
         norm: Norm = "linf",
         bn_mode: BNMode = "eval",
         loss_scale: float = DEFAULT_LOSS_SCALE,
+        burn_in_epochs: int = 0,
     ) -> None:
         _check_budget(None, 0.0 if step_size is None else step_size, steps)
         _check_options(norm, bn_mode)
+        _check_burn_in(burn_in_epochs)
         self.steps, self.step_size, self.norm = steps, step_size, norm
-        self.bn_mode, self.loss_scale = bn_mode, loss_scale
+        self.bn_mode, self.loss_scale, self.burn_in_epochs = bn_mode, loss_scale, burn_in_epochs
 
     def __call__(self, ctx: StepContext) -> None:
+        if ctx.epoch < self.burn_in_epochs:
+            ctx.x_anti = ctx.x_adv
+            return
         ctx.x_anti = adversarys_adversary(
             ctx.attack_model, ctx.inputs, ctx.x_adv, ctx.targets, eps=ctx.eps, step_size=self.step_size,
             steps=self.steps, norm=self.norm, bn_mode=self.bn_mode, loss_scale=self.loss_scale,
@@ -148,7 +156,7 @@ class AdversarysAdversary(Callback):
     def __repr__(self) -> str:
         return (
             f"AdversarysAdversary(steps={self.steps}, step_size={self.step_size}, norm={self.norm!r}, "
-            f"bn_mode={self.bn_mode!r})"
+            f"bn_mode={self.bn_mode!r}, burn_in_epochs={self.burn_in_epochs})"
         )
 
 
