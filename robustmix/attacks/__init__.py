@@ -1,13 +1,17 @@
 """Attack generators: pure functions (:func:`perturb`, :func:`pgd`, :func:`fgsm_rs`) and callbacks."""
 
+from robustmix.attacks.apgd import apgd, apgd_targeted
 from robustmix.attacks.callbacks import FGSMAttack, PGDAttack
 from robustmix.attacks.objectives import OBJECTIVES, cross_entropy, cw_margin, dlr, kl_divergence, targeted_dlr
 from robustmix.attacks.pgd import fgsm_rs, perturb, pgd, project, random_start
+from robustmix.attacks.square import square_attack
 
 __all__ = [
     "OBJECTIVES",
     "FGSMAttack",
     "PGDAttack",
+    "apgd",
+    "apgd_targeted",
     "cross_entropy",
     "cw_margin",
     "dlr",
@@ -17,5 +21,6 @@ __all__ = [
     "pgd",
     "project",
     "random_start",
+    "square_attack",
     "targeted_dlr",
 ]
