@@ -288,8 +288,10 @@ def pgd_eval(
 ) -> Tensor:
     """PGD as the evaluation suite runs it: uniform start, step ``step_fraction * eps``, seeded.
 
+    ``model``, ``x``, ``y``, ``eps``, ``steps``, ``loss`` and ``bn_mode`` are as in
+    :func:`robustmix.attacks.pgd.perturb`.
+
     Args:
-        model, x, y, eps, steps, loss, bn_mode: As in :func:`robustmix.attacks.pgd.perturb`.
         step_fraction: Step size as a fraction of eps (1/4: 2/255 at 8/255).
         seed: Seed of the random start.
         loss_trace: A ``[steps]`` float tensor on ``x``'s device; iteration ``k`` adds the summed

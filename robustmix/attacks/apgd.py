@@ -143,11 +143,12 @@ def apgd_targeted(
     costs ``restarts * (steps + 1)`` forwards and backwards on the whole batch, plus one clean
     forward in all.
 
+    ``x``, ``y``, ``eps``, ``steps``, ``norm``, ``restarts``, ``rho``, ``momentum``, ``seed``, ``bn_mode`` and
+    ``loss_scale`` are as in :func:`apgd`.
+
     Args:
         model: Classifier with at least 4 classes (the targeted DLR loss needs them).
         n_target_classes: How many target classes to try (9 in AutoAttack).
-        x, y, eps, steps, norm, restarts, rho, momentum, seed, bn_mode, loss_scale: As in
-            :func:`apgd`.
 
     Returns:
         ``x_adv [B, ...]`` in ``B(x, eps)`` and [0, 1]: per sample, a misclassified point if any
