@@ -1,0 +1,319 @@
+"""AWP: the released code's perturbation, its size per layer, exact removal, warm-up, cost, and DDP agreement.
+
+Run as a script, this file is the worker of the two-process test.
+"""
+
+import argparse
+import copy
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from robustmix import AdversarialCE, AdversarialStep, Callback, PGDAttack, Stage
+from robustmix.awp import AWP, awp_perturbation
+from robustmix.losses import TRADESLoss, trades_loss
+
+
+class TinyBN(nn.Module):
+    """Conv + BatchNorm classifier of 1x8x8 images into 3 classes."""
+
+    num_classes = 3
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+            nn.Linear(16, 3),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def _model(dtype: torch.dtype = torch.float32) -> TinyBN:
+    torch.manual_seed(0)
+    return TinyBN().to(dtype).train()
+
+
+def _batch(size: int = 8, seed: int = 0, dtype: torch.dtype = torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(size, 1, 8, 8, generator=g, dtype=dtype), torch.randint(0, 3, (size,), generator=g)
+
+
+def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def _ce_of(x, y):
+    return lambda model: F.cross_entropy(model(x), y)
+
+
+def _released_code_perturbation(model: nn.Module, x, y, gamma: float) -> dict[str, torch.Tensor]:
+    """AWP as the released code computes it: a proxy copy in train mode, one SGD step ascending CE."""
+    proxy = copy.deepcopy(model).train()
+    loss = -F.cross_entropy(proxy(x), y)
+    optimizer = torch.optim.SGD(proxy.parameters(), lr=0.01)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    old, new = model.state_dict(), proxy.state_dict()
+    diff = {}
+    for key in old:
+        if old[key].dim() > 1 and "weight" in key:
+            d = new[key] - old[key]
+            diff[key] = gamma * old[key].norm() / (d.norm() + 1e-20) * d
+    return diff
+
+
+def test_perturbation_is_the_released_codes():
+    model = _model(torch.float64)  # float64: w' - w of the proxy loses no digits to rounding
+    x, y = _batch(dtype=torch.float64)
+    expected = _released_code_perturbation(model, x, y, gamma=0.01)
+    perturbation = awp_perturbation(model, _ce_of(x, y), gamma=0.01)
+    assert perturbation.keys() == expected.keys() == {"net.0.weight", "net.5.weight"}  # no biases, no BatchNorm
+    for name, delta in perturbation.items():
+        torch.testing.assert_close(delta, expected[name], rtol=1e-7, atol=1e-12)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.005, 0.01, 0.5])
+def test_each_layer_moves_by_gamma_relative_to_its_norm(gamma):
+    model = _model()
+    perturbation = awp_perturbation(model, _ce_of(*_batch()), gamma=gamma)
+    for name, param in model.named_parameters():
+        if param.dim() > 1:
+            ratio = perturbation[name].norm() / param.norm()
+            torch.testing.assert_close(ratio, torch.tensor(gamma), rtol=1e-5, atol=1e-7)
+
+
+def test_perturbation_ascends_the_loss_and_leaves_grads_statistics_and_modes_alone():
+    model = _model()
+    x, y = _batch()
+    model.net[1].eval()  # a mode of the user's, to be restored
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 7.0)
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    perturbation = awp_perturbation(model, _ce_of(x, y), gamma=0.01)
+
+    assert all(torch.equal(p.grad, grads[name]) for name, p in model.named_parameters())
+    assert all(torch.equal(v, buffers[k]) for k, v in model.state_dict().items())
+    assert model.training and not model.net[1].training
+    model.train()  # the loss the perturbation ascends: batch statistics
+    with torch.no_grad():
+        before = F.cross_entropy(model(x), y)
+        for name, p in model.named_parameters():
+            p.add_(perturbation.get(name, 0.0))
+        assert F.cross_entropy(model(x), y) > before
+
+
+def test_a_zero_or_non_finite_gradient_gives_no_perturbation():
+    model = _model()
+    zero = awp_perturbation(model, lambda m: 0.0 * m(_batch()[0]).sum(), gamma=0.01)
+    overflow = awp_perturbation(model, lambda m: m(_batch()[0]).sum() * float("inf"), gamma=0.01)
+    assert all(torch.equal(delta, torch.zeros_like(delta)) for delta in (*zero.values(), *overflow.values()))
+
+
+def _awp_step(awp: AWP) -> AdversarialStep:
+    return AdversarialStep([PGDAttack(eps=0.1, step_size=0.03, steps=2), awp, AdversarialCE()])
+
+
+class RecordsWeights(Callback):
+    """Copies the weights the training forward sees."""
+
+    stage = Stage.MARGIN
+
+    def __call__(self, ctx) -> None:
+        self.seen = _weights(ctx.attack_model)
+
+
+def test_removal_is_exact_when_the_optimizer_does_not_move_the_weights():
+    model, recorder = _model(), RecordsWeights()
+    step = AdversarialStep([PGDAttack(eps=0.1, step_size=0.03, steps=2), AWP(gamma=0.01), recorder, AdversarialCE()])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9, weight_decay=5e-4)
+    before = _weights(model)
+    for i in range(3):
+        loss, _ = step(model, *_batch(seed=i))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        step.fire("on_after_optimizer_step", None, optimizer)
+    assert not torch.equal(recorder.seen["net.0.weight"], before["net.0.weight"])  # trained at perturbed weights
+    assert torch.equal(recorder.seen["net.0.bias"], before["net.0.bias"])
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+
+
+def test_removal_also_happens_when_the_grad_scaler_skips_the_step():
+    model = _model()
+    step = _awp_step(AWP(gamma=0.01))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    before = _weights(model)
+    loss, _ = step(model, *_batch())
+    optimizer.zero_grad()
+    scaler.scale(loss).backward()
+    model.net[0].weight.grad[0, 0, 0, 0] = float("inf")  # an fp16 overflow
+    scaler.step(optimizer)
+    scaler.update()
+    step.fire("on_after_optimizer_step", None, optimizer)
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+
+
+def test_the_update_uses_the_gradient_at_the_perturbed_weights_and_lands_on_the_unperturbed_ones():
+    model = _model()
+    step = _awp_step(AWP(gamma=0.01))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = _weights(model)
+    loss, _ = step(model, *_batch())
+    optimizer.zero_grad()
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    optimizer.step()
+    step.fire("on_after_optimizer_step", None, optimizer)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p, before[name] - 0.1 * grads[name], rtol=0, atol=1e-7)
+
+    plain = _model()
+    loss, _ = _awp_step(AWP(gamma=0.0))(plain, *_batch())
+    loss.backward()
+    assert not torch.allclose(plain.net[0].weight.grad, grads["net.0.weight"])  # the perturbation mattered
+
+
+def test_no_perturbation_during_warm_up():
+    model, recorder = _model(), RecordsWeights()
+    before = _weights(model)
+    awp = AWP(gamma=0.01, warmup_epochs=2)
+    step = AdversarialStep([PGDAttack(eps=0.1, step_size=0.03, steps=2), awp, recorder, AdversarialCE()])
+    loss, ctx = step(model, *_batch(), epoch=1)
+    loss.backward()
+    assert ctx.passes() == (3, 3)  # plain PGD-AT with K = 2
+    assert all(torch.equal(recorder.seen[name], before[name]) for name in before)
+    _, ctx = step(model, *_batch(), epoch=2)
+    assert not torch.equal(recorder.seen["net.0.weight"], before["net.0.weight"])
+
+
+@pytest.mark.parametrize(
+    ("callbacks", "passes"),
+    [
+        # PGD-AT, K = 10: 11 forwards + 11 backwards; AWP adds one of each.
+        ([PGDAttack(eps=0.1, step_size=0.03, steps=10), AWP(gamma=0.01), AdversarialCE()], (12, 12)),
+        # TRADES, K = 10: 13 forwards + 12 backwards; AWP ascends TRADES' loss, two of each.
+        (
+            [
+                PGDAttack(eps=0.1, step_size=0.03, steps=10, loss="kl", start="normal"),
+                AWP(gamma=0.005, loss="trades"),
+                TRADESLoss(),
+            ],
+            (15, 14),
+        ),
+    ],
+    ids=["at", "trades"],
+)
+def test_cost_per_step(callbacks, passes):
+    loss, ctx = AdversarialStep(callbacks)(_model(), *_batch())
+    loss.backward()
+    assert ctx.passes() == passes
+
+
+def test_trades_awp_ascends_the_trades_loss():
+    model = _model()
+    x, y = _batch()
+    x_adv = (x + 0.05).clamp(0, 1)
+    expected = awp_perturbation(model, lambda m: trades_loss(m(x), m(x_adv), y, 6.0), gamma=0.005)
+    awp = AWP(gamma=0.005, loss="trades", beta=6.0)
+
+    class FixedAdv(Callback):
+        stage = Stage.ATTACK
+        writes = ("x_adv",)
+
+        def __call__(self, ctx) -> None:
+            ctx.x_adv = x_adv
+
+    recorder = RecordsWeights()
+    weights = _weights(model)
+    AdversarialStep([FixedAdv(), awp, recorder, TRADESLoss()])(model, x, y)
+    for name, delta in expected.items():
+        torch.testing.assert_close(recorder.seen[name], weights[name] + delta)
+
+
+class ReadsLogitsEarly(Callback):
+    stage = Stage.ANTI
+    reads = ("logits_adv",)
+
+    def __call__(self, ctx) -> None:
+        ctx.get_logits("adv")
+
+
+def test_misuse_fails_loudly():
+    model = _model()
+    step = _awp_step(AWP())
+    step(model, *_batch())
+    with pytest.raises(RuntimeError, match="on_after_optimizer_step"):
+        step(model, *_batch())  # the previous perturbation was never removed
+    early = AdversarialStep([PGDAttack(steps=1), ReadsLogitsEarly(), AWP(), AdversarialCE()])
+    with pytest.raises(RuntimeError, match="before any training forward"):
+        early(_model(), *_batch())
+    for kwargs, message in (
+        ({"gamma": -0.1}, "gamma"), ({"proxy_lr": 0.0}, "proxy_lr"), ({"warmup_epochs": -1}, "warmup_epochs"),
+        ({"loss": "mart"}, "loss"), ({"beta": float("inf")}, "beta"),
+    ):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            AWP(**kwargs)
+
+
+# ---------------------------------------------------------------------- two processes
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.distributed
+def test_every_rank_adds_the_same_perturbation(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"}
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--main_process_port", str(_free_port()), __file__, "--out", str(tmp_path),
+    ]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen, final = zip(*(torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)), strict=True)
+    # The weights the training forward saw (perturbed from rank-local x_adv) and the weights after the
+    # steps (weight decay acts on the perturbed weights) agree bit for bit.
+    for a, b in (seen, final):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _ddp_worker(out: Path) -> None:
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    from robustmix.models import unwrap_model
+
+    accelerator = Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    recorder = RecordsWeights()
+    step = AdversarialStep([PGDAttack(eps=0.1, step_size=0.03, steps=2), AWP(gamma=0.01), recorder, AdversarialCE()])
+    for i in range(3):
+        loss, _ = step(model, *_batch(seed=10 * i + accelerator.process_index))
+        optimizer.zero_grad()
+        accelerator.backward(loss)
+        optimizer.step()
+        step.fire("on_after_optimizer_step", None, optimizer)
+    torch.save((recorder.seen, _weights(unwrap_model(model))), out / f"rank{accelerator.process_index}.pt")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    _ddp_worker(parser.parse_args().out)
