@@ -56,15 +56,32 @@ class Callback:
         """Do this callback's work on the step's context."""
 
     # Trainer events. ``trainer`` is robustmix's Trainer, or ``None`` in a user's own loop.
-    def on_fit_start(self, trainer: Any) -> None: ...
-    def on_epoch_start(self, trainer: Any, epoch: int) -> None: ...
-    def on_batch_start(self, trainer: Any, batch: dict[str, Tensor]) -> None: ...
-    def on_before_backward(self, ctx: StepContext) -> None: ...
-    def on_before_optimizer_step(self, trainer: Any, optimizer: Optimizer) -> None: ...
-    def on_after_optimizer_step(self, trainer: Any, optimizer: Optimizer) -> None: ...
-    def on_epoch_end(self, trainer: Any, epoch: int) -> None: ...
-    def on_evaluate(self, trainer: Any, metrics: dict[str, float]) -> None: ...
-    def on_save_checkpoint(self, trainer: Any, directory: str) -> None: ...
+    def on_fit_start(self, trainer: Any) -> None:
+        """Once, before the first step (also after a resume): allocate state that needs the data or model."""
+
+    def on_epoch_start(self, trainer: Any, epoch: int) -> None:
+        """Before the first step of ``epoch`` (0-based): epoch-level schedules change here."""
+
+    def on_batch_start(self, trainer: Any, batch: dict[str, Tensor]) -> None:
+        """Before the step runs on ``batch`` (``{"image", "label", "index"}``)."""
+
+    def on_before_backward(self, ctx: StepContext) -> None:
+        """After the loss is computed, before ``backward``; fired by the step itself."""
+
+    def on_before_optimizer_step(self, trainer: Any, optimizer: Optimizer) -> None:
+        """After ``backward`` (and gradient clipping), before ``optimizer.step()``."""
+
+    def on_after_optimizer_step(self, trainer: Any, optimizer: Optimizer) -> None:
+        """After ``optimizer.step()``, also when the fp16 scaler skipped it (AWP removes its perturbation here)."""
+
+    def on_epoch_end(self, trainer: Any, epoch: int) -> None:
+        """After the last step of ``epoch``, before its validation."""
+
+    def on_evaluate(self, trainer: Any, metrics: dict[str, float]) -> None:
+        """After a validation pass, with its metrics (clean and PGD accuracy)."""
+
+    def on_save_checkpoint(self, trainer: Any, directory: str) -> None:
+        """Before :meth:`state_dict` is saved into the checkpoint ``directory``: sync state across ranks here."""
 
     def state_dict(self) -> dict[str, Any]:
         """Tensors and plain values to save with a checkpoint (tensors go to safetensors)."""

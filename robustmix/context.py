@@ -74,6 +74,7 @@ class PassCounter:
     backwards: int = 0
 
     def reset(self) -> None:
+        """Set both counts to zero."""
         self.forwards = 0
         self.backwards = 0
 
@@ -162,6 +163,7 @@ class StepContext:
 
     @property
     def batch_size(self) -> int:
+        """``B``, the number of examples in the batch."""
         return self.inputs.shape[0]
 
     def input(self, name: str) -> Tensor:
