@@ -1,0 +1,432 @@
+"""What every recipe shares: the command line, the presets, and the path from flags to a finished run.
+
+A recipe is a short script: its own flags (if any), the callbacks of its method, and one call::
+
+    def build_callbacks(args, info):
+        return [PGDAttack(args.eps, args.step_size, args.attack_steps), AdversarialCE()]
+
+    def main(argv=None):
+        args = parse_args(base_parser("pgd_at", __doc__), argv)
+        return run_recipe(args, build_callbacks)
+
+:func:`run_recipe` loads the data, builds the model, optimizer and lr schedule, trains with
+:class:`~robustmix.trainer.Trainer`, evaluates the final (and best) weights on the test split and writes
+the run folder described in :mod:`robustmix.runs`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import functools
+import math
+import platform
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import accelerate
+import timm
+import torch
+from accelerate import PartialState
+from accelerate.utils import set_seed
+from safetensors.torch import load_file
+from torch.optim import SGD, AdamW, Optimizer
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler, MultiStepLR
+
+import robustmix
+from robustmix.callbacks import Callback
+from robustmix.checkpoint import atomic_write_json, list_checkpoints, resolve_checkpoint
+from robustmix.data import DATASETS, ImageDataset, load_dataset
+from robustmix.models import create_model, model_config, unwrap_model
+from robustmix.runs import BEST_DIR, CHECKPOINTS_DIR, CONFIG_FILE, METRICS_FILE, METRICS_LOG, MODEL_FILE
+from robustmix.step import MIXED_PRECISION, AdversarialStep
+from robustmix.trainer import Trainer, batches_per_epoch
+
+#: Seed of the validation hold-out: the same train/validation split for every run seed, so runs differ
+#: only in their training randomness.
+SPLIT_SEED = 0
+
+#: Flag values each preset sets; flags given on the command line override them.
+PRESETS: dict[str, dict[str, Any]] = {
+    # The default: a run on the embedded digits (1-channel 32x32) on a 2-core CPU in minutes.
+    # eps 0.1 is a third of MNIST's customary 0.3: upsampled 8x8 digits are blurrier and much smaller
+    # (1,257 training images), and 0.1 keeps PGD-20 accuracy well above chance in a short run.
+    "digits": {
+        "dataset": "digits",
+        "model": "test_resnet",
+        "cifar_stem": False,
+        "eps": 0.1,
+        "step_size": 0.04,
+        "attack_steps": 5,
+        "optimizer": "sgd",
+        "lr": 0.1,
+        "momentum": 0.9,
+        "weight_decay": 5e-4,
+        "batch_size": 128,
+        "epochs": 10,
+        "schedule": "warmup-cosine",
+        "milestones": [],
+        "augment": False,
+        # Intra-op CPU threads. Convolutions this small gain little from a second thread, and where the cores
+        # are shared two threads spin-wait: measured 2:52 (1 thread) vs 13:33 (2 threads) for the default run
+        # on a busy 2-core machine.
+        "threads": 1,
+    },
+    # The standard CIFAR-10 protocol (Bag of Tricks schedule): ResNet-18 with a CIFAR stem, eps 8/255,
+    # step 2/255, 10 steps, SGD 0.1 momentum 0.9 wd 5e-4, batch 128, 110 epochs, lr x0.1 at 100 and 105.
+    "cifar10-resnet18": {
+        "dataset": "cifar10",
+        "model": "resnet18",
+        "cifar_stem": True,
+        "eps": 8 / 255,
+        "step_size": 2 / 255,
+        "attack_steps": 10,
+        "optimizer": "sgd",
+        "lr": 0.1,
+        "momentum": 0.9,
+        "weight_decay": 5e-4,
+        "batch_size": 128,
+        "epochs": 110,
+        "schedule": "multistep",
+        "milestones": [100, 105],
+        "augment": True,
+        "threads": 0,
+    },
+}
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("warmup-cosine", "multistep", "constant")
+#: Files of a run folder that ``--overwrite`` removes before a fresh start.
+_RUN_FILES = (CONFIG_FILE, MODEL_FILE, METRICS_FILE, METRICS_LOG, BEST_DIR, CHECKPOINTS_DIR)
+
+
+@dataclass
+class RecipeInfo:
+    """What a recipe's ``build_callbacks`` may need to know about the run.
+
+    Attributes:
+        num_classes: Number of classes ``C``.
+        train_data: The training split; ``train_data.index`` keys per-example state (its values lie in
+            ``[0, int(train_data.index.max()) + 1)``).
+        val_data: The validation split (held out from training; never the test split).
+        epochs: Planned epochs.
+        steps_per_epoch: Optimizer steps per epoch (global batch ``batch_size * num_processes``).
+        total_steps: Optimizer steps of the whole run (``max_steps`` included).
+        num_processes: Data-parallel processes.
+    """
+
+    num_classes: int
+    train_data: ImageDataset
+    val_data: ImageDataset
+    epochs: int
+    steps_per_epoch: int
+    total_steps: int
+    num_processes: int
+
+
+BuildCallbacks = Callable[[argparse.Namespace, RecipeInfo], Sequence[Callback]]
+
+
+# ---------------------------------------------------------------------- command line
+
+
+def _number(text: str) -> float:
+    """A float or a fraction such as ``8/255``."""
+    try:
+        return float(Fraction(text)) if "/" in text else float(text)
+    except (ValueError, ZeroDivisionError) as err:
+        raise argparse.ArgumentTypeError(f"expected a number such as 0.1 or 8/255, got {text!r}") from err
+
+
+def _bounded(kind: Callable[[str], float | int], low: float, *, strict: bool = False) -> Callable[[str], Any]:
+    def parse(text: str) -> float | int:
+        try:
+            value = kind(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__.strip('_')}, got {text!r}") from err
+        if not math.isfinite(value) or value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low:g}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+_positive_int = _bounded(int, 1)
+_nonnegative_int = _bounded(int, 0)
+_positive_number = _bounded(_number, 0, strict=True)
+_nonnegative_number = _bounded(_number, 0)
+
+
+def base_parser(name: str, description: str | None = None) -> argparse.ArgumentParser:
+    """The flags every recipe shares; add the method's own flags to it, then call :func:`parse_args`.
+
+    Flags a preset sets default to ``None`` here and are filled from the preset by :func:`parse_args`.
+
+    Args:
+        name: Recipe name, recorded in ``config.json`` and used in the default output folder.
+        description: Shown by ``--help`` (pass the recipe module's docstring).
+    """
+    parser = argparse.ArgumentParser(
+        prog=f"{name}.py", description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.set_defaults(recipe=name)
+    add = parser.add_argument
+    add("--preset", choices=sorted(PRESETS), default="digits", help="flag values to start from (default: digits)")
+    add("--dataset", help=f"registry name ({', '.join(DATASETS)}) or a local dataset path")
+    add("--data-path", help="local copy of a registry dataset (load_from_disk folder or parquet)")
+    add("--model", help="timm model name")
+    add("--cifar-stem", action=argparse.BooleanOptionalAction, help="3x3 stride-1 stem, no max-pool (ResNets)")
+    add("--epochs", type=_positive_int)
+    add("--max-steps", type=_positive_int, help="stop after this many optimizer steps")
+    add("--batch-size", type=_positive_int, help="examples per process per step")
+    add("--optimizer", choices=OPTIMIZERS)
+    add("--lr", type=_positive_number, help="peak learning rate")
+    add("--momentum", type=_nonnegative_number, help="SGD momentum")
+    add("--weight-decay", type=_nonnegative_number)
+    add("--schedule", choices=SCHEDULES, help="lr schedule over the optimizer steps")
+    add("--milestones", type=_positive_int, nargs="*", help="epochs where multistep multiplies the lr by 0.1")
+    add("--augment", action=argparse.BooleanOptionalAction, help="random crop (pad 4) + horizontal flip")
+    add("--eps", type=_nonnegative_number, help="L-inf budget in pixels in [0, 1], e.g. 8/255")
+    add("--step-size", type=_nonnegative_number, help="attack step in pixels")
+    add("--attack-steps", type=_nonnegative_int, help="attack iterations K")
+    add("--seed", type=_nonnegative_int, default=0)
+    add("--output-dir", help="run folder (default: runs/<recipe>-<dataset>-seed<seed>)")
+    add("--resume", help="'latest' or a checkpoint folder to continue exactly")
+    add("--overwrite", action="store_true", help="replace the run already in --output-dir")
+    add("--mixed-precision", choices=MIXED_PRECISION, default="no")
+    add("--grad-clip", type=_positive_number, help="clip the gradient norm to this value")
+    add("--eval-every", type=_positive_int, default=1, help="validate every this many epochs")
+    add("--checkpoint-every", type=_positive_int, default=1, help="checkpoint every this many epochs")
+    add("--checkpoint-every-steps", type=_positive_int, help="also checkpoint every this many steps")
+    add("--keep-checkpoints", type=_positive_int, default=2, help="most recent checkpoints to keep")
+    add("--num-workers", type=_nonnegative_int, default=0, help="DataLoader worker processes")
+    add("--threads", type=_nonnegative_int, help="intra-op CPU threads of torch (0: torch's default)")
+    return parser
+
+
+def parse_args(
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None = None,
+    recipe_defaults: dict[str, Any | Callable[[argparse.Namespace], Any]] | None = None,
+) -> argparse.Namespace:
+    """Parse flags, fill the unset ones from the preset, and check everything before any work.
+
+    Args:
+        parser: From :func:`base_parser`, with the recipe's own flags added.
+        argv: Command line without the program name; ``None`` reads ``sys.argv``.
+        recipe_defaults: Values this recipe uses instead of the preset's, for flags that default to
+            ``None`` and were not given on the command line; a callable receives the namespace after the
+            preset filled it in (e.g. FGSM-RS's step ``1.25 * eps``).
+
+    Returns:
+        The namespace, every preset flag filled in, ``output_dir`` resolved.
+
+    Exits:
+        With status 2 and a one-line message (``parser.error``) for an unknown dataset or model, a missing
+        data path or checkpoint, an occupied output folder, or a flag value out of range.
+    """
+    args = parser.parse_args(argv)
+    unset = {key for key, value in vars(args).items() if value is None}
+    for key, value in PRESETS[args.preset].items():
+        if key in unset:
+            setattr(args, key, value)
+    for key, value in (recipe_defaults or {}).items():
+        if key in unset:
+            setattr(args, key, value(args) if callable(value) else value)
+
+    if args.dataset not in DATASETS and not Path(args.dataset).exists():
+        parser.error(f"unknown dataset {args.dataset!r}: expected one of {sorted(DATASETS)} or an existing path")
+    if args.data_path is not None and not Path(args.data_path).exists():
+        parser.error(f"--data-path {args.data_path} does not exist")
+    if not timm.is_model(args.model):
+        close = difflib.get_close_matches(args.model, timm.list_models(), n=3)
+        parser.error(f"unknown timm model {args.model!r}" + (f"; close matches: {', '.join(close)}" if close else ""))
+    if args.eps > 1:
+        parser.error(f"--eps is in pixels in [0, 1], got {args.eps}; for 8/255 write 8/255")
+    if args.momentum >= 1:
+        parser.error(f"--momentum must be < 1, got {args.momentum}")
+    if args.schedule == "multistep" and not args.milestones:
+        parser.error("--schedule multistep needs --milestones (epochs)")
+
+    if args.output_dir is None:
+        args.output_dir = f"runs/{args.recipe}-{Path(args.dataset).name}-seed{args.seed}"
+    output = Path(args.output_dir)
+    if args.resume is not None:
+        if args.overwrite:
+            parser.error("--resume and --overwrite contradict each other")
+        try:
+            resolve_checkpoint(args.resume, output / CHECKPOINTS_DIR)
+        except FileNotFoundError as err:
+            parser.error(f"--resume {args.resume}: {err}")
+    elif not args.overwrite and (list_checkpoints(output / CHECKPOINTS_DIR) or (output / MODEL_FILE).exists()):
+        parser.error(f"{output} already holds a run: --resume latest continues it, --overwrite replaces it")
+    return args
+
+
+# ---------------------------------------------------------------------- the shared fit path
+
+
+def run_recipe(args: argparse.Namespace, build_callbacks: BuildCallbacks) -> dict[str, Any]:
+    """Train a recipe from its parsed flags and write the run folder; call it on every process.
+
+    Args:
+        args: From :func:`parse_args`.
+        build_callbacks: The method: ``(args, info) -> callbacks`` of its :class:`AdversarialStep`.
+
+    Returns:
+        The content of ``metrics.json``: test clean and PGD accuracy of the final weights (and of the best
+        ones) with the attack settings, and the best checkpoint's validation metrics.
+    """
+    state = PartialState()
+    output = Path(args.output_dir)
+    if args.overwrite and state.is_main_process:
+        for name in _RUN_FILES:
+            path = output / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    state.wait_for_everyone()
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    set_seed(args.seed)  # the same initial weights on every process
+    with state.main_process_first():  # one process downloads and caches, the others read the cache
+        train, val = (_load(args, split) for split in ("train", "validation"))
+    spec = DATASETS.get(args.dataset)
+    mean, std = (spec.mean, spec.std) if spec is not None else channel_stats(train)
+    in_chans = train.image_shape[0]
+    model = create_model(
+        args.model, train.num_classes, in_chans=in_chans, cifar_stem=args.cifar_stem, mean=mean, std=std
+    )
+
+    steps_per_epoch = batches_per_epoch(len(train), args.batch_size, state.num_processes)
+    total_steps = min(args.max_steps or math.inf, args.epochs * steps_per_epoch)
+    info = RecipeInfo(train.num_classes, train, val, args.epochs, steps_per_epoch, total_steps, state.num_processes)
+    step = AdversarialStep(
+        build_callbacks(args, info), num_classes=train.num_classes, mixed_precision=args.mixed_precision
+    )
+    optimizer = build_optimizer(args, model)
+    trainer = Trainer(
+        model, step, optimizer, train, val, scheduler=build_scheduler(args, optimizer, steps_per_epoch, total_steps),
+        mixed_precision=args.mixed_precision, epochs=args.epochs, max_steps=args.max_steps,
+        batch_size=args.batch_size, grad_clip=args.grad_clip, eval_every=args.eval_every,
+        eval_eps=args.eps, checkpoint_every=args.checkpoint_every,
+        checkpoint_every_steps=args.checkpoint_every_steps, keep_checkpoints=args.keep_checkpoints,
+        output_dir=output, seed=args.seed, augment=args.augment, num_workers=args.num_workers,
+    )  # fmt: skip
+    if state.is_main_process:
+        output.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(output / CONFIG_FILE, _run_config(args, model, train, val, trainer, step))
+
+    summary = trainer.fit(resume=args.resume)
+
+    with state.main_process_first():
+        test = _load(args, "test")
+    metrics: dict[str, Any] = {"test": {**trainer.evaluate(test), "weights": "final", "step": summary["step"]}}
+    best = summary["best"]
+    if best and best["step"] != summary["step"]:
+        # Report the checkpoint chosen on validation too: load its weights, evaluate, leave them loaded.
+        unwrap_model(trainer.model).load_state_dict(load_file(output / BEST_DIR / MODEL_FILE))
+        metrics["test_best"] = {**trainer.evaluate(test), "weights": "best", "step": best["step"]}
+    metrics |= {"attack": trainer.eval_attack, "best": best, "last_val": summary["val"]}
+    if state.is_main_process:
+        atomic_write_json(output / METRICS_FILE, metrics)
+    final, attack = metrics["test"], trainer.eval_attack
+    state.print(
+        f"{args.recipe} on {args.dataset}: test clean {final['clean_acc']:.2%}, PGD-{attack['steps']} "
+        f"{final['pgd_acc']:.2%} (eps {attack['eps']:.4g}, step {attack['step_size']:.4g}, n={final['n']}); "
+        f"run folder {output}"
+    )
+    return metrics
+
+
+def _load(args: argparse.Namespace, split: str) -> ImageDataset:
+    return load_dataset(args.dataset, split, path=args.data_path, seed=SPLIT_SEED)
+
+
+def channel_stats(data: ImageDataset) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation of a dataset's pixels in [0, 1] (for a local dataset)."""
+    scale = 255.0 if data.images.dtype == torch.uint8 else 1.0
+    total = torch.zeros(data.images.shape[1], dtype=torch.float64)
+    squares = torch.zeros_like(total)
+    for chunk in data.images.split(4096):
+        pixels = chunk.double() / scale
+        total += pixels.sum(dim=(0, 2, 3))
+        squares += pixels.square().sum(dim=(0, 2, 3))
+    count = data.images[:, 0].numel()
+    mean = total / count
+    std = (squares / count - mean.square()).clamp_min(1e-12).sqrt()
+    return mean.tolist(), std.tolist()
+
+
+def build_optimizer(args: argparse.Namespace, model: torch.nn.Module) -> Optimizer:
+    """SGD (with ``--momentum``) or AdamW at ``--lr`` with ``--weight-decay`` on every parameter."""
+    if args.optimizer == "sgd":
+        return SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    return AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+
+
+def warmup_cosine(step: int, total_steps: int, warmup: float = 0.25, start: float = 1 / 25) -> float:
+    """lr multiplier at optimizer step ``step`` (0-based) of ``total_steps``.
+
+    Rises linearly from ``start`` to 1 over the first ``warmup`` fraction of the steps (at least one step),
+    then falls along half a cosine towards 0, reached just after the last step: the lr shape of one-cycle
+    training (Smith 2018), well defined for any number of steps.
+    """
+    warm = max(1, round(warmup * total_steps))
+    if step < warm:
+        return start + (1 - start) * step / warm
+    progress = min(1.0, (step - warm) / max(1, total_steps - warm))
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_scheduler(
+    args: argparse.Namespace, optimizer: Optimizer, steps_per_epoch: int, total_steps: int
+) -> LRScheduler | None:
+    """The ``--schedule`` in optimizer steps: warm-up then cosine over ``total_steps``, or x0.1 at milestones."""
+    if args.schedule == "warmup-cosine":
+        return LambdaLR(optimizer, functools.partial(warmup_cosine, total_steps=total_steps))
+    if args.schedule == "multistep":
+        return MultiStepLR(optimizer, milestones=[m * steps_per_epoch for m in args.milestones], gamma=0.1)
+    return None
+
+
+def _run_config(
+    args: argparse.Namespace,
+    model: torch.nn.Module,
+    train: ImageDataset,
+    val: ImageDataset,
+    trainer: Trainer,
+    step: AdversarialStep,
+) -> dict[str, Any]:
+    return {
+        "recipe": args.recipe,
+        "robustmix_version": robustmix.__version__,
+        "model": model_config(model),
+        "data": {
+            "dataset": args.dataset,
+            "path": args.data_path,
+            "split_seed": SPLIT_SEED,
+            "sizes": {"train": len(train), "validation": len(val)},
+            "num_classes": train.num_classes,
+            "image_shape": list(train.image_shape),
+            "augment": args.augment,
+        },
+        "attack": {"eps": args.eps, "step_size": args.step_size, "steps": args.attack_steps},
+        "callbacks": [repr(c) for c in step.callbacks],
+        "eval_attack": trainer.eval_attack,
+        "seed": args.seed,
+        "num_processes": trainer.accelerator.num_processes,
+        "global_batch_size": args.batch_size * trainer.accelerator.num_processes,
+        "steps_per_epoch": trainer.steps_per_epoch,
+        "total_steps": trainer.total_steps,
+        "flags": vars(args),
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "accelerate": accelerate.__version__,
+            "timm": timm.__version__,
+        },
+    }

@@ -1,0 +1,115 @@
+"""The run folder contract: what a training run leaves in its ``output_dir``, and how to load it back.
+
+A run folder holds::
+
+    config.json          everything needed to rebuild the model and the data (model config, dataset,
+                         split sizes, attack settings, seed, library version, recipe name and flags)
+    model.safetensors    final weights: the state_dict of the model from ``create_model``
+    metrics.json         final test clean / PGD accuracy with the attack settings, and the best
+                         checkpoint's validation metrics
+    metrics.jsonl        one JSON object per line: training progress and per-epoch validation metrics
+    best/                model.safetensors and metrics.json of the checkpoint with the best validation
+                         PGD accuracy (never chosen on test data)
+    checkpoints/         step_<N>/ resumable training states and the ``latest`` pointer file
+
+Every file is written atomically (temporary file, fsync, rename), so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from robustmix.models import build_from_config
+
+CONFIG_FILE = "config.json"
+MODEL_FILE = "model.safetensors"
+METRICS_FILE = "metrics.json"
+METRICS_LOG = "metrics.jsonl"
+BEST_DIR = "best"
+CHECKPOINTS_DIR = "checkpoints"
+
+
+def read_json(path: str | Path) -> Any:
+    """Parse a JSON file, naming the file when it is missing or corrupted.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file is not valid JSON.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is corrupted: not valid JSON ({err})") from err
+
+
+def load_config(run_dir: str | Path) -> dict[str, Any]:
+    """The ``config.json`` of a run folder, with a ``"model"`` entry from ``robustmix.models.model_config``.
+
+    Raises:
+        FileNotFoundError: the folder or its config.json does not exist.
+        ValueError: config.json is corrupted or has no ``"model"`` entry.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run folder {run_dir} does not exist")
+    config = read_json(run_dir / CONFIG_FILE)
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise ValueError(f"{run_dir / CONFIG_FILE} has no 'model' entry; it was not written by a robustmix run")
+    return config
+
+
+def load_model(run_dir: str | Path, *, weights: Literal["final", "best"] = "final") -> nn.Module:
+    """Rebuild a trained model from its run folder, in eval mode, on the CPU.
+
+    Args:
+        run_dir: The run's ``output_dir``.
+        weights: ``"final"`` (``model.safetensors``, the weights after the last step) or ``"best"``
+            (``best/model.safetensors``, the checkpoint with the best validation PGD accuracy).
+
+    Returns:
+        The model, taking images ``[B, C, H, W]`` with pixels in [0, 1] and returning logits ``[B, num_classes]``.
+
+    Raises:
+        FileNotFoundError: the folder, its config.json or the weights file does not exist.
+        ValueError: ``weights`` is not "final" or "best"; a file is corrupted; the weights do not fit the model.
+    """
+    if weights not in ("final", "best"):
+        raise ValueError(f"weights must be 'final' or 'best', got {weights!r}")
+    run_dir = Path(run_dir)
+    config = load_config(run_dir)
+    path = run_dir / MODEL_FILE if weights == "final" else run_dir / BEST_DIR / MODEL_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: the run has no {weights} weights (did it finish?)")
+    try:
+        state_dict = load_file(path)
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path} is corrupted: not a readable safetensors file ({err})") from err
+    model = build_from_config(config["model"])
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as err:
+        raise ValueError(f"{path} does not match the model described in {run_dir / CONFIG_FILE}: {err}") from err
+    return model.eval()
+
+
+def load_metrics_log(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows of ``metrics.jsonl``, oldest first (training rows and validation rows, each with step and epoch)."""
+    path = Path(run_dir) / METRICS_LOG
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} line {number} is not valid JSON ({err})") from err
+    return rows

@@ -1,0 +1,666 @@
+"""The Accelerate training loop: fit and evaluate an :class:`~robustmix.step.AdversarialStep` on any model.
+
+One loop serves every recipe, on CPU, one GPU or many (``accelerate launch``), in fp32, bf16 or fp16::
+
+    trainer = Trainer(model, AdversarialStep([PGDAttack(eps, step_size, 10), AdversarialCE()]), optimizer,
+                      train_data, val_data, scheduler=scheduler, epochs=110, output_dir="runs/pgd_at")
+    trainer.fit()                       # or trainer.fit(resume="latest") after an interruption
+    test_metrics = trainer.evaluate(test_data)
+
+Data order is the trainer's own: every epoch is a permutation seeded by ``(seed, epoch)``, cut into global
+batches of ``batch_size * num_processes`` examples, each process taking its slice. A checkpoint records the
+epoch and the number of batches done in it, so a resumed run sees exactly the batches it has not seen.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Iterator, Sized
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.utils import is_tensorboard_available, set_seed
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
+
+from robustmix.attacks import pgd
+from robustmix.checkpoint import (
+    atomic_save_weights,
+    atomic_write_json,
+    atomic_write_text,
+    drop_checkpoints_after,
+    list_checkpoints,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from robustmix.data import augment_cifar, make_dataloader
+from robustmix.models import unwrap_model
+from robustmix.modes import model_mode
+from robustmix.runs import BEST_DIR, CHECKPOINTS_DIR, METRICS_FILE, METRICS_LOG, MODEL_FILE
+from robustmix.step import MIXED_PRECISION, AdversarialStep
+
+# Independent random streams derived from the run seed.
+_ORDER_STREAM, _AUGMENT_STREAM, _EVAL_STREAM = 0, 1, 2
+
+
+def mix_seed(*values: int) -> int:
+    """A 63-bit seed mixed from non-negative integers (run seed, stream, epoch, rank...), stable across runs."""
+    return int(np.random.SeedSequence(list(values)).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def batches_per_epoch(num_examples: int, batch_size: int, num_processes: int = 1) -> int:
+    """Optimizer steps in one epoch of :class:`EpochBatches`.
+
+    Args:
+        num_examples: Training examples.
+        batch_size: Examples per process per step.
+        num_processes: Data-parallel processes.
+    """
+    full, rest = divmod(num_examples, batch_size * num_processes)
+    return full + (rest >= num_processes)
+
+
+class EpochBatches(Sampler[list[int]]):
+    """Batches of dataset positions for one process, resumable in the middle of an epoch.
+
+    Every epoch draws a permutation seeded by ``(seed, epoch)``, identical on every process, and cuts it
+    into global batches of ``batch_size * num_processes`` positions; the process takes its
+    ``batch_size`` slice. The last, smaller global batch is split evenly (at most ``num_processes - 1``
+    examples of it are left out), so every process runs the same number of steps on equal batch sizes.
+
+    Args:
+        num_examples: Size of the dataset.
+        batch_size: Examples per process per batch.
+        num_processes: Data-parallel processes.
+        process_index: This process's rank.
+        seed: Run seed (non-negative).
+    """
+
+    def __init__(self, num_examples: int, batch_size: int, *, num_processes: int, process_index: int, seed: int):
+        self.num_examples, self.batch_size = num_examples, batch_size
+        self.num_processes, self.process_index, self.seed = num_processes, process_index, seed
+        self.epoch = self.start = 0
+
+    def set_position(self, epoch: int, start: int) -> None:
+        """Iterate over ``epoch`` from its batch number ``start`` on."""
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self) -> Iterator[list[int]]:
+        generator = torch.Generator().manual_seed(mix_seed(self.seed, _ORDER_STREAM, self.epoch))
+        order = torch.randperm(self.num_examples, generator=generator)
+        global_size = self.batch_size * self.num_processes
+        for first in range(self.start * global_size, self.num_examples, global_size):
+            chunk = order[first : first + global_size]
+            per_process = len(chunk) // self.num_processes
+            if per_process == 0:
+                return
+            rank = self.process_index
+            yield chunk[rank * per_process : (rank + 1) * per_process].tolist()
+
+    def __len__(self) -> int:
+        return batches_per_epoch(self.num_examples, self.batch_size, self.num_processes) - self.start
+
+
+def training_forwards(step: AdversarialStep) -> set[str]:
+    """Inputs whose training-mode logits the step's callbacks read (``"adv"``, ``"clean"``...)."""
+    fields = (f for c in step.staged for f in (*c.reads, *c.optional_reads))
+    return {f.removeprefix("logits_") for f in fields if f.startswith("logits_")}
+
+
+class Trainer:
+    """Adversarial training with Accelerate: data, steps, evaluation, checkpoints, metrics.
+
+    Every training step: the batch moves to the device (and is augmented), ``on_batch_start`` fires, the
+    :class:`AdversarialStep` computes the loss (epoch, step, totals and the batch's dataset ``index`` are
+    passed on), ``accelerator.backward``, ``on_before_optimizer_step`` (gradients not yet clipped, still
+    scaled under fp16), optional gradient clipping, ``optimizer.step()``, ``on_after_optimizer_step`` (also
+    when the fp16 GradScaler skipped the step: ``trainer.step_was_skipped`` says so), ``scheduler.step()``.
+
+    Every ``eval_every`` epochs (and after the last step) the model is evaluated on ``val_data``: clean and
+    PGD accuracy (CE, ``eval_steps`` steps of ``eval_eps / 4``, uniform start, eval mode). The weights with
+    the best validation PGD accuracy are copied to ``output_dir/best/``; the test split is never used here.
+
+    The lr scheduler is stepped exactly once per optimizer step, on every process, also when the fp16
+    GradScaler skipped the step (the lr is a function of the step count alone). It is deliberately not
+    passed through ``accelerator.prepare``: Accelerate's scheduler wrapper steps ``num_processes`` times per
+    call (it assumes schedules written in single-process steps), while robustmix schedules count optimizer
+    steps of the global batch. It is registered for checkpointing instead.
+
+    Under DDP, when the step runs several training forwards before one backward (e.g. TRADES: clean and
+    adversarial), the accelerator the trainer creates uses ``broadcast_buffers=False``: DDP would otherwise
+    overwrite the BatchNorm buffers from rank 0 at the second forward, in place, under the first forward's
+    autograd graph. BatchNorm statistics are then averaged across processes before every evaluation and
+    checkpoint, which also makes the saved model the same on every rank.
+
+    Resuming (``fit(resume=...)``) restores model, optimizer, scheduler, GradScaler, RNG states, callback
+    state and the position in the epoch: the run continues bit for bit as if it had not stopped (on the
+    same hardware and number of processes). ``on_epoch_start`` does not fire again when resuming in the
+    middle of an epoch, so anything an epoch hook sets must be in the callback's ``state_dict`` or derived
+    from ``ctx.epoch``.
+
+    Args:
+        model: Classifier taking pixels in [0, 1] (e.g. from ``robustmix.models.create_model``).
+        step: The adversarial step (callbacks) that turns a batch into a loss.
+        optimizer: Optimizer over ``model``'s parameters.
+        train_data: Map-style dataset of dicts with ``"image"`` ``[C, H, W]`` in [0, 1], ``"label"`` and
+            ``"index"`` (e.g. ``robustmix.data.ImageDataset``).
+        val_data: Validation split for per-epoch evaluation and best-checkpoint selection; ``None`` skips both.
+        scheduler: lr scheduler defined in optimizer steps (``total_steps`` of them).
+        accelerator: An Accelerator to use; by default one is created with ``mixed_precision``, DDP kwargs as
+            above and a TensorBoard tracker when TensorBoard is installed.
+        mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"`` for the created accelerator; must match
+            ``step.mixed_precision``. Defaults to the step's.
+        epochs: Number of epochs.
+        max_steps: Stop after this many optimizer steps (also in the middle of an epoch); default: no cap.
+        batch_size: Examples per process per step. The global batch is ``batch_size * num_processes``; keep
+            it fixed across process counts by dividing this value.
+        grad_clip: Clip the global gradient norm to this value; default: no clipping.
+        eval_every: Evaluate on ``val_data`` every this many epochs; ``None`` evaluates only at the end.
+        eval_eps: L-inf budget in pixels of the evaluation PGD; defaults to the eps of the step's attack.
+        eval_steps: Steps of the evaluation PGD (20: PGD-20).
+        checkpoint_every: Save a checkpoint every this many epochs (``None``: never by epoch).
+        checkpoint_every_steps: Save a checkpoint every this many steps (``None``: never by step).
+        keep_checkpoints: Keep only this many most recent checkpoints; ``None`` keeps all.
+        output_dir: Run folder (see ``robustmix.runs``); ``None`` writes nothing, not even checkpoints.
+        seed: Seed (>= 0) of the data order, augmentation, evaluation starts and, at a fresh start, of the
+            global RNGs (offset by the process index) that attacks and dropout draw from.
+        augment: Random crop (4-pixel padding) and horizontal flip of every training batch, on the device.
+        num_workers: DataLoader worker processes.
+        log_every: Log training metrics (averaged over the window) every this many steps and at epoch ends.
+        progress: Show a progress bar on the main process.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        step: AdversarialStep,
+        optimizer: Optimizer,
+        train_data: Dataset,
+        val_data: Dataset | None = None,
+        *,
+        scheduler: LRScheduler | None = None,
+        accelerator: Accelerator | None = None,
+        mixed_precision: str | None = None,
+        epochs: int = 1,
+        max_steps: int | None = None,
+        batch_size: int = 128,
+        grad_clip: float | None = None,
+        eval_every: int | None = 1,
+        eval_eps: float | None = None,
+        eval_steps: int = 20,
+        checkpoint_every: int | None = 1,
+        checkpoint_every_steps: int | None = None,
+        keep_checkpoints: int | None = None,
+        output_dir: str | Path | None = None,
+        seed: int = 0,
+        augment: bool = False,
+        num_workers: int = 0,
+        log_every: int = 10,
+        progress: bool = True,
+    ) -> None:
+        for name, value, minimum in (
+            ("epochs", epochs, 1), ("batch_size", batch_size, 1), ("eval_steps", eval_steps, 0),
+            ("seed", seed, 0), ("num_workers", num_workers, 0), ("log_every", log_every, 1),
+        ):  # fmt: skip
+            _check_int(name, value, minimum)
+        for name, value in (
+            ("max_steps", max_steps), ("eval_every", eval_every), ("checkpoint_every", checkpoint_every),
+            ("checkpoint_every_steps", checkpoint_every_steps), ("keep_checkpoints", keep_checkpoints),
+        ):  # fmt: skip
+            if value is not None:
+                _check_int(name, value, 1)
+        if grad_clip is not None and not (0 < grad_clip < math.inf):
+            raise ValueError(f"grad_clip must be a positive number, got {grad_clip}")
+        if not isinstance(train_data, Sized) or len(train_data) == 0:
+            raise ValueError("train_data must be a non-empty map-style dataset")
+        mixed_precision = mixed_precision or (accelerator.mixed_precision if accelerator else step.mixed_precision)
+        if mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got {mixed_precision!r}")
+        if step.mixed_precision != mixed_precision:
+            raise ValueError(
+                f"the step was built with mixed_precision={step.mixed_precision!r} but the trainer runs "
+                f"{mixed_precision!r}; pass the same value to both"
+            )
+        self.eval_eps = _attack_eps(step) if eval_eps is None else eval_eps
+        if not (0 <= self.eval_eps < math.inf):
+            raise ValueError(f"eval_eps must be a finite number >= 0 (pixels), got {self.eval_eps}")
+
+        several_forwards = len(training_forwards(step)) > 1
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        if accelerator is None:
+            accelerator = Accelerator(
+                mixed_precision=mixed_precision,
+                kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)] if several_forwards else [],
+                log_with="tensorboard" if is_tensorboard_available() and self.output_dir else None,
+                project_dir=self.output_dir,
+            )
+        elif accelerator.mixed_precision != mixed_precision:
+            raise ValueError(f"the accelerator runs {accelerator.mixed_precision!r}, not {mixed_precision!r}")
+        elif several_forwards and accelerator.num_processes > 1:
+            handler = accelerator.ddp_handler
+            if handler is None or handler.broadcast_buffers:
+                raise ValueError(
+                    f"the step runs training forwards of {sorted(training_forwards(step))} before one backward; "
+                    "under DDP create the Accelerator with DistributedDataParallelKwargs(broadcast_buffers=False)"
+                )
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched != accelerator.num_processes:
+            raise RuntimeError(
+                f"{launched} processes were launched (WORLD_SIZE) but Accelerate runs {accelerator.num_processes}: "
+                "they would train independently into one folder. On CPUs launch with ACCELERATE_USE_CPU=1"
+            )
+        self.accelerator = accelerator
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.scheduler = scheduler
+        if scheduler is not None:
+            accelerator.register_for_checkpointing(scheduler)
+
+        self.step = step
+        self.train_data, self.val_data = train_data, val_data
+        self.epochs, self.max_steps, self.batch_size = epochs, max_steps, batch_size
+        self.grad_clip, self.eval_every, self.eval_steps = grad_clip, eval_every, eval_steps
+        self.checkpoint_every, self.checkpoint_every_steps = checkpoint_every, checkpoint_every_steps
+        self.keep_checkpoints, self.seed, self.augment = keep_checkpoints, seed, augment
+        self.num_workers, self.log_every, self.progress = num_workers, log_every, progress
+
+        self.steps_per_epoch = batches_per_epoch(len(train_data), batch_size, accelerator.num_processes)
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"train_data has {len(train_data)} examples, fewer than one per process")
+        planned = epochs * self.steps_per_epoch
+        #: Optimizer steps this fit will run in all: define the lr schedule with this number.
+        self.total_steps = planned if max_steps is None else min(max_steps, planned)
+        self._batches = EpochBatches(
+            len(train_data), batch_size, num_processes=accelerator.num_processes,
+            process_index=accelerator.process_index, seed=seed,
+        )  # fmt: skip
+        # The loader's own generator keeps DataLoader iteration from drawing on the global RNG, which
+        # the attacks use: the global stream must not depend on where a run was resumed.
+        self._loader = DataLoader(
+            train_data, batch_sampler=self._batches, num_workers=num_workers, persistent_workers=num_workers > 0,
+            pin_memory=accelerator.device.type == "cuda", generator=torch.Generator().manual_seed(seed),
+        )  # fmt: skip
+        self._eval_loaders: dict[int, DataLoader] = {}
+
+        #: Position: the epoch being trained and the batches of it done; the optimizer steps done.
+        self.epoch = self.batch_in_epoch = self.global_step = 0
+        #: Validation metrics of the best evaluation so far (by PGD accuracy), with its step and epoch.
+        self.best: dict[str, Any] | None = None
+        self.val_metrics: dict[str, float] = {}
+        #: Whether the fp16 GradScaler skipped the last optimizer step (inf/NaN gradients).
+        self.step_was_skipped = False
+        self._elapsed_before = 0.0
+        self._last_saved_step: int | None = None
+        self._last_eval_step: int | None = None
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def checkpoints_dir(self) -> Path | None:
+        return self.output_dir / CHECKPOINTS_DIR if self.output_dir is not None else None
+
+    @property
+    def eval_attack(self) -> dict[str, Any]:
+        """Settings of the evaluation attack, written beside every robust accuracy."""
+        return {
+            "attack": "pgd", "loss": "ce", "norm": "linf", "eps": self.eval_eps, "step_size": self.eval_eps / 4,
+            "steps": self.eval_steps, "restarts": 1, "start": "uniform", "bn_mode": "eval",
+        }  # fmt: skip
+
+    def fit(self, resume: str | Path | None = None) -> dict[str, Any]:
+        """Train until ``epochs`` or ``max_steps``; write checkpoints, best and final weights, metrics.
+
+        Args:
+            resume: ``None`` starts afresh (``output_dir`` must hold no checkpoints); ``"latest"`` or a
+                checkpoint folder continues that run exactly. Resuming from an older checkpoint of this
+                ``output_dir`` deletes the later ones (they belong to the abandoned continuation).
+
+        Returns:
+            ``{"step", "epoch", "val": last validation metrics, "best": best validation metrics}``.
+
+        Raises:
+            FileNotFoundError: ``resume`` names no complete checkpoint.
+            ValueError: a fresh start in an ``output_dir`` that holds checkpoints or final weights, or a
+                checkpoint written with another batch size, process count, dataset size, seed or planned
+                number of steps (the lr schedule spans those: extending a run is a new run).
+        """
+        checkpoint = None
+        if resume is not None:
+            if resume == "latest" and self.checkpoints_dir is None:
+                raise ValueError("resume='latest' needs an output_dir")
+            checkpoint = resolve_checkpoint(resume, self.checkpoints_dir or ".")
+        else:
+            self._check_fresh_output_dir()
+            set_seed(self.seed, device_specific=True)
+        if self.output_dir is not None and self.accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+
+        # Callbacks allocate their state (e.g. per-example tables) at fit start; a checkpoint then overwrites it.
+        self.step.fire("on_fit_start", self)
+        if checkpoint is not None:
+            self._restore(checkpoint)
+        elif self.output_dir is not None and self.accelerator.is_main_process:
+            atomic_write_text(self.output_dir / METRICS_LOG, "")
+        if self.accelerator.log_with and not self.accelerator.trackers:
+            self.accelerator.init_trackers("robustmix")
+
+        self._start_time = time.perf_counter()
+        self._window = torch.zeros(6, device=self.accelerator.device, dtype=torch.float64)
+        self._window_passes: list[tuple[float, float]] = []
+        self._bar = tqdm(
+            total=self.total_steps, initial=self.global_step, desc="train", dynamic_ncols=True,
+            disable=not (self.progress and self.accelerator.is_main_process),
+        )  # fmt: skip
+        try:
+            while self.epoch < self.epochs and self.global_step < self.total_steps:
+                self._run_epoch()
+                if self.batch_in_epoch < self.steps_per_epoch:  # stopped by max_steps in the middle
+                    break
+                self._end_epoch()
+            return self._finish()
+        finally:
+            self._bar.close()
+
+    def evaluate(self, data: Dataset, *, batch_size: int | None = None) -> dict[str, float]:
+        """Clean and PGD accuracy of the model on ``data``, every example counted once across processes.
+
+        Runs the model in eval mode; the attack is :attr:`eval_attack` (its random start is seeded by the
+        run seed, so the same weights give the same numbers). An example counts as robust when it is
+        classified correctly both clean and after the attack. Works under ``torch.no_grad()`` or
+        ``inference_mode()``: the attack enables gradients for itself. Call it on every process.
+
+        Args:
+            data: Map-style dataset of ``{"image", "label", ...}`` dicts, pixels in [0, 1].
+            batch_size: Examples per process per batch; defaults to the training ``batch_size``.
+
+        Returns:
+            ``{"clean_acc", "pgd_acc"}`` as fractions in [0, 1], and ``"n"``, the number of examples.
+        """
+        if not isinstance(data, Sized) or len(data) == 0:
+            raise ValueError("evaluate needs a non-empty map-style dataset")
+        self._sync_buffers()
+        model = unwrap_model(self.model)
+        device, rank = self.accelerator.device, self.accelerator.process_index
+        generator = torch.Generator(device).manual_seed(mix_seed(self.seed, _EVAL_STREAM, rank))
+        # Attacks need autograd: inference mode is switched off here (tensors made inside are then ordinary
+        # tensors), and no_grad covers the clean forwards; the attack enables gradients for itself.
+        with torch.inference_mode(False), torch.no_grad(), model_mode(model, "eval"):
+            correct = torch.zeros(2, dtype=torch.int64, device=device)
+            n = 0
+            for batch in self._eval_loader(data, batch_size or self.batch_size):
+                x, y = batch["image"], batch["label"]
+                clean_ok = model(x).argmax(dim=1) == y
+                x_adv = pgd(
+                    model, x, y, eps=self.eval_eps, step_size=self.eval_eps / 4, steps=self.eval_steps,
+                    start="uniform", bn_mode="eval", generator=generator,
+                )  # fmt: skip
+                robust_ok = clean_ok & (model(x_adv).argmax(dim=1) == y)
+                ok = self.accelerator.gather_for_metrics(torch.stack([clean_ok, robust_ok], dim=1))
+                correct += ok.sum(dim=0)
+                n += len(ok)
+        clean, robust = correct.tolist()
+        return {"clean_acc": clean / n, "pgd_acc": robust / n, "n": n}
+
+    # ------------------------------------------------------------------ training
+
+    def _run_epoch(self) -> None:
+        if self.batch_in_epoch == 0:
+            self.step.fire("on_epoch_start", self, self.epoch)
+        self._batches.set_position(self.epoch, self.batch_in_epoch)
+        for batch in self._loader:
+            self._train_step(batch)
+            self.batch_in_epoch += 1
+            self.global_step += 1
+            self._bar.update()
+            if self.global_step % self.log_every == 0:
+                self._log_train()
+            # A step checkpoint due at the epoch's last batch waits for the epoch's end (evaluation, hooks).
+            if self._step_checkpoint_due() and self.batch_in_epoch < self.steps_per_epoch:
+                self._save_checkpoint()
+            if self.global_step >= self.total_steps:
+                break
+
+    def _train_step(self, batch: dict[str, Tensor]) -> None:
+        device = self.accelerator.device
+        batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+        if self.augment:
+            generator = torch.Generator(device).manual_seed(
+                mix_seed(self.seed, _AUGMENT_STREAM, self.global_step, self.accelerator.process_index)
+            )
+            batch["image"] = augment_cifar(batch["image"], generator)
+        self.step.fire("on_batch_start", self, batch)
+        self.model.train()
+        loss, ctx = self.step(
+            self.model, batch["image"], batch["label"], batch.get("index"), epoch=self.epoch,
+            step=self.global_step, total_epochs=self.epochs, total_steps=self.total_steps,
+        )  # fmt: skip
+        self.optimizer.zero_grad(set_to_none=True)
+        self.accelerator.backward(loss)
+        self.step.fire("on_before_optimizer_step", self, self.optimizer)
+        if self.grad_clip is not None:
+            self.accelerator.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self._lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.step_was_skipped = self.optimizer.step_was_skipped
+        self.step.fire("on_after_optimizer_step", self, self.optimizer)
+        if self.scheduler is not None:
+            self.scheduler.step()
+
+        # Training accuracies come from logits the step computed anyway: no extra forward.
+        targets = batch["label"]
+        adv, clean = ctx.logits.get("adv"), ctx.logits.get("clean", ctx.eval_logits.get("clean"))
+        b = float(len(targets))
+        self._window += torch.stack([
+            loss.detach().double() * b, torch.tensor(b, device=targets.device, dtype=torch.float64),
+            *_correct(adv, targets), *_correct(clean, targets),
+        ])  # fmt: skip
+        self._window_passes.append(ctx.passes())
+
+    def _end_epoch(self) -> None:
+        self._log_train()
+        last = self.epoch + 1 == self.epochs or self.global_step >= self.total_steps
+        if self.val_data is not None and (last or (self.eval_every and (self.epoch + 1) % self.eval_every == 0)):
+            self._validate()
+        self.step.fire("on_epoch_end", self, self.epoch)
+        self.epoch += 1
+        self.batch_in_epoch = 0
+        by_epoch = self.checkpoint_every is not None and self.epoch % self.checkpoint_every == 0
+        if by_epoch or self._step_checkpoint_due():
+            self._save_checkpoint()
+
+    def _finish(self) -> dict[str, Any]:
+        self._log_train()
+        if self.val_data is not None and self._last_eval_step != self.global_step:
+            self._validate()
+        if self._checkpointing and self._last_saved_step != self.global_step:
+            self._save_checkpoint()
+        self._sync_buffers()
+        if self.output_dir is not None and self.accelerator.is_main_process:
+            atomic_save_weights(unwrap_model(self.model).state_dict(), self.output_dir / MODEL_FILE)
+        self.accelerator.wait_for_everyone()
+        # Not accelerator.end_training(): it also destroys the process group, and evaluate() must still work.
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
+        return {"step": self.global_step, "epoch": self.epoch, "val": self.val_metrics, "best": self._best_record()}
+
+    # ------------------------------------------------------------------ evaluation and metrics
+
+    def _eval_loader(self, data: Dataset, batch_size: int) -> DataLoader:
+        # Prepared once per dataset: Accelerate shards it evenly, and gather_for_metrics drops the padding.
+        key = id(data)
+        if key not in self._eval_loaders:
+            loader = make_dataloader(data, batch_size, shuffle=False, seed=self.seed, num_workers=self.num_workers)
+            self._eval_loaders[key] = self.accelerator.prepare_data_loader(loader)
+        return self._eval_loaders[key]
+
+    def _validate(self) -> None:
+        metrics = self.evaluate(self.val_data)
+        self.val_metrics = {f"val_{name}": value for name, value in metrics.items()}
+        self._last_eval_step = self.global_step
+        self._log({**self.val_metrics})
+        self._bar.write(
+            f"epoch {self.epoch} step {self.global_step}: val clean {metrics['clean_acc']:.2%}, "
+            f"PGD-{self.eval_steps} {metrics['pgd_acc']:.2%} (n={metrics['n']})"
+        )
+        self.step.fire("on_evaluate", self, dict(self.val_metrics))
+        if self.best is None or metrics["pgd_acc"] > self.best["val_pgd_acc"]:
+            self.best = {"step": self.global_step, "epoch": self.epoch, **self.val_metrics}
+            if self.output_dir is not None and self.accelerator.is_main_process:
+                best = self.output_dir / BEST_DIR
+                best.mkdir(parents=True, exist_ok=True)
+                atomic_save_weights(unwrap_model(self.model).state_dict(), best / MODEL_FILE)
+                atomic_write_json(best / METRICS_FILE, self._best_record())
+
+    def _best_record(self) -> dict[str, Any]:
+        """The best validation metrics with how they were chosen and measured; empty before any evaluation."""
+        if self.best is None:
+            return {}
+        return {**self.best, "selected_on": "validation", "attack": self.eval_attack}
+
+    def _log_train(self) -> None:
+        """Log the training window (reduced over processes) and reset it; a no-op when it is empty."""
+        if not self._window_passes:
+            return
+        loss_sum, n, adv_ok, adv_n, clean_ok, clean_n = self.accelerator.reduce(self._window, "sum").tolist()
+        forwards, backwards = np.mean(self._window_passes, axis=0).tolist()
+        row: dict[str, float] = {"loss": loss_sum / n, "lr": self._lr}
+        if adv_n:
+            row["train_adv_acc"] = adv_ok / adv_n
+        if clean_n:
+            row["train_clean_acc"] = clean_ok / clean_n
+        row |= {"forwards_per_step": forwards, "backwards_per_step": backwards}
+        self._window.zero_()
+        self._window_passes.clear()
+        self._log(row)
+        shown = ("loss", "train_adv_acc", "train_clean_acc")
+        self._bar.set_postfix({k.removeprefix("train_"): f"{v:.3g}" for k, v in row.items() if k in shown})
+
+    def _log(self, values: dict[str, float]) -> None:
+        elapsed = self._elapsed_before + time.perf_counter() - self._start_time
+        row = {"step": self.global_step, "epoch": self.epoch, **values, "elapsed_s": round(elapsed, 3)}
+        if self.accelerator.log_with:
+            self.accelerator.log(values, step=self.global_step)
+        if self.output_dir is not None and self.accelerator.is_main_process:
+            with open(self.output_dir / METRICS_LOG, "a") as log:
+                log.write(json.dumps(row) + "\n")
+
+    # ------------------------------------------------------------------ checkpoints
+
+    @property
+    def _checkpointing(self) -> bool:
+        return self.output_dir is not None and (
+            self.checkpoint_every is not None or self.checkpoint_every_steps is not None
+        )
+
+    def _step_checkpoint_due(self) -> bool:
+        every = self.checkpoint_every_steps
+        return every is not None and self.global_step % every == 0
+
+    def _check_fresh_output_dir(self) -> None:
+        if self.output_dir is None:
+            return
+        if list_checkpoints(self.checkpoints_dir) or (self.output_dir / MODEL_FILE).exists():
+            raise ValueError(
+                f"{self.output_dir} already holds a run (checkpoints or {MODEL_FILE}); resume it with "
+                "resume='latest', or train into an empty folder"
+            )
+
+    def _save_checkpoint(self) -> None:
+        if not self._checkpointing or self._last_saved_step == self.global_step:
+            return
+        directory = self.checkpoints_dir / f"step_{self.global_step}"
+        # Callbacks gather or sync their state here, before it is read.
+        self.step.fire("on_save_checkpoint", self, str(directory))
+        self._log_train()  # the window restarts at the checkpoint, so a resumed run logs the same rows
+        self._sync_buffers()
+        state = {
+            "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "global_step": self.global_step,
+            "best": self.best, "val_metrics": self.val_metrics, "last_eval_step": self._last_eval_step,
+            "elapsed_s": self._elapsed_before + time.perf_counter() - self._start_time,
+            "num_processes": self.accelerator.num_processes, "batch_size": self.batch_size,
+            "num_train_examples": len(self.train_data), "seed": self.seed, "total_steps": self.total_steps,
+        }  # fmt: skip
+        save_checkpoint(
+            self.accelerator, self.checkpoints_dir, self.global_step, trainer_state=state,
+            callback_state=self.step.state_dict(), keep=self.keep_checkpoints,
+        )  # fmt: skip
+        self._last_saved_step = self.global_step
+
+    def _restore(self, checkpoint: Path) -> None:
+        state, callback_state = load_checkpoint(self.accelerator, checkpoint)
+        here = {
+            "num_processes": self.accelerator.num_processes, "batch_size": self.batch_size,
+            "num_train_examples": len(self.train_data), "seed": self.seed, "total_steps": self.total_steps,
+        }  # fmt: skip
+        differ = {k: (state[k], v) for k, v in here.items() if state[k] != v}
+        if differ:
+            detail = ", ".join(f"{k} {saved} (checkpoint) vs {now} (now)" for k, (saved, now) in differ.items())
+            raise ValueError(f"cannot resume {checkpoint} exactly: {detail}")
+        self.step.load_state_dict(callback_state)
+        self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
+        self.global_step = self._last_saved_step = state["global_step"]
+        self.best, self.val_metrics = state["best"], state["val_metrics"]
+        self._last_eval_step = state["last_eval_step"]
+        self._elapsed_before = state["elapsed_s"]
+        self._lr = self.optimizer.param_groups[0]["lr"]
+        if self.output_dir is not None and self.accelerator.is_main_process:
+            drop_checkpoints_after(self.checkpoints_dir, checkpoint)
+            _truncate_log(self.output_dir / METRICS_LOG, self.global_step)
+        self.accelerator.wait_for_everyone()
+
+    def _sync_buffers(self) -> None:
+        """Average floating-point buffers (BatchNorm statistics) across processes; a no-op on one process."""
+        if self.accelerator.num_processes == 1:
+            return
+        buffers = [b for b in unwrap_model(self.model).buffers() if b.is_floating_point()]
+        if not buffers:
+            return
+        flat = self.accelerator.reduce(torch.cat([b.detach().reshape(-1).float() for b in buffers]), "mean")
+        for buffer, values in zip(buffers, flat.split([b.numel() for b in buffers])):
+            buffer.copy_(values.view_as(buffer))
+
+
+def _correct(logits: Tensor | None, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """(correct predictions, examples) as float64 scalars; zeros when the step has no such logits."""
+    zero = torch.zeros((), dtype=torch.float64, device=targets.device)
+    if logits is None:
+        return zero, zero
+    return (logits.detach().argmax(dim=1) == targets).sum().double(), zero + len(targets)
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Keep the rows of ``metrics.jsonl`` up to ``step``: later ones belong to the run being replaced."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a crash
+            continue
+        if row.get("step", math.inf) <= step:
+            kept.append(line + "\n")
+    atomic_write_text(path, "".join(kept))
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _attack_eps(step: AdversarialStep) -> float:
+    """The scalar eps of the step's attack callback, the default budget of the evaluation attack."""
+    for callback in step.staged:
+        eps = getattr(callback, "eps", None)
+        if "x_adv" in callback.writes and isinstance(eps, (int, float)):
+            return float(eps)
+    raise ValueError("the step has no attack with a scalar eps; pass eval_eps= to the Trainer")
