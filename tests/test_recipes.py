@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import datasets
-import numpy as np
-import PIL.Image
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -21,47 +17,10 @@ from robustmix.data import load_dataset
 from robustmix.recipe import PRESETS, base_parser, parse_args
 from robustmix.runs import load_metrics_log, load_model
 from robustmix.trainer import Trainer
+from tests.conftest import load_recipe, quick_flags
+from tests.test_trainer import free_port
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def load_recipe(name: str):
-    """Import ``recipes/<name>.py`` by path: recipes are scripts, not a package."""
-    spec = importlib.util.spec_from_file_location(f"recipes_{name}", REPO / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Batches of 16 gain nothing from intra-op threads, and on a busy 2-core machine two threads spin-wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> str:
-    """A local dataset folder (``save_to_disk``): 100 training and 20 test digits as grayscale PNGs."""
-    images, labels = load_dataset("digits", "test").tensors()
-    pil = [PIL.Image.fromarray(np.asarray(image[0] * 255, dtype=np.uint8), mode="L") for image in images[:120]]
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)})
-    splits = {"train": slice(0, 100), "test": slice(100, 120)}
-    folder = tmp_path_factory.mktemp("tiny")
-    datasets.DatasetDict(
-        {
-            split: datasets.Dataset.from_dict({"image": pil[part], "label": labels[part].tolist()}, features=features)
-            for split, part in splits.items()
-        }
-    ).save_to_disk(folder)
-    return str(folder)
-
-
-def quick_flags(tiny: str, output_dir: Path, *extra: str) -> list[str]:
-    # 90 training examples after the 10% validation hold-out: 6 steps of 16 (the last one 10) per epoch.
-    return ["--dataset", tiny, "--batch-size", "16", "--epochs", "2", "--output-dir", str(output_dir), *extra]
 
 
 # ---------------------------------------------------------------------- flags
@@ -203,6 +162,23 @@ def test_accelerate_launch_runs_a_recipe(tiny, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "pgd_at on " in result.stdout and "test clean" in result.stdout
     assert json.loads((out / "metrics.json").read_text())["test"]["step"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_recipe_under_two_cpu_processes(tiny, tmp_path):
+    out = tmp_path / "ddp"
+    flags = quick_flags(tiny, out, "--max-steps", "3", "--attack-steps", "1", "--batch-size", "8")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()), str(REPO / "recipes" / "pgd_at.py"), *flags]  # fmt: skip
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = json.loads((out / "config.json").read_text())
+    assert (config["num_processes"], config["global_batch_size"], config["steps_per_epoch"]) == (2, 16, 6)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test"]["n"] == 20 and metrics["best"]["val_n"] == 10  # each example once across ranks
 
 
 @pytest.mark.slow
