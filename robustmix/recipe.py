@@ -20,6 +20,7 @@ import argparse
 import difflib
 import functools
 import math
+import os
 import platform
 import shutil
 from collections.abc import Callable, Sequence
@@ -32,7 +33,7 @@ import accelerate
 import timm
 import torch
 from accelerate import PartialState
-from accelerate.utils import set_seed
+from accelerate.utils import parse_flag_from_env, set_seed
 from safetensors.torch import load_file
 from torch.optim import SGD, AdamW, Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, MultiStepLR
@@ -197,7 +198,7 @@ def base_parser(name: str, description: str | None = None) -> argparse.ArgumentP
     add("--output-dir", help="run folder (default: runs/<recipe>-<dataset>-seed<seed>)")
     add("--resume", help="'latest' or a checkpoint folder to continue exactly")
     add("--overwrite", action="store_true", help="replace the run already in --output-dir")
-    add("--mixed-precision", choices=MIXED_PRECISION, default="no")
+    add("--mixed-precision", choices=MIXED_PRECISION, help="default: accelerate launch's setting, else no")
     add("--grad-clip", type=_positive_number, help="clip the gradient norm to this value")
     add("--eval-every", type=_positive_int, default=1, help="validate every this many epochs")
     add("--checkpoint-every", type=_positive_int, default=1, help="checkpoint every this many epochs")
@@ -238,6 +239,12 @@ def parse_args(
         if key in unset:
             setattr(args, key, value(args) if callable(value) else value)
 
+    if args.mixed_precision is None:
+        args.mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+        if args.mixed_precision not in MIXED_PRECISION:
+            parser.error(
+                f"accelerate launch set mixed precision {args.mixed_precision!r}; robustmix runs {MIXED_PRECISION}"
+            )
     if args.dataset not in DATASETS and not Path(args.dataset).exists():
         parser.error(f"unknown dataset {args.dataset!r}: expected one of {sorted(DATASETS)} or an existing path")
     if args.data_path is not None and not Path(args.data_path).exists():
@@ -281,7 +288,9 @@ def run_recipe(args: argparse.Namespace, build_callbacks: BuildCallbacks) -> dic
         The content of ``metrics.json``: test clean and PGD accuracy of the final weights (and of the best
         ones) with the attack settings, and the best checkpoint's validation metrics.
     """
-    state = PartialState()
+    # AcceleratorState reads ACCELERATE_USE_CPU (set by `accelerate launch --cpu`, needed for several CPU
+    # processes); a bare PartialState would not, and would leave every process alone.
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     output = Path(args.output_dir)
     if args.overwrite and state.is_main_process:
         for name in _RUN_FILES:
