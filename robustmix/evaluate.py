@@ -1,4 +1,4 @@
-"""Robust evaluation: named attacks, their per-example worst case, and sanity checks against gradient masking.
+"""Robust evaluation: named attacks, their per-example worst case, sanity checks, and the evaluation of a run.
 
 Each evaluation attack is data (:class:`AttackSpec` in :data:`ATTACKS`): a function and its settings.
 :func:`worst_case` runs a list of them the way AutoAttack does (an example is attacked only while
@@ -7,24 +7,50 @@ attack found. :func:`sanity_flags` reads the numbers and says when they cannot b
 stronger attack doing worse than a weaker one, a black-box attack beating the white-box ones, no
 collapse at a large eps, or a PGD loss that does not rise. A worst case over APGD-CE, APGD-T and
 Square is *not* AutoAttack (whose standard set also runs FAB-T): results name the attacks they ran.
+
+:func:`evaluate_run` applies all of it to a training run folder, on one process or many, and writes a
+report (``eval.json`` with every setting, ``eval.md``, plots; see :mod:`robustmix.report`).
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import dataclasses
+import hashlib
+import inspect
 import itertools
+import json
+import math
+import platform
+import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Literal
 
+import accelerate
+import numpy as np
 import torch
+from accelerate import Accelerator
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
+import robustmix
+from robustmix import report as reports
 from robustmix.attacks.apgd import apgd, apgd_targeted
 from robustmix.attacks.objectives import get_objective
 from robustmix.attacks.pgd import perturb
 from robustmix.attacks.square import square_attack
+from robustmix.checkpoint import atomic_write_json, atomic_write_text
+from robustmix.data import SPLITS, load_dataset
+from robustmix.margins import probability_margin
 from robustmix.modes import BNMode, model_mode
+from robustmix.recipe import _nonnegative_int, _nonnegative_number, _positive_int
+from robustmix.runs import BEST_DIR, MODEL_FILE, load_config, load_model, read_json
+from robustmix.step import MIXED_PRECISION
 from robustmix.validation import check_batch
 
 #: ``fn(model, x, y, *, eps, seed, **kwargs) -> x_adv``.
@@ -61,6 +87,203 @@ class AttackSpec:
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, *, eps: float, seed: int = 0, **extra: Any) -> Tensor:
         return self.fn(model, x, y, eps=eps, seed=seed, **self.kwargs, **extra)
+
+
+#: The attacks :func:`evaluate_run` runs by default, in this order.
+DEFAULT_ATTACKS = ("pgd20", "pgd100", "cw", "apgd-ce", "apgd-t", "square")
+#: The default eps sweep in multiples of the evaluation eps (capped at 1). At 4x and 8x a working attack
+#: breaks (nearly) every image, which :func:`sanity_flags` checks.
+SWEEP_MULTIPLES = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
+#: Default file name of the report in a run folder; the Markdown table and the plots are written next to it.
+EVAL_FILE = "eval.json"
+#: Every attack of the suite works in the L-inf ball.
+NORM = "linf"
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+#: Arguments an attack receives per call, not settings.
+_CALL_ARGUMENTS = ("model", "x", "y", "eps", "seed", "loss_trace")
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    *,
+    attacks: Sequence[str | AttackSpec] = DEFAULT_ATTACKS,
+    eps: float | None = None,
+    n_examples: int | None = None,
+    split: str = "test",
+    weights: Literal["final", "best"] = "final",
+    batch_size: int = 256,
+    seed: int = 0,
+    mixed_precision: str = "no",
+    sweep_eps: Sequence[float] | None = None,
+    sweep_attacks: Sequence[str | AttackSpec] | None = None,
+    output: str | Path | None = None,
+    plots: bool = True,
+    reuse: bool = False,
+    progress: bool = True,
+    accelerator: Accelerator | None = None,
+) -> dict[str, Any]:
+    """Evaluate a training run's model on exactly its data split and write the report; call it on every process.
+
+    Loads the ``weights`` of ``run_dir`` and the ``split`` its config.json describes (dataset, local path,
+    validation hold-out seed), keeps the first ``n_examples``, and runs :func:`worst_case` with
+    ``standalone=True`` (every attack on every clean-correct example, so each attack's own accuracy is known)
+    and PGD loss traces; then the eps sweep: ``sweep_attacks`` at every eps of ``sweep_eps``. Every
+    robust/not-robust decision is made by the fp32 model in eval mode, also when the attacks run under
+    ``mixed_precision`` autocast.
+
+    The examples are cut into chunks of ``batch_size`` consecutive examples and chunk ``c`` seeds its attacks
+    with ``seed + c``. Under ``accelerate launch`` each process takes a contiguous range of chunks and the
+    per-example results are gathered with ``accelerator.gather_for_metrics``, every example once; since a
+    chunk's numbers do not depend on where it runs, any number of processes gives the numbers of one (bit for
+    bit on the same hardware). Keep ``batch_size`` at most ``n_examples / num_processes`` so that every
+    process has work.
+
+    The main process writes ``output`` atomically (JSON: every setting, the results, :func:`sanity_flags`),
+    the Markdown table ``eval.md`` next to it and, with ``plots``, two PNGs: robust accuracy against eps
+    (``eval_eps_sweep.png``) and the probability margins of the clean and the worst-case points
+    (``eval_margins.png``). It prints a summary and, when a sanity check fails, a WARNING block (stderr).
+
+    Args:
+        run_dir: A training run's folder (see :mod:`robustmix.runs`).
+        attacks: Names in :data:`ATTACKS` or specs, run in this order.
+        eps: L-inf radius in pixels in [0, 1]; defaults to the eps the run trained with.
+        n_examples: Evaluate the first this many examples of the split; defaults to all of them.
+        split: "test", "validation" or "train", as the run's training made them.
+        weights: "final" or "best" (the checkpoint chosen on validation PGD accuracy).
+        batch_size: Examples per chunk and per attack call.
+        seed: Seed of the attacks' randomness (see above).
+        mixed_precision: "no", "bf16" or "fp16": the autocast of the attacks' forwards and backwards.
+        sweep_eps: Radii of the eps sweep in pixels; defaults to :data:`SWEEP_MULTIPLES` of ``eps``, capped at
+            1; empty skips the sweep. At eps 0 every accuracy is the clean one and no attack runs.
+        sweep_attacks: Attacks of the sweep; defaults to :data:`SWEEP_ATTACKS` (cheaper budgets).
+        output: Path of the JSON report; defaults to ``eval.json`` in ``run_dir``.
+        plots: Write the PNG plots (needs matplotlib).
+        reuse: Return the report already at ``output``, without evaluating, when it is up to date: the same
+            settings, the same weights file (SHA-256) and the same robustmix version.
+        progress: Show a progress bar on the main process.
+        accelerator: Gives the device, the processes and the gather; by default one is created. Its own
+            mixed precision setting is not used (``mixed_precision`` is).
+
+    Returns:
+        The report as written to ``output``: ``"settings"`` (what was run), ``"run"`` (what was evaluated),
+        ``"results"`` (as :func:`worst_case` returns them, without per-example tensors), ``"eps_sweep"``
+        (``"eps"``, per-attack ``"standalone"`` and ``"worst_case"`` accuracies, one per eps),
+        ``"margins"`` (histograms), ``"sanity_flags"``, ``"environment"`` (versions, device, processes,
+        date) and ``"files"`` (names of the table and plots next to ``output``).
+
+    Raises:
+        FileNotFoundError: ``run_dir``, its config.json or the weights file does not exist.
+        ValueError: An unknown attack, split or precision; eps outside [0, 1]; ``n_examples`` below 1 or
+            above the size of the split; all checked before any attack runs.
+    """
+    started = time.perf_counter()
+    run_dir = Path(run_dir)
+    config, weights_file = check_run(run_dir, weights)
+    specs = _resolve(attacks, "attacks")
+    sweep_specs = _resolve(SWEEP_ATTACKS if sweep_attacks is None else sweep_attacks, "sweep_attacks")
+    eps = float(config["attack"]["eps"]) if eps is None else eps
+    _check_run_settings(eps, n_examples, split, batch_size, seed, mixed_precision)
+    sweep = default_sweep(eps) if sweep_eps is None else sorted({float(e) for e in sweep_eps})
+    for value in sweep:
+        _check_eps(value, "every eps of the sweep")
+
+    settings = {
+        "split": split,
+        "n_examples": n_examples,
+        "weights": weights,
+        "eps": float(eps),
+        "norm": NORM,
+        "attacks": [attack_settings(spec) for spec in specs],
+        "protocol": "every attack runs on every clean-correct example (standalone); an example counts as "
+        "robust when it is classified correctly clean and at the point of every attack (worst case)",
+        "decisions": "fp32 (autocast off), model in eval mode",
+        "eps_sweep": {"eps": sweep, "attacks": [attack_settings(spec) for spec in sweep_specs]},
+        "seed": seed,
+        "seeds": f"chunk c (examples c * {batch_size} to (c + 1) * {batch_size} - 1) seeds its attacks with "
+        f"{seed} + c; batch j inside an attack call adds j",
+        "batch_size": batch_size,
+        "mixed_precision": mixed_precision,
+    }
+    run = {
+        "run_dir": str(run_dir),
+        "recipe": config.get("recipe"),
+        "model": config["model"]["name"],
+        "dataset": config["data"]["dataset"],
+        "data_path": config["data"]["path"],
+        "split_seed": config["data"]["split_seed"],
+        "train_seed": config.get("seed"),
+        "train_eps": config["attack"]["eps"],
+        "total_steps": config.get("total_steps"),
+        "steps_per_epoch": config.get("steps_per_epoch"),
+        "num_processes": config.get("num_processes"),
+        "flags": config.get("flags"),
+        "versions": config.get("versions"),
+        "weights_file": weights_file.relative_to(run_dir).as_posix(),
+        "weights_sha256": _sha256(weights_file),
+    }
+    output = run_dir / EVAL_FILE if output is None else Path(output)
+    accelerator = accelerator or Accelerator()
+    if reuse:
+        stored = _current_report(output, settings, run["weights_sha256"])
+        if stored is not None:
+            if accelerator.is_main_process:
+                _print(stored, output, "up to date, not evaluated again")
+            return stored
+
+    device = accelerator.device
+    with accelerator.main_process_first():  # one process fills the dataset cache, the others read it
+        data = load_dataset(config["data"]["dataset"], split, path=config["data"]["path"], seed=run["split_seed"])
+    n = len(data) if n_examples is None else n_examples
+    if n > len(data):
+        raise ValueError(f"n_examples is {n_examples} but the {split} split of {run['dataset']} has {len(data)}")
+    x, y = (t[:n] for t in data.tensors())
+    model = load_model(run_dir, weights=weights).to(device)
+    if model.num_classes != data.num_classes:
+        raise ValueError(f"the model has {model.num_classes} classes, the {split} split {data.num_classes}")
+
+    chunks = np.array_split(np.arange(math.ceil(n / batch_size)), accelerator.num_processes)
+    mine = chunks[accelerator.process_index].tolist()
+    attacked_sweep = [value for value in sweep if value > 0]
+    bar = tqdm(
+        total=len(mine) * (1 + len(attacked_sweep)),
+        desc=f"evaluating {run_dir.name}",
+        disable=not (progress and accelerator.is_main_process),
+    )
+    records = []
+    for c in mine:
+        xc, yc = (t[c * batch_size : (c + 1) * batch_size].to(device) for t in (x, y))
+        with _autocast(device, mixed_precision):
+            main = worst_case(model, xc, yc, specs, eps=eps, batch_size=batch_size, seed=seed + c, record_loss=True)
+        bar.update()
+        swept = {}
+        for value in attacked_sweep:
+            with _autocast(device, mixed_precision):
+                result = worst_case(model, xc, yc, sweep_specs, eps=value, batch_size=batch_size, seed=seed + c)
+            swept[value] = result["per_example"]
+            bar.update()
+        records.append({key: main[key] for key in ("per_example", "attacked", "loss_trace")} | {"sweep": swept})
+    bar.close()
+    # Objects, not tensors: shards differ in length, and gather_object keeps the processes' order.
+    records = accelerator.gather_for_metrics(records, use_gather_object=True)
+
+    results = _combine(records, specs, eps)
+    swept = _combine_sweep(records, sweep, sweep_specs)
+    report = {
+        "settings": settings,
+        "run": run,
+        "results": results,
+        "eps_sweep": swept,
+        "margins": _margin_histograms(records),
+        "sanity_flags": sanity_flags({**results, "eps_sweep": dict(zip(sweep, swept["worst_case"]))}),
+        "environment": _environment(accelerator, time.perf_counter() - started),
+        "files": reports.report_files(output, plots=plots, sweep=bool(sweep)),
+    }
+    report = json.loads(json.dumps(report))  # exactly what eval.json holds: lists, not tuples
+    if accelerator.is_main_process:
+        _write_report(report, output)
+        _print(report, output, "written")
+    accelerator.wait_for_everyone()
+    return report
 
 
 def robust_accuracy(
@@ -126,8 +349,13 @@ def worst_case(
         one, as AutoAttack prints it), ``"standalone"`` (per name: accuracy against that attack
         alone; only with ``standalone=True``), ``"worst_case"`` (accuracy against all), ``"robust"``
         (bool ``[N]`` on the CPU: robust against all) and, with ``record_loss``, ``"loss_trace"``
-        (per PGD-type name: the mean loss before each step, a list of ``steps`` floats).
-        Accuracies are fractions in [0, 1].
+        (per PGD-type name: the mean loss before each step, a list of ``steps`` floats);
+        ``"attacked"`` (per name: how many examples the attack ran on) and ``"per_example"``, on the
+        CPU: ``"correct"`` (bool ``[N]``, clean), ``"cumulative"`` and, with ``standalone=True``,
+        ``"standalone"`` (per name: bool ``[N]`` behind the accuracies), ``"margin_clean"`` and
+        ``"margin_adv"`` (float ``[N]``: the fp32 probability margin ``p_y - max_{k != y} p_k`` in
+        [-1, 1] at ``x`` and the lowest at ``x`` or at any point an attack found). Accuracies are
+        fractions in [0, 1].
     """
     specs = [get_attack(a) if isinstance(a, str) else a for a in attacks]
     _check_eval_args(specs, x, eps, batch_size)
@@ -142,19 +370,25 @@ def worst_case(
                     f"{spec.label} needs at least {spec.min_classes} classes, the model has {num_classes}"
                 )
 
-        correct = torch.cat([_correct(model, xb, yb) for xb, yb in zip(x.split(batch_size), y.split(batch_size))])
+        judged = [_judge(model, xb, yb) for xb, yb in zip(x.split(batch_size), y.split(batch_size))]
+        correct = torch.cat([ok for ok, _ in judged])
+        margin_clean = torch.cat([margin for _, margin in judged])
+        margin_adv = margin_clean.clone()
         robust = correct.clone()
         n = x.shape[0]
         results: dict[str, Any] = {
-            "attack": "worst case over " + ", ".join(spec.label for spec in specs),
+            "attack": _combination_name(specs),
             "attacks": [spec.name for spec in specs],
             "eps": float(eps),
             "n": n,
             "clean": correct.float().mean().item(),
             "cumulative": {},
+            "attacked": {},
         }
+        per_example: dict[str, Any] = {"correct": correct.cpu(), "cumulative": {}}
         if standalone:
             results["standalone"] = {}
+            per_example["standalone"] = {}
         if record_loss:
             results["loss_trace"] = {}
         for spec in specs:
@@ -163,17 +397,22 @@ def worst_case(
             trace = None
             if record_loss and spec.traces_loss:
                 trace = torch.zeros(spec.kwargs["steps"], device=x.device)
-            survived = _survives(spec, model, x[todo], y[todo], eps, batch_size, seed, trace)
+            survived, margin = _survives(spec, model, x[todo], y[todo], eps, batch_size, seed, trace)
             attack_robust = torch.zeros_like(correct)
             attack_robust[todo] = survived
+            margin_adv[todo] = torch.minimum(margin_adv[todo], margin)
             robust &= attack_robust
             if standalone:
                 results["standalone"][spec.name] = attack_robust.float().mean().item()
+                per_example["standalone"][spec.name] = attack_robust.cpu()
             results["cumulative"][spec.name] = robust.float().mean().item()
+            per_example["cumulative"][spec.name] = robust.cpu()
+            results["attacked"][spec.name] = todo.numel()
             if trace is not None and todo.numel() > 0:
                 results["loss_trace"][spec.name] = (trace / todo.numel()).tolist()
         results["worst_case"] = robust.float().mean().item()
         results["robust"] = robust.cpu()
+        results["per_example"] = per_example | {"margin_clean": margin_clean.cpu(), "margin_adv": margin_adv.cpu()}
     return results
 
 
@@ -273,6 +512,115 @@ def get_attack(name: str) -> AttackSpec:
     return ATTACKS[name]
 
 
+def check_run(run_dir: str | Path, weights: Literal["final", "best"] = "final") -> tuple[dict[str, Any], Path]:
+    """Check that ``run_dir`` is a run folder with ``weights`` to evaluate, without loading them.
+
+    Returns:
+        The run's config (:func:`robustmix.runs.load_config`) and the path of its weights file.
+
+    Raises:
+        FileNotFoundError: The folder, its config.json or the weights file does not exist.
+        ValueError: config.json is corrupted, or ``weights`` is not "final" or "best".
+    """
+    run_dir = Path(run_dir)
+    if weights not in ("final", "best"):
+        raise ValueError(f"weights must be 'final' or 'best', got {weights!r}")
+    config = load_config(run_dir)
+    weights_file = run_dir / MODEL_FILE if weights == "final" else run_dir / BEST_DIR / MODEL_FILE
+    if not weights_file.is_file():
+        raise FileNotFoundError(f"{weights_file} does not exist: the run has no {weights} weights (did it finish?)")
+    return config, weights_file
+
+
+def with_budget(attack: str | AttackSpec, **settings: Any) -> AttackSpec:
+    """An evaluation attack with some settings changed, e.g. ``with_budget("square", queries=500)``.
+
+    The name and label stay (reports print the settings next to them), so :func:`sanity_flags` still knows
+    the attack.
+
+    Raises:
+        ValueError: The attack is unknown, or its function takes no setting of one of the given names.
+    """
+    spec = get_attack(attack) if isinstance(attack, str) else attack
+    unknown = sorted(set(settings) - set(attack_settings(spec)["settings"]))
+    if unknown:
+        raise ValueError(f"{spec.label} has no setting {unknown}; it has {sorted(attack_settings(spec)['settings'])}")
+    return dataclasses.replace(spec, kwargs={**spec.kwargs, **settings})
+
+
+def attack_settings(attack: str | AttackSpec) -> dict[str, Any]:
+    """Everything that defines an evaluation attack, for a report.
+
+    Returns:
+        ``{"name", "label", "white_box", "settings"}``; ``settings`` holds every keyword of the attack
+        function (steps, restarts, queries, target classes, step sizes, loss, BatchNorm mode ...) with the
+        value the spec passes or, when it passes none, the function's default. eps and seed come per call and
+        are not among them.
+    """
+    spec = get_attack(attack) if isinstance(attack, str) else attack
+    defaults = {
+        name: parameter.default
+        for name, parameter in inspect.signature(spec.fn).parameters.items()
+        if name not in _CALL_ARGUMENTS and parameter.default is not inspect.Parameter.empty
+    }
+    return {
+        "name": spec.name,
+        "label": spec.label,
+        "white_box": spec.white_box,
+        "settings": defaults | dict(spec.kwargs),
+    }
+
+
+def default_sweep(eps: float) -> list[float]:
+    """The default eps sweep around an evaluation ``eps``: :data:`SWEEP_MULTIPLES` of it, capped at 1, ascending."""
+    return sorted({min(multiple * eps, 1.0) for multiple in SWEEP_MULTIPLES})
+
+
+def add_evaluation_flags(parser: argparse.ArgumentParser) -> None:
+    """Add the flags that choose an evaluation (those of :func:`evaluate_run`) to a command line.
+
+    Values are checked as they are parsed: an unknown attack, a negative eps or a non-positive number of
+    examples ends the program with a one-line message before any work. Read them back with
+    :func:`evaluation_kwargs`.
+    """
+    add = parser.add_argument
+    add(
+        "--attacks",
+        nargs="+",
+        choices=sorted(ATTACKS),
+        default=list(DEFAULT_ATTACKS),
+        metavar="ATTACK",
+        help=f"attacks in order (default: {' '.join(DEFAULT_ATTACKS)}; choices: {', '.join(sorted(ATTACKS))})",
+    )
+    add("--eps", type=_eps_flag, help="L-inf radius in pixels in [0, 1], e.g. 8/255 (default: the run's)")
+    add("--n-examples", type=_positive_int, help="evaluate the first N examples of the split (default: all)")
+    add("--split", choices=SPLITS, default="test", help="data split, made as in training (default: test)")
+    add("--weights", choices=("final", "best"), default="final", help="final weights or the best checkpoint")
+    add("--batch-size", type=_positive_int, default=256, help="examples per chunk and attack call (default: 256)")
+    add("--seed", type=_nonnegative_int, default=0, help="seed of the attacks (default: 0)")
+    add(
+        "--mixed-precision",
+        choices=MIXED_PRECISION,
+        default="no",
+        help="autocast of the attacks; decisions stay fp32 (default: no)",
+    )
+    add(
+        "--sweep-eps",
+        type=_eps_flag,
+        nargs="*",
+        metavar="EPS",
+        help="radii of the eps sweep (default: 0, 0.5, 1, 2, 4 and 8 times eps, capped at 1; none: no sweep)",
+    )
+    add("--no-plots", dest="plots", action="store_false", help="write no PNG plots")
+    add("--no-progress", dest="progress", action="store_false", help="show no progress bar")
+
+
+def evaluation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of :func:`evaluate_run` from flags added by :func:`add_evaluation_flags`."""
+    keys = ("attacks", "eps", "n_examples", "split", "weights", "batch_size", "seed", "mixed_precision")
+    return {key: getattr(args, key) for key in (*keys, "sweep_eps", "plots", "progress")}
+
+
 def pgd_eval(
     model: nn.Module,
     x: Tensor,
@@ -333,6 +681,188 @@ ATTACKS: dict[str, AttackSpec] = {
 }
 
 
+#: The eps sweep's attacks, cheaper than the main evaluation because they run at every eps: PGD-20 as it
+#: is, APGD-CE with 20 steps and Square with 500 queries.
+SWEEP_ATTACKS: tuple[AttackSpec, ...] = (
+    ATTACKS["pgd20"],
+    with_budget("apgd-ce", steps=20),
+    with_budget("square", queries=500),
+)
+
+
+def _eps_flag(text: str) -> float:
+    eps = _nonnegative_number(text)
+    if eps > 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1] (pixels), got {text}; for 8/255 write 8/255")
+    return eps
+
+
+def _combination_name(specs: Sequence[AttackSpec]) -> str:
+    return "worst case over " + ", ".join(spec.label for spec in specs)
+
+
+def _resolve(attacks: Sequence[str | AttackSpec], what: str) -> list[AttackSpec]:
+    if isinstance(attacks, (str, AttackSpec)):
+        raise ValueError(f"{what} must be a sequence of attack names or specs, got the single {attacks!r}")
+    specs = [get_attack(a) if isinstance(a, str) else a for a in attacks]
+    names = [spec.name for spec in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{what} must not repeat a name, got {names}")
+    return specs
+
+
+def _check_eps(eps: float, what: str = "eps") -> None:
+    if isinstance(eps, (bool, Tensor)) or not isinstance(eps, (int, float)) or not 0 <= eps <= 1:
+        raise ValueError(f"{what} must be a number in [0, 1] (L-inf radius in pixels), got {eps!r}")
+
+
+def _check_run_settings(
+    eps: float, n_examples: int | None, split: str, batch_size: int, seed: int, mixed_precision: str
+) -> None:
+    _check_eps(eps)
+    checks = [("batch_size", batch_size, 1), ("seed", seed, 0)]
+    if n_examples is not None:
+        checks.append(("n_examples", n_examples, 1))
+    for name, value, minimum in checks:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
+    if mixed_precision not in MIXED_PRECISION:
+        raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got {mixed_precision!r}")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _current_report(path: Path, settings: dict[str, Any], weights_sha256: str) -> dict[str, Any] | None:
+    """The report at ``path`` when it was made with these settings, weights and robustmix version, else None."""
+    try:
+        stored = read_json(path)
+    except (FileNotFoundError, ValueError):
+        return None
+    current = (
+        isinstance(stored, dict)
+        and stored.get("settings") == json.loads(json.dumps(settings))
+        and stored.get("run", {}).get("weights_sha256") == weights_sha256
+        and stored.get("environment", {}).get("robustmix") == robustmix.__version__
+    )
+    return stored if current else None
+
+
+def _autocast(device: torch.device, mixed_precision: str) -> contextlib.AbstractContextManager:
+    if mixed_precision == "no":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=_AUTOCAST_DTYPES[mixed_precision])
+
+
+def _cat(records: list[dict[str, Any]], *keys: Any) -> Tensor:
+    """Concatenate, in chunk order, the per-example tensor found under ``keys`` in every chunk's record."""
+    parts = []
+    for record in records:
+        for key in keys:
+            record = record[key]
+        parts.append(record)
+    return torch.cat(parts)
+
+
+def _accuracy(robust: Tensor) -> float:
+    return robust.float().mean().item()
+
+
+def _combine(records: list[dict[str, Any]], specs: list[AttackSpec], eps: float) -> dict[str, Any]:
+    """The :func:`worst_case` numbers of all chunks together, from their per-example results."""
+    names = [spec.name for spec in specs]
+    correct = _cat(records, "per_example", "correct")
+    results: dict[str, Any] = {
+        "attack": _combination_name(specs),
+        "attacks": names,
+        "eps": float(eps),
+        "n": len(correct),
+        "clean": _accuracy(correct),
+        "standalone": {name: _accuracy(_cat(records, "per_example", "standalone", name)) for name in names},
+        "cumulative": {name: _accuracy(_cat(records, "per_example", "cumulative", name)) for name in names},
+        "worst_case": _accuracy(_cat(records, "per_example", "cumulative", names[-1])),
+        "attacked": {name: sum(record["attacked"][name] for record in records) for name in names},
+        "loss_trace": {},
+    }
+    for name in names:
+        # A chunk's trace is the mean over the examples it attacked: weight it by their number.
+        parts = [(r["loss_trace"][name], r["attacked"][name]) for r in records if name in r["loss_trace"]]
+        total = sum(count for _, count in parts)
+        if total:
+            summed = sum(torch.tensor(trace, dtype=torch.float64) * count for trace, count in parts)
+            results["loss_trace"][name] = (summed / total).tolist()
+    return results
+
+
+def _combine_sweep(records: list[dict[str, Any]], sweep: list[float], specs: list[AttackSpec]) -> dict[str, Any]:
+    names = [spec.name for spec in specs]
+    clean = _accuracy(_cat(records, "per_example", "correct"))
+    standalone: dict[str, list[float]] = {name: [] for name in names}
+    worst = []
+    for eps in sweep:
+        if eps == 0:
+            # The ball is the image itself.
+            for name in names:
+                standalone[name].append(clean)
+            worst.append(clean)
+            continue
+        for name in names:
+            standalone[name].append(_accuracy(_cat(records, "sweep", eps, "standalone", name)))
+        worst.append(_accuracy(_cat(records, "sweep", eps, "cumulative", names[-1])))
+    return {"eps": sweep, "standalone": standalone, "worst_case": worst}
+
+
+def _margin_histograms(records: list[dict[str, Any]], bins: int = 40) -> dict[str, Any]:
+    """Histograms over [-1, 1] of the probability margins at the clean and at the worst-case points."""
+    histograms: dict[str, Any] = {}
+    for name, key in (("clean", "margin_clean"), ("adversarial", "margin_adv")):
+        margins = _cat(records, "per_example", key).double().numpy()
+        counts, edges = np.histogram(margins, bins=bins, range=(-1.0, 1.0))
+        histograms[name] = counts.tolist()
+        histograms[f"mean_{name}"] = float(margins.mean())
+    histograms["edges"] = edges.tolist()
+    return histograms
+
+
+def _environment(accelerator: Accelerator, elapsed_s: float) -> dict[str, Any]:
+    device = accelerator.device
+    return {
+        "robustmix": robustmix.__version__,
+        "torch": torch.__version__,
+        "accelerate": accelerate.__version__,
+        "python": platform.python_version(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+        "num_processes": accelerator.num_processes,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "elapsed_s": round(elapsed_s, 1),
+    }
+
+
+def _print(report: dict[str, Any], output: Path, status: str) -> None:
+    print(reports.summary(report, f"{output} ({status})"))
+    if report["sanity_flags"]:
+        print(reports.warning_block(report["sanity_flags"]), file=sys.stderr)
+
+
+def _write_report(report: dict[str, Any], output: Path) -> None:
+    """The table and plots first, eval.json last: a current eval.json implies a complete report."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    files = {name: output.parent / file for name, file in report["files"].items()}
+    if "eps_sweep_plot" in files:
+        reports.plot_eps_sweep(report, files["eps_sweep_plot"])
+    if "margins_plot" in files:
+        reports.plot_margins(report, files["margins_plot"])
+    atomic_write_text(files["table"], reports.evaluation_markdown(report))
+    atomic_write_json(output, report)
+
+
 def _survives(
     spec: AttackSpec,
     model: nn.Module,
@@ -342,23 +872,24 @@ def _survives(
     batch_size: int,
     seed: int,
     trace: Tensor | None,
-) -> Tensor:
-    """Run ``spec`` in batches; bool ``[N]``: still classified correctly (fp32) at the point it found."""
+) -> tuple[Tensor, Tensor]:
+    """Run ``spec`` in batches; at the point it found, :func:`_judge` of each example (bool ``[N]``, float ``[N]``)."""
     if x.shape[0] == 0:
-        return torch.zeros(0, dtype=torch.bool, device=x.device)
-    survived = []
+        return torch.zeros(0, dtype=torch.bool, device=x.device), torch.zeros(0, device=x.device)
+    judged = []
     for j, (xb, yb) in enumerate(zip(x.split(batch_size), y.split(batch_size))):
         extra = {} if trace is None else {"loss_trace": trace}
         x_adv = spec(model, xb, yb, eps=eps, seed=seed + j, **extra)
         _check_in_ball(x_adv, xb, eps, spec.label)
-        survived.append(_correct(model, x_adv, yb))
-    return torch.cat(survived)
+        judged.append(_judge(model, x_adv, yb))
+    return torch.cat([ok for ok, _ in judged]), torch.cat([margin for _, margin in judged])
 
 
-def _correct(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-    """Bool ``[B]``: the eval-mode model, autocast off, predicts ``y``."""
+def _judge(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """The eval-mode model with autocast off: predicts ``y`` (bool ``[B]``), and its probability margin (``[B]``)."""
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False), model_mode(model, "eval"):
-        return model(x).argmax(dim=1) == y
+        logits = model(x)
+        return logits.argmax(dim=1) == y, probability_margin(logits, y)
 
 
 def _check_in_ball(x_adv: Tensor, x: Tensor, eps: float, label: str) -> None:

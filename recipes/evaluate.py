@@ -1,0 +1,46 @@
+"""Robust evaluation of a training run: clean, PGD-20, PGD-100, CW-inf, APGD-CE, APGD-T, Square and their worst case.
+
+Loads the run's weights and exactly the data split it was trained and validated with (config.json says which),
+runs every attack on every clean-correct example, sweeps eps with cheaper attacks, checks the numbers for
+signs of gradient masking, and writes eval.json (every setting and number), eval.md and two PNG plots into
+the run folder. Failed sanity checks are printed as a WARNING block and recorded in the report.
+
+    python recipes/evaluate.py --run-dir runs/pgd_at-digits-seed0
+    python recipes/evaluate.py --run-dir runs/pgd_at-digits-seed0 --attacks pgd20 apgd-ce square --n-examples 200
+    accelerate launch recipes/evaluate.py --run-dir runs/pgd_at-cifar10-seed0 --mixed-precision bf16
+
+Several processes split the examples between them and give the numbers of one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from robustmix.evaluate import EVAL_FILE, add_evaluation_flags, check_run, evaluate_run, evaluation_kwargs
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="evaluate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--run-dir", required=True, help="the training run's folder (its output_dir)")
+    parser.add_argument("--output", help=f"path of the JSON report (default: RUN_DIR/{EVAL_FILE})")
+    add_evaluation_flags(parser)
+    args = parser.parse_args(argv)
+
+    # The run folder is checked here too, so that a wrong path ends with a one-line message.
+    try:
+        check_run(args.run_dir, args.weights)
+    except (FileNotFoundError, ValueError) as err:
+        parser.error(str(err))
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    return evaluate_run(args.run_dir, output=args.output, **evaluation_kwargs(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""The results table: robust accuracy of many training runs, grouped by dataset and recipe, as a Markdown page.
+
+    python recipes/results.py runs/pgd_at-digits-seed{0,1,2} runs/adalab-digits-seed{0,1,2} --output docs/results.md
+
+Every run folder is evaluated with recipes/evaluate.py's protocol (by default the full suite on the whole test
+split at the run's own eps) unless its eval.json is up to date: made with the same settings, from the same
+weights file and the same robustmix version. The page then gives, per dataset, the evaluation settings and a
+table with one row per recipe (config.json's recipe name): clean, every attack and the worst case as mean ± std
+over the recipe's runs (seeds), with the number of failed sanity checks; then the exact training commands and
+a clean-vs-robust scatter plot written next to the page (results_scatter.png for results.md).
+
+Runs of one recipe must differ only in their seed (and folder), and the runs of one dataset must share their
+eps (or pass --eps): otherwise a mean over them would mix protocols, and the script stops before any work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+
+from robustmix.checkpoint import atomic_write_text
+from robustmix.evaluate import add_evaluation_flags, check_run, evaluate_run, evaluation_kwargs
+from robustmix.recipe import PRESETS, base_parser
+from robustmix.report import plot_clean_vs_robust, results_page
+
+#: Training flags that runs of one recipe may differ in: they change where a run is written or how it is
+#: checkpointed and logged, not what it computes (a resumed run continues exactly).
+_PER_RUN_FLAGS = {
+    "seed", "output_dir", "resume", "overwrite", "num_workers", "eval_every", "checkpoint_every",
+    "checkpoint_every_steps", "keep_checkpoints",
+}  # fmt: skip
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict[str, dict[str, Any]]]:
+    """Parse and check the flags and every run folder before any work; also returns ``{run_dir: config}``."""
+    parser = argparse.ArgumentParser(
+        prog="results.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="training run folders")
+    parser.add_argument("--output", default="docs/results.md", help="the Markdown page (default: docs/results.md)")
+    parser.add_argument("--reevaluate", action="store_true", help="evaluate every run, also with a current eval.json")
+    add_evaluation_flags(parser)
+    args = parser.parse_args(argv)
+
+    configs = {}
+    for run_dir in args.run_dirs:
+        try:
+            configs[run_dir] = check_run(run_dir, args.weights)[0]
+        except (FileNotFoundError, ValueError) as err:
+            parser.error(str(err))
+    seen: dict[tuple[str, str, int], str] = {}
+    for run_dir, config in configs.items():
+        key = (config["data"]["dataset"], config["recipe"], config["seed"])
+        if key in seen:
+            parser.error(f"{seen[key]} and {run_dir} are both {key[1]} on {key[0]} with seed {key[2]}")
+        seen[key] = run_dir
+    for (dataset, recipe), group in _group(configs).items():
+        first, *others = group
+        for run_dir in others:
+            differ = _training_flags(configs[run_dir]).items() ^ _training_flags(configs[first]).items()
+            if differ:
+                names = sorted({name for name, _ in differ})
+                parser.error(f"{first} and {run_dir} ({recipe} on {dataset}) differ in {names}, not only the seed")
+    if args.eps is None:
+        for dataset in {config["data"]["dataset"] for config in configs.values()}:
+            eps = {config["attack"]["eps"] for config in configs.values() if config["data"]["dataset"] == dataset}
+            if len(eps) > 1:
+                parser.error(f"the {dataset} runs trained with different eps {sorted(eps)}; pass --eps")
+    return args, configs
+
+
+def training_command(config: dict[str, Any]) -> str:
+    """The command that trained a run, rebuilt from its config.json: flags equal to the preset's or to the
+    default are left out, the recipe's own flags are always given."""
+    flags = config["flags"]
+    preset = PRESETS[flags["preset"]]
+    defaults = base_parser(flags["recipe"])
+    words = [f"recipes/{flags['recipe']}.py"]
+    for name, value in flags.items():
+        default = preset[name] if name in preset else defaults.get_default(name)
+        if name in ("recipe", "resume", "overwrite") or value is None or value == default:
+            continue
+        option = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            words.append(option if value else f"--no-{name.replace('_', '-')}")
+        else:
+            words += [option, *map(str, value if isinstance(value, list) else [value])]
+    launcher = ["python"]
+    if config["num_processes"] > 1:
+        launcher = ["accelerate", "launch", "--num_processes", str(config["num_processes"])]
+    return shlex.join(launcher + words)
+
+
+def main(argv: list[str] | None = None) -> str:
+    args, configs = parse_args(argv)
+    accelerator = Accelerator()
+    kwargs = evaluation_kwargs(args)
+    tables: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for (dataset, recipe), group in sorted(_group(configs).items()):
+        for run_dir in sorted(group, key=lambda run: configs[run]["seed"]):
+            report = evaluate_run(run_dir, reuse=not args.reevaluate, accelerator=accelerator, **kwargs)
+            tables.setdefault(dataset, {}).setdefault(recipe, []).append(report)
+    output = Path(args.output)
+    scatter = output.with_name(f"{output.stem}_scatter.png") if args.plots else None
+    command = shlex.join(["python", "recipes/results.py", *(sys.argv[1:] if argv is None else argv)])
+    page = results_page(
+        tables,
+        command=command,
+        training_commands={str(Path(run_dir)): training_command(config) for run_dir, config in configs.items()},
+        scatter=None if scatter is None else scatter.name,
+        date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    if accelerator.is_main_process:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        if scatter is not None:
+            plot_clean_vs_robust(tables, scatter)
+        atomic_write_text(output, page)
+        print(f"results of {len(configs)} run(s) written to {output}")
+    return page
+
+
+def _group(configs: dict[str, dict[str, Any]]) -> dict[tuple[str, str], list[str]]:
+    """Run folders by (dataset, recipe), in the order given."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for run_dir, config in configs.items():
+        groups.setdefault((config["data"]["dataset"], config["recipe"]), []).append(run_dir)
+    return groups
+
+
+def _training_flags(config: dict[str, Any]) -> dict[str, Any]:
+    """The flags that decide what a run computes, hashable for comparison."""
+    return {k: str(v) for k, v in config["flags"].items() if k not in _PER_RUN_FLAGS}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,397 @@
+"""Reports of robust evaluations: Markdown tables, console text and PNG plots, made from report dicts alone.
+
+A report is what :func:`robustmix.evaluate.evaluate_run` returns and writes to ``eval.json``; everything here
+reads only that dict, so the table and plots of any ``eval.json`` can be made again without a model.
+matplotlib is imported inside the plot functions (Agg canvas, no pyplot state): the rest of robustmix never
+needs it.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+#: Settings every attack of the suite shares with the others; left out of tables to keep them readable
+#: (they are in eval.json).
+_COMMON_SETTINGS = ("norm", "bn_mode", "loss_scale")
+#: Settings that set an attack's budget, as plot titles name them.
+_BUDGET_WORDS = {"steps": "steps", "restarts": "restarts", "n_target_classes": "targets", "queries": "queries"}
+
+
+def report_files(output: str | Path, *, plots: bool, sweep: bool) -> dict[str, str]:
+    """File names of the table and plots written next to the JSON report ``output`` (``eval.json`` -> ``eval.md``...).
+
+    Args:
+        output: Path of the JSON report.
+        plots: Whether plots are written.
+        sweep: Whether the evaluation has an eps sweep to plot.
+    """
+    stem = Path(output).stem
+    files = {"table": f"{stem}.md"}
+    if plots and sweep:
+        files["eps_sweep_plot"] = f"{stem}_eps_sweep.png"
+    if plots:
+        files["margins_plot"] = f"{stem}_margins.png"
+    return files
+
+
+def percent(accuracy: float) -> str:
+    """An accuracy in [0, 1] as a percentage with two decimals, e.g. ``"84.31%"``."""
+    return f"{100 * accuracy:.2f}%"
+
+
+def attack_description(attack: Mapping[str, Any]) -> str:
+    """The settings of an attack (an entry of a report's ``settings["attacks"]``), e.g. ``"steps 20, loss ce"``."""
+    settings = attack["settings"]
+    return ", ".join(
+        f"{key} {value}" for key, value in settings.items() if key not in _COMMON_SETTINGS and value is not None
+    )
+
+
+def budget(attack: Mapping[str, Any]) -> str:
+    """An attack's label and budget, e.g. ``"APGD-CE 20 steps"`` or ``"Square 500 queries"``."""
+    settings = attack["settings"]
+    # One restart is every attack's default: naming it only adds words.
+    words = [
+        f"{settings[key]} {word}"
+        for key, word in _BUDGET_WORDS.items()
+        if key in settings and not (key == "restarts" and settings[key] == 1)
+    ]
+    return " ".join([attack["label"], *words])
+
+
+def warning_block(flags: Sequence[str]) -> str:
+    """The console WARNING block listing failed sanity checks (one line each)."""
+    rule = "=" * 100
+    title = f"WARNING: {len(flags)} sanity check(s) failed; these robust accuracies may not be trustworthy"
+    return "\n".join([rule, title, *(f"  - {flag}" for flag in flags), rule])
+
+
+def summary(report: Mapping[str, Any], output: str | Path) -> str:
+    """A few console lines: what was evaluated, every accuracy, where the report is."""
+    settings, run, results = report["settings"], report["run"], report["results"]
+    labels = {attack["name"]: attack["label"] for attack in settings["attacks"]}
+    accuracies = " | ".join(
+        [f"clean {percent(results['clean'])}"]
+        + [f"{labels[name]} {percent(acc)}" for name, acc in results["standalone"].items()]
+        + [f"worst case {percent(results['worst_case'])}"]
+    )
+    return (
+        f"{run['recipe']} on {run['dataset']} ({settings['split']} split, n={results['n']}, {settings['weights']} "
+        f"weights), L-inf eps {settings['eps']:.4g}:\n  {accuracies}\nreport: {output}"
+    )
+
+
+def evaluation_markdown(report: Mapping[str, Any]) -> str:
+    """The Markdown page of one evaluation (``eval.md``): settings, the accuracy table, sanity checks, plots."""
+    settings, run, results, env = report["settings"], report["run"], report["results"], report["environment"]
+    files = report.get("files", {})
+    n_text = "all" if settings["n_examples"] is None else "the first"
+    lines = [
+        f"# Robust evaluation of `{run['run_dir']}`",
+        "",
+        f"{run['recipe']} ({run['model']}, training seed {run['train_seed']}) on {run['dataset']}: "
+        f"{n_text} {results['n']} examples of the {settings['split']} split, {settings['weights']} weights "
+        f"(`{run['weights_file']}`, SHA-256 `{run['weights_sha256'][:16]}`...). L-inf eps {settings['eps']:.6g} "
+        f"(pixels in [0, 1]); attacks under mixed precision `{settings['mixed_precision']}`, decisions "
+        f"{settings['decisions']}; seeds: {settings['seeds']}.",
+        "",
+        f"Protocol: {settings['protocol']}. Accuracy alone: against that attack only; cumulative: against it "
+        "and every attack above it.",
+        "",
+        "| attack | settings | accuracy alone | cumulative | examples attacked |",
+        "| --- | --- | ---: | ---: | ---: |",
+        f"| clean | | {percent(results['clean'])} | | |",
+    ]
+    for attack in settings["attacks"]:
+        name = attack["name"]
+        lines.append(
+            f"| {attack['label']} | {attack_description(attack)} | {percent(results['standalone'][name])} "
+            f"| {percent(results['cumulative'][name])} | {results['attacked'][name]} |"
+        )
+    lines += [f"| **worst case** | {results['attack']} | | **{percent(results['worst_case'])}** | |", ""]
+    lines += [*_sanity_markdown(report["sanity_flags"]), ""]
+
+    sweep = report["eps_sweep"]
+    if sweep["eps"]:
+        sweep_attacks = settings["eps_sweep"]["attacks"]
+        lines += [
+            "## Robust accuracy against eps",
+            "",
+            "With cheaper attack budgets than the table above, since they run at every eps: "
+            + ", ".join(budget(attack) for attack in sweep_attacks)
+            + ". Worst case: per example, over these attacks.",
+            "",
+            "| eps | " + " | ".join(attack["label"] for attack in sweep_attacks) + " | worst case |",
+            "| ---: | " + " | ".join("---:" for _ in sweep_attacks) + " | ---: |",
+        ]
+        for i, eps in enumerate(sweep["eps"]):
+            cells = [percent(sweep["standalone"][attack["name"]][i]) for attack in sweep_attacks]
+            lines.append(f"| {eps:.4g} | " + " | ".join(cells) + f" | {percent(sweep['worst_case'][i])} |")
+        lines.append("")
+        if "eps_sweep_plot" in files:
+            lines += [f"![robust accuracy against eps]({files['eps_sweep_plot']})", ""]
+
+    margins = report["margins"]
+    lines += [
+        "## Probability margins",
+        "",
+        "Margin `p_y - max_{k != y} p_k` of the fp32 model, in [-1, 1]: at the clean image (mean "
+        f"{margins['mean_clean']:.3f}) and at the worst-case point, the lowest margin of the image and of every "
+        f"attack's point (mean {margins['mean_adversarial']:.3f}). Negative: misclassified.",
+        "",
+    ]
+    if "margins_plot" in files:
+        lines += [f"![probability margins]({files['margins_plot']})", ""]
+    lines += [
+        "## Environment",
+        "",
+        f"robustmix {env['robustmix']}, torch {env['torch']}, accelerate {env['accelerate']}, Python "
+        f"{env['python']}; {env['num_processes']} process(es) on {env['device']}; {env['elapsed_s']} s; "
+        f"{env['date']}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot_eps_sweep(report: Mapping[str, Any], path: str | Path) -> None:
+    """PNG of robust accuracy against eps for each attack of the sweep and their worst case.
+
+    The title names the sweep's budgets, which are cheaper than the main evaluation's.
+    """
+    settings, run, sweep = report["settings"], report["run"], report["eps_sweep"]
+    figure, axes = _figure()
+    for attack in settings["eps_sweep"]["attacks"]:
+        accuracies = [100 * acc for acc in sweep["standalone"][attack["name"]]]
+        axes.plot(sweep["eps"], accuracies, marker="o", label=attack["label"])
+    axes.plot(sweep["eps"], [100 * acc for acc in sweep["worst_case"]], "k--", marker="s", label="worst case")
+    axes.axvline(settings["eps"], color="gray", linestyle=":", label=f"evaluation eps {settings['eps']:.4g}")
+    axes.set_xlabel("L-inf eps (pixels in [0, 1])")
+    axes.set_ylabel("robust accuracy (%)")
+    axes.set_ylim(-2, 102)
+    budgets = ", ".join(budget(attack) for attack in settings["eps_sweep"]["attacks"])
+    axes.set_title(
+        f"{run['recipe']} on {run['dataset']} ({settings['split']}, n={report['results']['n']}, "
+        f"{settings['weights']} weights)\ncheaper sweep budgets: {budgets}",
+        fontsize=9,
+    )
+    axes.legend(fontsize=8)
+    figure.savefig(path, dpi=120)
+
+
+def plot_margins(report: Mapping[str, Any], path: str | Path) -> None:
+    """PNG histogram of the probability margins at the clean and at the worst-case points."""
+    settings, run, margins = report["settings"], report["run"], report["margins"]
+    figure, axes = _figure()
+    axes.stairs(margins["clean"], margins["edges"], fill=True, alpha=0.5, label="clean")
+    axes.stairs(margins["adversarial"], margins["edges"], fill=True, alpha=0.5, label="worst-case point")
+    axes.axvline(0, color="black", linewidth=0.8)
+    axes.set_xlabel("probability margin p_y - max_{k != y} p_k (fp32; < 0: misclassified)")
+    axes.set_ylabel("examples")
+    axes.set_title(
+        f"{run['recipe']} on {run['dataset']} ({settings['split']}, n={report['results']['n']}), "
+        f"eps {settings['eps']:.4g}\nworst case over {', '.join(a['label'] for a in settings['attacks'])}",
+        fontsize=9,
+    )
+    axes.legend(fontsize=8)
+    figure.savefig(path, dpi=120)
+
+
+# ---------------------------------------------------------------------- results over many runs
+
+
+def mean_std(values: Sequence[float]) -> str:
+    """Accuracies in [0, 1] as ``"mean ± std"`` in percent (sample standard deviation); one value: the mean only."""
+    mean = 100 * statistics.fmean(values)
+    if len(values) < 2:
+        return f"{mean:.2f}"
+    return f"{mean:.2f} ± {100 * statistics.stdev(values):.2f}"
+
+
+def results_table(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[str]:
+    """Markdown lines of one dataset's table: a row per recipe, accuracies as mean ± std over its runs (seeds).
+
+    Args:
+        runs: ``{recipe: reports}``, all evaluated with the same settings.
+    """
+    attacks = next(iter(runs.values()))[0]["settings"]["attacks"]
+    header = ["recipe", "seeds", "clean", *(attack["label"] for attack in attacks), "worst case", "flags"]
+    lines = ["| " + " | ".join(header) + " |", "| --- | --- |" + " ---: |" * (len(header) - 2)]
+    for recipe, group in runs.items():
+        results = [r["results"] for r in group]
+        cells = [
+            recipe,
+            f"{len(group)} ({', '.join(str(r['run']['train_seed']) for r in group)})",
+            mean_std([r["clean"] for r in results]),
+            *(mean_std([r["standalone"][attack["name"]] for r in results]) for attack in attacks),
+            mean_std([r["worst_case"] for r in results]),
+            str(sum(len(r["sanity_flags"]) for r in group)),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def results_page(
+    tables: Mapping[str, Mapping[str, Sequence[Mapping[str, Any]]]],
+    *,
+    command: str,
+    training_commands: Mapping[str, str],
+    scatter: str | None,
+    date: str,
+) -> str:
+    """The Markdown results page: how it was made, then per dataset the evaluation settings and the table.
+
+    Args:
+        tables: ``{dataset: {recipe: reports}}``; the reports of one dataset share their settings.
+        command: The command that made the page.
+        training_commands: ``{run_dir: the command that trained it}``.
+        scatter: File name of the clean-vs-robust scatter plot next to the page, or None.
+        date: When the page was made.
+    """
+    reports = [r for runs in tables.values() for group in runs.values() for r in group]
+    lines = [
+        "# Results",
+        "",
+        "<!-- Generated by recipes/results.py from run folders and their eval.json; do not edit by hand. -->",
+        "",
+        f"Generated {date} from {len(reports)} run folder(s) by",
+        "",
+        "```bash",
+        command,
+        "```",
+        "",
+    ]
+    short = [r["run"] for r in reports if _cut_short(r["run"])]
+    if short:
+        steps = sorted({f"{run['total_steps']} of {_planned_steps(run)}" for run in short})
+        lines += [
+            '!!! warning "Smoke runs, not results"',
+            f"    {len(short)} of these runs stopped after `--max-steps` ({', '.join(steps)} planned optimizer "
+            "steps): the numbers show that training, evaluation and this page work end to end, not how well the "
+            "methods do. The real table is pending the full runs.",
+            "",
+        ]
+    for dataset, runs in tables.items():
+        first = next(iter(runs.values()))[0]
+        settings, results = first["settings"], first["results"]
+        n_text = f"all {results['n']}" if settings["n_examples"] is None else f"the first {results['n']}"
+        lines += [
+            f"## {dataset}",
+            "",
+            f"Evaluation: {n_text} examples of the {settings['split']} split, {settings['weights']} weights, "
+            f"L-inf eps {settings['eps']:.6g} (pixels in [0, 1]), attack seed {settings['seed']}, attacks under "
+            f"mixed precision `{settings['mixed_precision']}`; decisions: {settings['decisions']}. "
+            f"{settings['protocol'].capitalize()}. Attacks:",
+            "",
+            *(f"- {attack['label']}: {attack_description(attack)}" for attack in settings["attacks"]),
+            "",
+            f"Eps sweep (per run, in its eval.md): {', '.join(f'{eps:.4g}' for eps in settings['eps_sweep']['eps'])} "
+            f"with cheaper budgets: {', '.join(budget(attack) for attack in settings['eps_sweep']['attacks'])}.",
+            "",
+            "Accuracies in %, mean ± standard deviation over the runs (training seeds) of each recipe; "
+            "flags: failed sanity checks, summed over the runs.",
+            "",
+            f"Evaluated with {_environments(r['environment'] for group in runs.values() for r in group)}.",
+            "",
+            *results_table(runs),
+            "",
+        ]
+        flagged = [(r, flag) for group in runs.values() for r in group for flag in r["sanity_flags"]]
+        if flagged:
+            lines += ["Sanity checks that failed:", ""]
+            lines += [f"- `{r['run']['run_dir']}`: {flag}" for r, flag in flagged]
+            lines.append("")
+        lines += ["Runs (training command reconstructed from config.json; evaluation date):", "", "```bash"]
+        for group in runs.values():
+            for r in group:
+                lines.append(f"{training_commands[r['run']['run_dir']]}  # evaluated {r['environment']['date']}")
+        lines += ["```", ""]
+    if scatter is not None:
+        lines += ["## Clean against worst-case accuracy", "", f"![clean against worst-case accuracy]({scatter})", ""]
+    return "\n".join(lines)
+
+
+def plot_clean_vs_robust(tables: Mapping[str, Mapping[str, Sequence[Mapping[str, Any]]]], path: str | Path) -> None:
+    """PNG scatter of clean against worst-case accuracy, one panel per dataset.
+
+    Every run is a point; each recipe's mean is a diamond with the standard deviation over its runs as error bars.
+
+    Args:
+        tables: ``{dataset: {recipe: reports}}``.
+        path: Where the PNG goes.
+    """
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(5.5 * len(tables), 4.5), layout="constrained")
+    for axes, (dataset, runs) in zip(figure.subplots(1, len(tables), squeeze=False)[0], tables.items()):
+        for recipe, group in runs.items():
+            clean = [100 * r["results"]["clean"] for r in group]
+            robust = [100 * r["results"]["worst_case"] for r in group]
+            (points,) = axes.plot(clean, robust, "o", alpha=0.4)
+            axes.errorbar(
+                statistics.fmean(clean),
+                statistics.fmean(robust),
+                xerr=statistics.stdev(clean) if len(group) > 1 else None,
+                yerr=statistics.stdev(robust) if len(group) > 1 else None,
+                fmt="D",
+                markersize=8,
+                capsize=3,
+                color=points.get_color(),
+                label=f"{recipe} ({len(group)} run{'s' if len(group) > 1 else ''})",
+            )
+        first = next(iter(runs.values()))[0]
+        settings, results = first["settings"], first["results"]
+        axes.set_title(
+            f"{dataset}: L-inf eps {settings['eps']:.4g}, {settings['split']} split, n={results['n']}\n"
+            f"{results['attack']}",
+            fontsize=9,
+        )
+        axes.set_xlabel("clean accuracy (%)")
+        axes.set_ylabel("worst-case robust accuracy (%)")
+        axes.legend(fontsize=8)
+    figure.savefig(path, dpi=120)
+
+
+def _sanity_markdown(flags: Sequence[str]) -> list[str]:
+    if not flags:
+        return [
+            "Sanity checks passed: clean >= PGD-20 >= PGD-100 >= worst case, no black-box attack beats the "
+            "white-box ones, accuracy falls to ~0 at the largest eps of the sweep, PGD losses rise."
+        ]
+    return [
+        f"> **WARNING: {len(flags)} sanity check(s) failed; these robust accuracies may not be trustworthy.**",
+        ">",
+        *(f"> - {flag}" for flag in flags),
+    ]
+
+
+def _environments(environments: Any) -> str:
+    """The distinct software versions and hardware of some reports, in words."""
+    seen = sorted(
+        {
+            f"robustmix {e['robustmix']}, torch {e['torch']}, accelerate {e['accelerate']}, Python {e['python']} "
+            f"on {e['num_processes']} process(es), {e['device']}"
+            for e in environments
+        }
+    )
+    return "; ".join(seen)
+
+
+def _planned_steps(run: Mapping[str, Any]) -> int:
+    """Optimizer steps of all the run's epochs."""
+    return (run.get("flags") or {}).get("epochs", 0) * (run.get("steps_per_epoch") or 0)
+
+
+def _cut_short(run: Mapping[str, Any]) -> bool:
+    """Whether ``--max-steps`` stopped the run before its epochs were done."""
+    return (run.get("flags") or {}).get("max_steps") is not None and run["total_steps"] < _planned_steps(run)
+
+
+def _figure() -> tuple[Any, Any]:
+    """A figure on the Agg canvas with one axes: no pyplot, no global backend change."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6.5, 4.5), layout="constrained")
+    return figure, figure.add_subplot()

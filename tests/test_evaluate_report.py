@@ -1,0 +1,365 @@
+"""evaluate_run, its report, recipes/evaluate.py and recipes/results.py on tiny run folders made here.
+
+A run folder is written directly (config.json with the real recipe flags, model.safetensors): a test_resnet
+trained for a few seconds on the embedded digits, with clean steps on noisy images. Attack budgets are cut
+(:data:`CHEAP`): these tests check what the suite records and computes, not how strong the attacks are
+(tests/test_eval_attacks.py does).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import runpy
+import shutil
+import socket
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import robustmix
+import robustmix.evaluate as evaluate
+from robustmix.checkpoint import atomic_save_weights, atomic_write_json
+from robustmix.data import load_dataset
+from robustmix.evaluate import evaluate_run, sanity_flags, with_budget
+from robustmix.models import create_model, model_config
+from robustmix.recipe import base_parser, parse_args
+from robustmix.runs import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+EPS = 0.05
+CHEAP = [
+    with_budget("pgd20", steps=5),
+    with_budget("pgd100", steps=8),
+    with_budget("cw", steps=5),
+    with_budget("apgd-ce", steps=5),
+    with_budget("apgd-t", steps=3, n_target_classes=2),
+    with_budget("square", queries=50),
+]
+SWEEP = [with_budget("pgd20", steps=3), with_budget("square", queries=20)]
+SMALL = {"attacks": CHEAP, "n_examples": 12, "batch_size": 6, "sweep_attacks": SWEEP, "sweep_eps": [0.0, EPS, 0.8]}
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"recipes_{name}", ROOT / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _make_run(folder: Path, seed: int = 0, steps: int = 60) -> Path:
+    """A run folder as recipes/pgd_at.py writes it (the files evaluation reads), trained in seconds."""
+    args = parse_args(base_parser("pgd_at"), ["--eps", str(EPS), "--seed", str(seed), "--output-dir", str(folder)])
+    x, y = load_dataset("digits", "train").tensors()
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = create_model("test_resnet", 10, in_chans=1, mean=(0.305,), std=(0.3236,))
+        optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+        for _ in range(steps):
+            idx = torch.randint(0, len(y), (64,))
+            noisy = (x[idx] + EPS * (2 * torch.rand_like(x[idx]) - 1)).clamp(0, 1)
+            loss = F.cross_entropy(model(noisy), y[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    folder.mkdir(parents=True)
+    atomic_save_weights(model.state_dict(), folder / "model.safetensors")
+    config = {
+        "recipe": "pgd_at",
+        "robustmix_version": robustmix.__version__,
+        "model": model_config(model),
+        "data": {"dataset": "digits", "path": None, "split_seed": 0, "num_classes": 10, "image_shape": [1, 32, 32]},
+        "attack": {"eps": EPS, "step_size": args.step_size, "steps": args.attack_steps},
+        "seed": seed,
+        "num_processes": 1,
+        "steps_per_epoch": 10,
+        "total_steps": 150,
+        "flags": vars(args),
+    }
+    atomic_write_json(folder / "config.json", config)
+    return folder
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny tensors on a shared 2-core machine: intra-op threads only add synchronization.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    return _make_run(tmp_path_factory.mktemp("runs") / "pgd_at-digits-seed0")
+
+
+@pytest.fixture(scope="module")
+def report(run_dir) -> dict:
+    """The default report: eval.json and friends in the run folder."""
+    return evaluate_run(run_dir, progress=False, **SMALL)
+
+
+def _must_not_run(*args, **kwargs) -> None:
+    pytest.fail("bad input must be rejected before this runs")
+
+
+def _numbers(report: dict) -> dict:
+    return {key: report[key] for key in ("results", "eps_sweep", "margins", "sanity_flags")}
+
+
+def test_report_records_every_setting_and_number(report, run_dir):
+    assert json.loads((run_dir / "eval.json").read_text()) == report
+    settings = report["settings"]
+    assert (settings["eps"], settings["norm"], settings["n_examples"]) == (EPS, "linf", 12)
+    assert (settings["split"], settings["weights"], settings["seed"], settings["mixed_precision"]) == (
+        "test", "final", 0, "no",
+    )  # fmt: skip
+    attacks = {attack["name"]: attack for attack in settings["attacks"]}
+    assert list(attacks) == ["pgd20", "pgd100", "cw", "apgd-ce", "apgd-t", "square"]
+    apgd_ce = attacks["apgd-ce"]["settings"]
+    assert (apgd_ce["steps"], apgd_ce["restarts"], apgd_ce["loss"], apgd_ce["rho"]) == (5, 1, "ce", 0.75)
+    assert (attacks["apgd-t"]["settings"]["n_target_classes"], attacks["square"]["settings"]["queries"]) == (2, 50)
+    assert not attacks["square"]["white_box"]
+    assert [a["settings"]["steps"] for a in settings["eps_sweep"]["attacks"] if a["name"] == "pgd20"] == [3]
+    assert report["run"]["recipe"] == "pgd_at" and len(report["run"]["weights_sha256"]) == 64
+    env = report["environment"]
+    assert (env["robustmix"], env["torch"], env["num_processes"]) == (robustmix.__version__, torch.__version__, 1)
+    datetime.fromisoformat(env["date"])
+
+    results = report["results"]
+    assert results["n"] == 12 and sum(report["margins"]["clean"]) == sum(report["margins"]["adversarial"]) == 12
+    assert 0.5 < results["clean"] <= 1
+    assert all(count == round(12 * results["clean"]) for count in results["attacked"].values())
+    cumulative = list(results["cumulative"].values())
+    assert cumulative == sorted(cumulative, reverse=True) and results["worst_case"] == cumulative[-1]
+    assert results["worst_case"] <= min(results["standalone"].values()) <= results["clean"]
+    assert set(results["loss_trace"]) == {"pgd20", "pgd100", "cw"} and len(results["loss_trace"]["pgd100"]) == 8
+    sweep = report["eps_sweep"]
+    assert sweep["eps"] == [0.0, EPS, 0.8] and sweep["worst_case"][0] == results["clean"]
+    expected_flags = sanity_flags({**results, "eps_sweep": dict(zip(sweep["eps"], sweep["worst_case"]))})
+    assert report["sanity_flags"] == expected_flags
+
+    table = (run_dir / "eval.md").read_text()
+    assert "| PGD-20 | step_fraction 0.25, loss ce, steps 5 |" in table
+    assert f"**{100 * results['worst_case']:.2f}%**" in table
+    assert "![robust accuracy against eps](eval_eps_sweep.png)" in table
+    for name in ("eval_eps_sweep.png", "eval_margins.png"):
+        assert (run_dir / name).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_evaluation_is_seeded_and_works_under_no_grad(report, run_dir, tmp_path):
+    with torch.no_grad():
+        again = evaluate_run(run_dir, output=tmp_path / "eval.json", plots=False, progress=False, **SMALL)
+    assert _numbers(again) == _numbers(report)
+    assert again["files"] == {"table": "eval.md"} and not list(tmp_path.glob("*.png"))
+
+
+class _Spy(nn.Module):
+    """Records, for every forward, whether autocast was on."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.num_classes = model.num_classes
+        self.autocast: list[bool] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.autocast.append(torch.is_autocast_enabled(x.device.type))
+        return self.model(x)
+
+
+def test_attacks_run_under_autocast_and_decisions_in_fp32(report, run_dir, tmp_path, monkeypatch):
+    spies = []
+
+    def load_spied(*args, **kwargs) -> _Spy:
+        spies.append(_Spy(load_model(*args, **kwargs)))
+        return spies[-1]
+
+    monkeypatch.setattr(evaluate, "load_model", load_spied)
+    small = SMALL | {"attacks": CHEAP[:1], "sweep_eps": []}
+    bf16 = evaluate_run(run_dir, output=tmp_path / "eval.json", mixed_precision="bf16", progress=False, **small)
+    assert bf16["settings"]["mixed_precision"] == "bf16"
+    assert True in spies[0].autocast and False in spies[0].autocast
+    # The margins come from the logits that decide robustness: in bf16 they would differ from fp32's.
+    assert bf16["margins"]["mean_clean"] == report["margins"]["mean_clean"]
+    assert bf16["results"]["clean"] == report["results"]["clean"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--run-dir", "{missing}"], "does not exist"),
+        (["--attacks", "pgd20", "fgsm"], "invalid choice: 'fgsm'"),
+        (["--eps", "-0.1"], "must be >= 0"),
+        (["--eps", "2"], "must be in [0, 1]"),
+        (["--n-examples", "0"], "must be >= 1"),
+        (["--weights", "best"], "the run has no best weights"),
+    ],
+)
+def test_cli_rejects_bad_input_before_work(flags, message, run_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(evaluate, "load_model", _must_not_run)
+    argv = ["--run-dir", str(run_dir), "--output", str(tmp_path / "eval.json")]
+    argv += [flag.format(missing=tmp_path / "missing") for flag in flags]
+    with pytest.raises(SystemExit) as exit_info:
+        _script("evaluate").main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "eval.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"eps": -0.1}, "eps must be a number in"),
+        ({"n_examples": 0}, "n_examples must be an integer >= 1"),
+        ({"n_examples": 361}, "the test split of digits has 360"),
+        ({"attacks": ["pgd20", "fgsm"]}, "unknown evaluation attack 'fgsm'"),
+        ({"split": "dev"}, "unknown split"),
+        ({"sweep_eps": [0.1, 1.5]}, "every eps of the sweep must be"),
+    ],
+)
+def test_evaluate_run_rejects_bad_input_before_any_attack(kwargs, message, run_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluate, "worst_case", _must_not_run)
+    with pytest.raises(ValueError, match=message):
+        evaluate_run(run_dir, output=tmp_path / "eval.json", **kwargs)
+    with pytest.raises(FileNotFoundError, match=r"run folder .* does not exist"):
+        evaluate_run(tmp_path / "missing")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+#: 13 examples in chunks of 3: the first process takes 3 chunks, the second 2; the last chunk holds 1 example.
+TWO_PROCESS_SCRIPT = """
+import sys
+from robustmix.evaluate import evaluate_run, with_budget
+
+evaluate_run(
+    sys.argv[1], output=sys.argv[2], plots=False, progress=False, eps=0.03, n_examples=13, batch_size=3,
+    attacks=[with_budget("pgd20", steps=4), with_budget("square", queries=30)],
+    sweep_attacks=[with_budget("pgd20", steps=3)], sweep_eps=[0.03, 0.8],
+)
+"""
+
+
+@pytest.mark.distributed
+def test_two_processes_give_the_numbers_of_one(run_dir, tmp_path, monkeypatch):
+    script = tmp_path / "evaluate_13.py"
+    script.write_text(TWO_PROCESS_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"}
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--main_process_port", str(_free_port()), str(script), str(run_dir), str(tmp_path / "two.json"),
+    ]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    monkeypatch.setattr(sys, "argv", [str(script), str(run_dir), str(tmp_path / "one.json")])
+    runpy.run_path(str(script), run_name="__main__")
+
+    one, two = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("one", "two"))
+    assert (one["environment"]["num_processes"], two["environment"]["num_processes"]) == (1, 2)
+    assert two["results"]["n"] == 13
+    assert _numbers(two) == _numbers(one)
+    # Attacks that break some examples and not others: the comparison is not between all-or-nothing numbers.
+    assert 0 < one["results"]["standalone"]["pgd20"] < one["results"]["clean"]
+
+
+class _Quantized(nn.Module):
+    """The model behind ``round(4x) / 4``: zero input gradients, a textbook case of gradient masking."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.num_classes = model.num_classes
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(torch.round(x * 4) / 4)
+
+
+def test_a_masked_model_is_flagged_in_the_report_and_on_the_console(run_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(evaluate, "load_model", lambda *args, **kwargs: _Quantized(load_model(*args, **kwargs)))
+    small = SMALL | {"attacks": [CHEAP[0], CHEAP[3], CHEAP[5]], "sweep_eps": []}
+    masked = evaluate_run(run_dir, output=tmp_path / "eval.json", plots=False, progress=False, **small)
+    flags = json.loads((tmp_path / "eval.json").read_text())["sanity_flags"]
+    assert flags == masked["sanity_flags"]
+    assert any(flag.startswith("loss trace: the mean PGD-20 loss does not increase") for flag in flags)
+    err = capsys.readouterr().err
+    assert "WARNING" in err and flags[0] in err
+    assert "**WARNING" in (tmp_path / "eval.md").read_text()
+
+
+def _copy_run(run_dir: Path, folder: Path, seed: int) -> Path:
+    """The run folder again (weights and config, no report) under another training seed."""
+    shutil.copytree(run_dir, folder, ignore=shutil.ignore_patterns("eval*"))
+    config = json.loads((folder / "config.json").read_text())
+    config["seed"] = config["flags"]["seed"] = seed
+    config["flags"]["output_dir"] = str(folder)
+    atomic_write_json(folder / "config.json", config)
+    return folder
+
+
+def test_results_page_groups_runs_and_reuses_current_reports(run_dir, tmp_path, monkeypatch):
+    first, second = (_copy_run(run_dir, tmp_path / f"pgd_at-digits-seed{seed}", seed) for seed in (0, 1))
+    output = tmp_path / "docs" / "results.md"
+    argv = [str(first), str(second), "--output", str(output), "--attacks", "pgd20", "cw", "--n-examples", "6"]
+    argv += ["--batch-size", "6", "--sweep-eps", "--no-progress"]  # no values: no sweep
+    results = _script("results")
+    attacked = []
+    worst_case = evaluate.worst_case
+    monkeypatch.setattr(
+        evaluate, "worst_case", lambda model, x, *a, **k: attacked.append(x) or worst_case(model, x, *a, **k)
+    )
+
+    page = results.main(argv)
+    assert len(attacked) == 2  # two runs of one chunk each
+    assert output.read_text() == page
+    assert "## digits" in page and "| pgd_at | 2 (0, 1) |" in page
+    assert "- PGD-20: step_fraction 0.25, loss ce, steps 20" in page and "the first 6 examples" in page
+    assert f"python recipes/results.py {argv[0]}" in page
+    assert f"python recipes/pgd_at.py --eps {EPS} --seed 1 --output-dir {second}" in page
+    assert "![clean against worst-case accuracy](results_scatter.png)" in page
+    assert (output.parent / "results_scatter.png").read_bytes()[:8] == PNG_MAGIC
+
+    # New weights in the second run: only it is evaluated again; the first run's eval.json is current.
+    weights = {k: v + 0.01 if v.is_floating_point() else v for k, v in load_model(second).state_dict().items()}
+    atomic_save_weights(weights, second / "model.safetensors")
+    attacked.clear()
+    results.main(argv)
+    assert len(attacked) == 1
+    sha = [json.loads((run / "eval.json").read_text())["run"]["weights_sha256"] for run in (first, second)]
+    assert sha[0] != sha[1]
+
+
+def test_results_refuses_runs_that_cannot_share_a_row(run_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(evaluate, "load_model", _must_not_run)
+    other = _copy_run(run_dir, tmp_path / "other", seed=0)
+    with pytest.raises(SystemExit):
+        _script("results").main([str(run_dir), str(other), "--output", str(tmp_path / "r.md")])
+    assert "are both pgd_at on digits with seed 0" in capsys.readouterr().err
+    config = json.loads((_copy_run(run_dir, tmp_path / "seed1", seed=1) / "config.json").read_text())
+    config["flags"]["lr"] = 0.5
+    atomic_write_json(tmp_path / "seed1" / "config.json", config)
+    with pytest.raises(SystemExit):
+        _script("results").main([str(run_dir), str(tmp_path / "seed1"), "--output", str(tmp_path / "r.md")])
+    assert "differ in ['lr'], not only the seed" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_real_recipe_run_evaluates_with_the_full_suite(tmp_path):
+    folder = tmp_path / "run"
+    _script("pgd_at").main(["--max-steps", "2", "--epochs", "1", "--output-dir", str(folder)])
+    report = _script("evaluate").main(["--run-dir", str(folder), "--n-examples", "32", "--no-progress"])
+    assert report["settings"]["attacks"][4]["settings"]["n_target_classes"] == 9
+    assert report["results"]["n"] == 32 and (folder / "eval.md").is_file()
