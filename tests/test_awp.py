@@ -5,6 +5,7 @@ Run as a script, this file is the worker of the two-process test.
 
 import argparse
 import copy
+import json
 import os
 import socket
 import subprocess
@@ -19,6 +20,8 @@ from torch import nn
 from robustmix import AdversarialCE, AdversarialStep, Callback, PGDAttack, Stage
 from robustmix.awp import AWP, awp_perturbation
 from robustmix.losses import TRADESLoss, trades_loss
+from robustmix.runs import load_metrics_log
+from tests.conftest import load_recipe, quick_flags
 
 
 class TinyBN(nn.Module):
@@ -267,6 +270,42 @@ def test_misuse_fails_loudly():
             AWP(**kwargs)
 
 
+# ---------------------------------------------------------------------- the recipe
+
+
+@pytest.mark.parametrize(
+    ("flags", "callbacks", "passes"),
+    [
+        ([], ["PGDAttack(", "AWP(gamma=0.01, proxy_lr=0.01, warmup_epochs=0, loss='ce'", "AdversarialCE("], (3, 3)),
+        (
+            ["--base", "trades", "--warmup-epochs", "0", "--gamma", "0.02"],
+            ["AWP(gamma=0.02, proxy_lr=0.01, warmup_epochs=0, loss='trades', beta=6.0)", "TRADESLoss(beta=6.0)"],
+            (6, 5),
+        ),
+    ],
+    ids=["at", "trades"],
+)
+def test_recipe_trains_and_writes_its_run_folder(tiny, tmp_path, flags, callbacks, passes):
+    out = tmp_path / "run"
+    metrics = load_recipe("awp").main(quick_flags(tiny, out, "--max-steps", "2", "--attack-steps", "1", *flags))
+    assert 0 <= metrics["test"]["pgd_acc"] <= metrics["test"]["clean_acc"] <= 1
+    written = " ".join(json.loads((out / "config.json").read_text())["callbacks"])
+    assert all(callback in written for callback in callbacks), written
+    rows = [row for row in load_metrics_log(out) if "forwards_per_step" in row]
+    assert rows and all((row["forwards_per_step"], row["backwards_per_step"]) == passes for row in rows)
+
+
+def test_recipe_defaults_follow_the_base_method_and_bad_warm_up_exits_before_work(monkeypatch, tmp_path):
+    recipe = load_recipe("awp")
+    monkeypatch.setattr(recipe, "run_recipe", lambda args, build: args)
+    out = str(tmp_path / "run")
+    at, trades = (recipe.main([*flags, "--output-dir", out, "--epochs", "30"]) for flags in ([], ["--base", "trades"]))
+    assert (at.gamma, at.warmup_epochs, trades.gamma, trades.warmup_epochs) == (0.01, 0, 0.005, 10)
+    assert recipe.main(["--base", "trades", "--epochs", "5", "--output-dir", out]).warmup_epochs == 2
+    with pytest.raises(SystemExit):
+        recipe.main(["--warmup-epochs", "5", "--epochs", "5", "--output-dir", out])
+
+
 # ---------------------------------------------------------------------- two processes
 
 
@@ -278,7 +317,9 @@ def _free_port() -> int:
 
 @pytest.mark.distributed
 def test_every_rank_adds_the_same_perturbation(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"}
+    # The worker is this file run as a script: the repository root must be importable for `tests.conftest`.
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1", "PYTHONPATH": root}
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--main_process_port", str(_free_port()), __file__, "--out", str(tmp_path),

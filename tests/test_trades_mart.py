@@ -6,6 +6,7 @@ Run as a script, this file is the worker of the two-process test (an Accelerate 
 import argparse
 import contextlib
 import inspect
+import json
 import os
 import socket
 import subprocess
@@ -20,10 +21,13 @@ from hypothesis import strategies as st
 from torch import nn
 
 from robustmix import AdversarialCE, AdversarialStep, CompositionError, PGDAttack, sync_buffers
-from robustmix.labels import LabelSmoothing, smooth_labels
+from robustmix.labels import LabelSmoothing, one_hot, smooth_labels
 from robustmix.losses import MARTLoss, TRADESLoss, classification_loss, mart_loss, trades_loss
 from robustmix.margins import ProbabilityMargin, probability_margin
+from robustmix.runs import load_metrics_log
+from robustmix.sglr import SGLRLabels
 from robustmix.weights import MAILWeights, mail_weights
+from tests.conftest import load_recipe, quick_flags
 
 CLEAN = torch.tensor([[2.0, -1.0, 0.5], [0.1, 0.2, 3.0], [-2.0, 4.0, 1.0], [0.0, 0.0, 0.0]])
 ADV = torch.tensor([[1.0, 0.5, 0.2], [2.5, -1.0, 1.0], [0.3, 0.1, -0.4], [3.0, -3.0, 0.0]])
@@ -248,6 +252,38 @@ def test_label_refiners_replace_the_labels_in_the_trades_ce_term():
     torch.testing.assert_close(loss, expected)
 
 
+def test_sglr_soft_labels_replace_the_labels_in_the_trades_ce_term_at_no_extra_pass():
+    sglr = SGLRLabels(num_examples=8, num_classes=3, start_epoch=0)
+    step = AdversarialStep([PGDAttack(steps=10, **TRADES_ATTACK), sglr, TRADESLoss()])
+    loss, ctx = step(_model(), *_batch(), index=torch.arange(8))
+    assert not torch.equal(ctx.soft_targets, one_hot(ctx.targets, 3))
+    clean, adv = ctx.logits["clean"], ctx.logits["adv"]
+    kl = _kl_reference(clean.detach(), adv.detach()).float()
+    torch.testing.assert_close(loss, classification_loss(clean, ctx.targets, ctx.soft_targets) + 6.0 * kl.mean())
+    loss.backward()
+    assert ctx.passes() == (13, 12)  # SGLR reads the clean forward TRADES runs anyway
+
+
+# ---------------------------------------------------------------------- recipes
+
+
+@pytest.mark.parametrize(
+    ("name", "flags", "callbacks", "passes"),
+    [
+        ("trades", [], "TRADESLoss(beta=6.0)", (4, 3)),
+        ("trades", ["--beta", "3"], "TRADESLoss(beta=3.0)", (4, 3)),
+        ("mart", [], "MARTLoss(beta=5.0)", (3, 3)),
+    ],
+)
+def test_recipe_trains_and_writes_its_run_folder(tiny, tmp_path, name, flags, callbacks, passes):
+    out = tmp_path / "run"
+    metrics = load_recipe(name).main(quick_flags(tiny, out, "--max-steps", "2", "--attack-steps", "1", *flags))
+    assert 0 <= metrics["test"]["pgd_acc"] <= metrics["test"]["clean_acc"] <= 1
+    assert callbacks in json.loads((out / "config.json").read_text())["callbacks"]
+    rows = [row for row in load_metrics_log(out) if "forwards_per_step" in row]
+    assert rows and all((row["forwards_per_step"], row["backwards_per_step"]) == passes for row in rows)
+
+
 # ---------------------------------------------------------------------- two processes, two forwards, one backward
 
 #: DDP configurations the worker trains with: whether DDP broadcasts buffers before every forward, and
@@ -270,7 +306,9 @@ def _free_port() -> int:
 
 @pytest.mark.distributed
 def test_trades_under_ddp_with_batchnorm(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"}
+    # The worker is this file run as a script: the repository root must be importable for `tests.conftest`.
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1", "PYTHONPATH": root}
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--main_process_port", str(_free_port()), __file__, "--out", str(tmp_path),
