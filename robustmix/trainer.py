@@ -289,7 +289,7 @@ class Trainer:
             train_data, batch_sampler=self._batches, num_workers=num_workers, persistent_workers=num_workers > 0,
             pin_memory=accelerator.device.type == "cuda", generator=torch.Generator().manual_seed(seed),
         )  # fmt: skip
-        self._eval_loaders: dict[int, DataLoader] = {}
+        self._eval_loaders: dict[tuple[int, int], DataLoader] = {}
 
         #: Position: the epoch being trained and the batches of it done; the optimizer steps done.
         self.epoch = self.batch_in_epoch = self.global_step = 0
@@ -495,8 +495,8 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation and metrics
 
     def _eval_loader(self, data: Dataset, batch_size: int) -> DataLoader:
-        # Prepared once per dataset: Accelerate shards it evenly, and gather_for_metrics drops the padding.
-        key = id(data)
+        # Prepared once per dataset and batch size: Accelerate shards it evenly, gather_for_metrics drops the padding.
+        key = (id(data), batch_size)
         if key not in self._eval_loaders:
             loader = make_dataloader(data, batch_size, shuffle=False, seed=self.seed, num_workers=self.num_workers)
             self._eval_loaders[key] = self.accelerator.prepare_data_loader(loader)

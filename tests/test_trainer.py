@@ -28,15 +28,6 @@ REPO = Path(__file__).resolve().parents[1]
 EPS = 0.1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Batches of 16 gain nothing from intra-op threads, and on a busy 2-core machine two threads spin-wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def subset(data: ImageDataset, n: int) -> ImageDataset:
     return dataclasses.replace(data, images=data.images[:n], labels=data.labels[:n], index=data.index[:n])
 
@@ -363,24 +354,30 @@ def subset(data, n):
     return dataclasses.replace(data, images=data.images[:n], labels=data.labels[:n], index=data.index[:n])
 
 
-out, resume = Path(sys.argv[1]), (sys.argv[2] if len(sys.argv) > 2 else None)
-torch.manual_seed(0)
-spec = DATASETS["digits"]
-model = create_model("test_resnet", 10, in_chans=1, mean=spec.mean, std=spec.std)
-optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=6)
-# 48 examples, 8 per process: 3 steps per epoch; 7 validation examples do not split evenly over 2 ranks.
-train, val = subset(load_dataset("digits", "train"), 48), subset(load_dataset("digits", "validation"), 7)
-trainer = Trainer(model, AdversarialStep([PGDAttack(0.1, 0.05, 1), CleanAndAdversarialCE()]), optimizer, train, val,
-                  scheduler=scheduler, epochs=2, batch_size=8, eval_steps=1, checkpoint_every_steps=2,
-                  output_dir=out, progress=False)
-summary = trainer.fit(resume=resume)
-rank = trainer.accelerator.process_index
-state = {k: v.contiguous() for k, v in unwrap_model(trainer.model).state_dict().items()}
-save_file(state, out / f"rank{rank}.safetensors")
-if rank == 0:
-    (out / "summary.json").write_text(json.dumps({"summary": summary, "lr": optimizer.param_groups[0]["lr"],
-                                                  "steps_per_epoch": trainer.steps_per_epoch}))
+def run(out, model_seed, resume=None):
+    torch.manual_seed(model_seed)
+    spec = DATASETS["digits"]
+    model = create_model("test_resnet", 10, in_chans=1, mean=spec.mean, std=spec.std)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=6)
+    # 48 examples, 8 per process: 3 steps per epoch; 7 validation examples do not split evenly over 2 ranks.
+    train, val = subset(load_dataset("digits", "train"), 48), subset(load_dataset("digits", "validation"), 7)
+    step = AdversarialStep([PGDAttack(0.1, 0.05, 1), CleanAndAdversarialCE()])
+    trainer = Trainer(model, step, optimizer, train, val, scheduler=scheduler, epochs=2, batch_size=8, eval_steps=1,
+                      checkpoint_every_steps=2, output_dir=out, progress=False)
+    summary = trainer.fit(resume=resume)
+    rank = trainer.accelerator.process_index
+    state = {k: v.contiguous() for k, v in unwrap_model(trainer.model).state_dict().items()}
+    save_file(state, out / f"rank{rank}.safetensors")
+    if rank == 0:
+        (out / "summary.json").write_text(json.dumps({"summary": summary, "lr": optimizer.param_groups[0]["lr"],
+                                                      "steps_per_epoch": trainer.steps_per_epoch}))
+
+
+# One launch saves process start-ups: the resumed run starts from fresh objects (other initial weights).
+out = Path(sys.argv[1])
+run(out / "straight", model_seed=0)
+run(out / "resumed", model_seed=1, resume=out / "straight" / "checkpoints" / "step_4")
 """
 
 
@@ -390,29 +387,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def accelerate_launch(num_processes: int, script: Path, *args: str) -> subprocess.CompletedProcess:
-    """``accelerate launch`` on the CPU. Several CPU processes need the torchrun launcher (``--multi_gpu``)
-    with ``ACCELERATE_USE_CPU=1``: with ``--cpu``, Accelerate 1.x starts a single process unless mpirun is set up."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
-    if num_processes > 1:
-        command += ["--multi_gpu", "--main_process_port", str(free_port())]
-    else:
-        command += ["--cpu"]
+def launch_two_cpu_processes(script: Path, *args: str) -> None:
+    """``accelerate launch`` of 2 CPU processes: the torchrun launcher (``--multi_gpu``) with ``ACCELERATE_USE_CPU=1``.
+    (``--cpu --num_processes 2`` starts a single process in Accelerate 1.x unless mpirun is set up.)"""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()), str(script), *args]  # fmt: skip
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    result = subprocess.run(
-        [*command, str(script), *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=300
-    )
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
 
 
 @pytest.mark.distributed
 def test_two_processes_train_resume_and_agree(tmp_path):
     script = tmp_path / "driver.py"
     script.write_text(textwrap.dedent(DRIVER))
-    accelerate_launch(2, script, str(tmp_path / "straight"))
-    accelerate_launch(2, script, str(tmp_path / "resumed"), str(tmp_path / "straight" / "checkpoints" / "step_4"))
+    launch_two_cpu_processes(script, str(tmp_path))
 
     runs = {}
     for name in ("straight", "resumed"):
