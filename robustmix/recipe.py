@@ -288,8 +288,8 @@ def run_recipe(args: argparse.Namespace, build_callbacks: BuildCallbacks) -> dic
         The content of ``metrics.json``: test clean and PGD accuracy of the final weights (and of the best
         ones) with the attack settings, and the best checkpoint's validation metrics.
     """
-    # AcceleratorState reads ACCELERATE_USE_CPU (set by `accelerate launch --cpu`, needed for several CPU
-    # processes); a bare PartialState would not, and would leave every process alone.
+    # Accelerate's AcceleratorState honours ACCELERATE_USE_CPU (needed for several CPU processes) but a bare
+    # PartialState does not: created first, it would leave every process alone.
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     output = Path(args.output_dir)
     if args.overwrite and state.is_main_process:

@@ -170,7 +170,7 @@ class Trainer:
         eval_steps: Steps of the evaluation PGD (20: PGD-20).
         checkpoint_every: Save a checkpoint every this many epochs (``None``: never by epoch).
         checkpoint_every_steps: Save a checkpoint every this many steps (``None``: never by step).
-        keep_checkpoints: Keep only this many most recent checkpoints; ``None`` keeps all.
+        keep_checkpoints: Keep only this many most recent checkpoints (by step); ``None`` keeps all.
         output_dir: Run folder (see ``robustmix.runs``); ``None`` writes nothing, not even checkpoints.
         seed: Seed (>= 0) of the data order, augmentation, evaluation starts and, at a fresh start, of the
             global RNGs (offset by the process index) that attacks and dropout draw from.
@@ -200,7 +200,7 @@ class Trainer:
         eval_steps: int = 20,
         checkpoint_every: int | None = 1,
         checkpoint_every_steps: int | None = None,
-        keep_checkpoints: int | None = None,
+        keep_checkpoints: int | None = 2,
         output_dir: str | Path | None = None,
         seed: int = 0,
         augment: bool = False,
