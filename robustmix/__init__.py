@@ -31,8 +31,10 @@ from robustmix.margins import (
     probability_margin,
 )
 from robustmix.meta import MetaBatches, functional_forward, virtual_sgd_step
+from robustmix.runs import load_model
 from robustmix.sglr import SGLRLabels
 from robustmix.step import AdversarialStep
+from robustmix.trainer import Trainer
 from robustmix.weights import AdaLabWeights, GAIRATWeights, MAILWeights, MarginWeights, normalize_weights
 
 __all__ = [
@@ -69,6 +71,7 @@ __all__ = [
     "Stage",
     "StepContext",
     "TRADESLoss",
+    "Trainer",
     "__version__",
     "adalab_lambda",
     "adalab_targets",
@@ -79,6 +82,7 @@ __all__ = [
     "fgsm_rs",
     "functional_forward",
     "gairat_lambda",
+    "load_model",
     "logit_margin",
     "mart_loss",
     "multiclass_margin",

@@ -9,6 +9,9 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import importlib.util
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import datasets
@@ -60,3 +63,29 @@ def tiny(tmp_path_factory) -> str:
 def quick_flags(tiny: str, output_dir: Path, *extra: str) -> list[str]:
     # 90 training examples after the 10% validation hold-out: 6 steps of 16 (the last one 10) per epoch.
     return ["--dataset", tiny, "--batch-size", "16", "--epochs", "2", "--output-dir", str(output_dir), *extra]
+
+
+def launch_two_processes(script: str | Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``script args`` as 2 gloo CPU processes under ``accelerate launch`` and check it succeeded.
+
+    Accelerate 1.x runs ``--cpu --num_processes 2`` as ONE process; gloo ranks need the torchrun
+    launcher (``--multi_gpu``) with ``ACCELERATE_USE_CPU`` set. The repository root goes on the path
+    so worker scripts can import ``tests.conftest``.
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "ACCELERATE_USE_CPU": "1",
+        "PYTHONPATH": str(REPO),
+    }
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--main_process_port", str(port), str(script), *args,
+    ]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result

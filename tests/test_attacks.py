@@ -191,8 +191,8 @@ def test_descent_lowers_the_loss():
 def test_attacks_work_inside_no_grad_evaluation(context):
     model, x, y = _trained_model()
     with context():
-        x_in = x.clone()
-        x_adv = pgd(model, x_in, y, eps=0.1, step_size=0.025, steps=3)
+        x_in, y_in = x.clone(), y.clone()  # under inference_mode both are inference tensors
+        x_adv = pgd(model, x_in, y_in, eps=0.1, step_size=0.025, steps=3)
     assert _linf(x_adv, x).max() > 0.05
 
 

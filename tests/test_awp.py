@@ -6,10 +6,6 @@ Run as a script, this file is the worker of the two-process test.
 import argparse
 import copy
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +17,7 @@ from robustmix import AdversarialCE, AdversarialStep, Callback, PGDAttack, Stage
 from robustmix.awp import AWP, awp_perturbation
 from robustmix.losses import TRADESLoss, trades_loss
 from robustmix.runs import load_metrics_log
-from tests.conftest import load_recipe, quick_flags
+from tests.conftest import launch_two_processes, load_recipe, quick_flags
 
 
 class TinyBN(nn.Module):
@@ -309,23 +305,9 @@ def test_recipe_defaults_follow_the_base_method_and_bad_warm_up_exits_before_wor
 # ---------------------------------------------------------------------- two processes
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.distributed
 def test_every_rank_adds_the_same_perturbation(tmp_path):
-    # The worker is this file run as a script: the repository root must be importable for `tests.conftest`.
-    root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1", "PYTHONPATH": root}
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--main_process_port", str(_free_port()), __file__, "--out", str(tmp_path),
-    ]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    launch_two_processes(__file__, "--out", str(tmp_path))
     seen, final = zip(*(torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)), strict=True)
     # The weights the training forward saw (perturbed from rank-local x_adv) and the weights after the
     # steps (weight decay acts on the perturbed weights) agree bit for bit.

@@ -2,10 +2,6 @@
 
 import hashlib
 import importlib.util
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +12,7 @@ from robustmix import AdversarialCE, AdversarialStep, PGDAttack
 from robustmix.data import load_dataset
 from robustmix.integrations import AdversarialLossMixin
 from robustmix.models import create_model
+from tests.conftest import launch_two_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "docs" / "examples"
@@ -62,12 +59,6 @@ def test_accelerate_loop_in_process():
     assert model.training
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _digest(path: Path) -> str:
     weights = torch.load(path)
     h = hashlib.sha256()
@@ -79,16 +70,9 @@ def _digest(path: Path) -> str:
 
 @pytest.mark.distributed
 def test_accelerate_loop_two_processes_end_with_identical_weights(tmp_path):
-    # accelerate 1.x runs `--cpu --num_processes 2` as ONE process; gloo ranks need the torchrun launcher
-    # (`--multi_gpu`) with ACCELERATE_USE_CPU set.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"}
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--main_process_port", str(_free_port()), str(EXAMPLES / "accelerate_loop.py"),
-        "--steps", "3", "--model", "test_resnet", "--save", str(tmp_path / "weights"),
-    ]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    launch_two_processes(
+        EXAMPLES / "accelerate_loop.py", "--steps", "3", "--model", "test_resnet", "--save", str(tmp_path / "weights")
+    )
     digests = {_digest(tmp_path / f"weights.rank{rank}.pt") for rank in range(2)}
     assert len(digests) == 1
 

@@ -1,9 +1,5 @@
 """SGLR: the table update formula, distributions, the start epoch's cost, checkpoints and DDP consistency."""
 
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -17,6 +13,7 @@ from robustmix import AdversarialCE, AdversarialStep, CompositionError, PGDAttac
 from robustmix.checkpoint import join_state, split_state
 from robustmix.labels import one_hot
 from robustmix.sglr import SGLRLabels, sglr_targets, sglr_update
+from tests.conftest import launch_two_processes
 
 unit = st.floats(0, 1)
 
@@ -185,24 +182,11 @@ DDP_SCRIPT = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.distributed
 def test_every_process_holds_the_same_table_and_weight_net(tmp_path):
     script = tmp_path / "sglr_ddp.py"
     script.write_text(DDP_SCRIPT)
-    # accelerate 1.x runs `--cpu --num_processes 2` as ONE process; gloo ranks need `--multi_gpu` + ACCELERATE_USE_CPU.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"}
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--main_process_port", str(_free_port()), str(script), str(tmp_path / "state"),
-    ]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    launch_two_processes(script, str(tmp_path / "state"))
     states = [torch.load(tmp_path / f"state.rank{rank}.pt") for rank in range(2)]
     assert states[0].keys() == states[1].keys()
     for key in states[0]:  # the SGLR table, and the BiLAW net after two lookaheads on different meta batches

@@ -7,10 +7,6 @@ import argparse
 import contextlib
 import inspect
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,7 +23,7 @@ from robustmix.margins import ProbabilityMargin, probability_margin
 from robustmix.runs import load_metrics_log
 from robustmix.sglr import SGLRLabels
 from robustmix.weights import MAILWeights, mail_weights
-from tests.conftest import load_recipe, quick_flags
+from tests.conftest import launch_two_processes, load_recipe, quick_flags
 
 CLEAN = torch.tensor([[2.0, -1.0, 0.5], [0.1, 0.2, 3.0], [-2.0, 4.0, 1.0], [0.0, 0.0, 0.0]])
 ADV = torch.tensor([[1.0, 0.5, 0.2], [2.5, -1.0, 1.0], [0.3, 0.1, -0.4], [3.0, -3.0, 0.0]])
@@ -298,23 +294,9 @@ def _ddp_preserves_buffer_versions() -> bool:
     return "_unsafe_preserve_version_counter" in inspect.getsource(DistributedDataParallel._sync_buffers)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.distributed
 def test_trades_under_ddp_with_batchnorm(tmp_path):
-    # The worker is this file run as a script: the repository root must be importable for `tests.conftest`.
-    root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1", "PYTHONPATH": root}
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--main_process_port", str(_free_port()), __file__, "--out", str(tmp_path),
-    ]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    launch_two_processes(__file__, "--out", str(tmp_path))
 
     def outcome(config: str, rank: int):
         return torch.load(tmp_path / f"{config}.rank{rank}.pt")

@@ -47,7 +47,8 @@ def _per_sample(value: float | Tensor, x: Tensor, name: str) -> Tensor | float:
         else:
             if value.shape != (x.shape[0],):
                 raise ValueError(f"per-sample {name} must have shape [B] = [{x.shape[0]}], got {list(value.shape)}")
-            if not bool(torch.isfinite(value).all()) or bool((value < 0).any()):
+            # One host read for both conditions: on CUDA every read is a synchronization.
+            if not bool((torch.isfinite(value) & (value >= 0)).all()):
                 raise ValueError(f"{name} must be finite and >= 0 for every sample")
             return value.to(device=x.device, dtype=x.dtype).view(-1, *([1] * (x.dim() - 1)))
     value = float(value)
@@ -168,6 +169,7 @@ def perturb(
     # inference_mode(False) + clone: inputs made under inference_mode cannot enter autograd.
     with torch.inference_mode(False), torch.enable_grad(), model_mode(model, bn_mode):
         x = x.detach().clone() if x.is_inference() else x.detach()
+        y = y.clone() if y.is_inference() else y
         if reference is not None and reference.is_inference():
             reference = reference.clone()
         if x_init is None:
