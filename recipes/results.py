@@ -76,8 +76,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict[
 
 
 def training_command(config: dict[str, Any]) -> str:
-    """The command that trained a run, rebuilt from its config.json: flags equal to the preset's or to the
-    default are left out, the recipe's own flags are always given."""
+    """The command that trained a run, rebuilt from its config.json.
+
+    Flags equal to the preset's value or to the default are left out; the recipe's own flags are always given.
+    """
     flags = config["flags"]
     preset = PRESETS[flags["preset"]]
     defaults = base_parser(flags["recipe"])

@@ -406,7 +406,8 @@ def worst_case(
                 results["standalone"][spec.name] = attack_robust.float().mean().item()
                 per_example["standalone"][spec.name] = attack_robust.cpu()
             results["cumulative"][spec.name] = robust.float().mean().item()
-            per_example["cumulative"][spec.name] = robust.cpu()
+            # A copy: ``robust`` changes in place with the next attack (and .cpu() of a CPU tensor is the tensor).
+            per_example["cumulative"][spec.name] = robust.to("cpu", copy=True)
             results["attacked"][spec.name] = todo.numel()
             if trace is not None and todo.numel() > 0:
                 results["loss_trace"][spec.name] = (trace / todo.numel()).tolist()

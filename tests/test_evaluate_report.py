@@ -34,7 +34,7 @@ from robustmix.recipe import base_parser, parse_args
 from robustmix.runs import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
-EPS = 0.05
+EPS = 0.02
 CHEAP = [
     with_budget("pgd20", steps=5),
     with_budget("pgd100", steps=8),
@@ -141,6 +141,7 @@ def test_report_records_every_setting_and_number(report, run_dir):
     assert all(count == round(12 * results["clean"]) for count in results["attacked"].values())
     cumulative = list(results["cumulative"].values())
     assert cumulative == sorted(cumulative, reverse=True) and results["worst_case"] == cumulative[-1]
+    assert results["cumulative"]["pgd20"] == results["standalone"]["pgd20"] > results["worst_case"]
     assert results["worst_case"] <= min(results["standalone"].values()) <= results["clean"]
     assert set(results["loss_trace"]) == {"pgd20", "pgd100", "cw"} and len(results["loss_trace"]["pgd100"]) == 8
     sweep = report["eps_sweep"]
