@@ -8,13 +8,9 @@ trained for a few seconds on the embedded digits, with clean steps on noisy imag
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import runpy
 import shutil
-import socket
-import subprocess
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -32,8 +28,8 @@ from robustmix.evaluate import evaluate_run, sanity_flags, with_budget
 from robustmix.models import create_model, model_config
 from robustmix.recipe import base_parser, parse_args
 from robustmix.runs import load_model
+from tests.conftest import launch_two_processes, load_recipe
 
-ROOT = Path(__file__).resolve().parents[1]
 EPS = 0.02
 CHEAP = [
     with_budget("pgd20", steps=5),
@@ -46,13 +42,6 @@ CHEAP = [
 SWEEP = [with_budget("pgd20", steps=3), with_budget("square", queries=20)]
 SMALL = {"attacks": CHEAP, "n_examples": 12, "batch_size": 6, "sweep_attacks": SWEEP, "sweep_eps": [0.0, EPS, 0.8]}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"recipes_{name}", ROOT / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _make_run(folder: Path, seed: int = 0, steps: int = 60) -> Path:
@@ -86,15 +75,6 @@ def _make_run(folder: Path, seed: int = 0, steps: int = 60) -> Path:
     }
     atomic_write_json(folder / "config.json", config)
     return folder
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny tensors on a shared 2-core machine: intra-op threads only add synchronization.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +191,7 @@ def test_cli_rejects_bad_input_before_work(flags, message, run_dir, tmp_path, ca
     argv = ["--run-dir", str(run_dir), "--output", str(tmp_path / "eval.json")]
     argv += [flag.format(missing=tmp_path / "missing") for flag in flags]
     with pytest.raises(SystemExit) as exit_info:
-        _script("evaluate").main(argv)
+        load_recipe("evaluate").main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "eval.json").exists()
@@ -236,12 +216,6 @@ def test_evaluate_run_rejects_bad_input_before_any_attack(kwargs, message, run_d
         evaluate_run(tmp_path / "missing")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 #: 13 examples in chunks of 3: the first process takes 3 chunks, the second 2; the last chunk holds 1 example.
 TWO_PROCESS_SCRIPT = """
 import sys
@@ -259,13 +233,7 @@ evaluate_run(
 def test_two_processes_give_the_numbers_of_one(run_dir, tmp_path, monkeypatch):
     script = tmp_path / "evaluate_13.py"
     script.write_text(TWO_PROCESS_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"}
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--main_process_port", str(_free_port()), str(script), str(run_dir), str(tmp_path / "two.json"),
-    ]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    launch_two_processes(script, str(run_dir), str(tmp_path / "two.json"))
     monkeypatch.setattr(sys, "argv", [str(script), str(run_dir), str(tmp_path / "one.json")])
     runpy.run_path(str(script), run_name="__main__")
 
@@ -316,7 +284,7 @@ def test_results_page_groups_runs_and_reuses_current_reports(run_dir, tmp_path, 
     output = tmp_path / "docs" / "results.md"
     argv = [str(first), str(second), "--output", str(output), "--attacks", "pgd20", "cw", "--n-examples", "6"]
     argv += ["--batch-size", "6", "--sweep-eps", "--no-progress"]  # no values: no sweep
-    results = _script("results")
+    results = load_recipe("results")
     attacked = []
     worst_case = evaluate.worst_case
     monkeypatch.setattr(
@@ -347,20 +315,20 @@ def test_results_refuses_runs_that_cannot_share_a_row(run_dir, tmp_path, capsys,
     monkeypatch.setattr(evaluate, "load_model", _must_not_run)
     other = _copy_run(run_dir, tmp_path / "other", seed=0)
     with pytest.raises(SystemExit):
-        _script("results").main([str(run_dir), str(other), "--output", str(tmp_path / "r.md")])
+        load_recipe("results").main([str(run_dir), str(other), "--output", str(tmp_path / "r.md")])
     assert "are both pgd_at on digits with seed 0" in capsys.readouterr().err
     config = json.loads((_copy_run(run_dir, tmp_path / "seed1", seed=1) / "config.json").read_text())
     config["flags"]["lr"] = 0.5
     atomic_write_json(tmp_path / "seed1" / "config.json", config)
     with pytest.raises(SystemExit):
-        _script("results").main([str(run_dir), str(tmp_path / "seed1"), "--output", str(tmp_path / "r.md")])
+        load_recipe("results").main([str(run_dir), str(tmp_path / "seed1"), "--output", str(tmp_path / "r.md")])
     assert "differ in ['lr'], not only the seed" in capsys.readouterr().err
 
 
 @pytest.mark.slow
 def test_a_real_recipe_run_evaluates_with_the_full_suite(tmp_path):
     folder = tmp_path / "run"
-    _script("pgd_at").main(["--max-steps", "2", "--epochs", "1", "--output-dir", str(folder)])
-    report = _script("evaluate").main(["--run-dir", str(folder), "--n-examples", "32", "--no-progress"])
+    load_recipe("pgd_at").main(["--max-steps", "2", "--epochs", "1", "--output-dir", str(folder)])
+    report = load_recipe("evaluate").main(["--run-dir", str(folder), "--n-examples", "32", "--no-progress"])
     assert report["settings"]["attacks"][4]["settings"]["n_target_classes"] == 9
     assert report["results"]["n"] == 32 and (folder / "eval.md").is_file()
