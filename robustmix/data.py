@@ -178,6 +178,22 @@ class ImageDataset(Dataset):
         """
         return _to_float(self.images), self.labels
 
+    def hold_out(self, size: int, split: str, *, seed: int = 0) -> tuple[ImageDataset, ImageDataset]:
+        """Split off a fixed, seeded, stratified subset of `size` examples (e.g. a clean meta set for meta-learning).
+
+        Returns:
+            The remaining examples and the held-out ones (named `split`); both keep their `index` values.
+        """
+        keep, held = _hold_out(self.labels.cpu().numpy(), size, seed)
+
+        def subset(positions: np.ndarray, name: str) -> ImageDataset:
+            rows = torch.as_tensor(positions, dtype=torch.long, device=self.labels.device)
+            return dataclasses.replace(
+                self, images=self.images[rows], labels=self.labels[rows], index=self.index[rows], split=name
+            )
+
+        return subset(keep, self.split), subset(held, split)
+
     def to(self, device: torch.device | str) -> ImageDataset:
         """The same examples with tensors on `device`; a GPU-resident dataset skips per-batch host-to-device copies."""
         return dataclasses.replace(

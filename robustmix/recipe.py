@@ -117,6 +117,8 @@ class RecipeInfo:
         steps_per_epoch: Optimizer steps per epoch (global batch ``batch_size * num_processes``).
         total_steps: Optimizer steps of the whole run (``max_steps`` included).
         num_processes: Data-parallel processes.
+        meta_data: Clean examples held out from the training split for meta-learning (CAAT, BiLAW), or
+            ``None`` when the recipe asked for none; never the validation or test split.
     """
 
     num_classes: int
@@ -126,6 +128,7 @@ class RecipeInfo:
     steps_per_epoch: int
     total_steps: int
     num_processes: int
+    meta_data: ImageDataset | None = None
 
 
 BuildCallbacks = Callable[[argparse.Namespace, RecipeInfo], Sequence[Callback]]
@@ -277,12 +280,14 @@ def parse_args(
 # ---------------------------------------------------------------------- the shared fit path
 
 
-def run_recipe(args: argparse.Namespace, build_callbacks: BuildCallbacks) -> dict[str, Any]:
+def run_recipe(args: argparse.Namespace, build_callbacks: BuildCallbacks, *, meta_size: int = 0) -> dict[str, Any]:
     """Train a recipe from its parsed flags and write the run folder; call it on every process.
 
     Args:
         args: From :func:`parse_args`.
         build_callbacks: The method: ``(args, info) -> callbacks`` of its :class:`AdversarialStep`.
+        meta_size: Examples to hold out of the training split (stratified, seeded with ``SPLIT_SEED``) as
+            ``info.meta_data`` for meta-learning; they are then not trained on.
 
     Returns:
         The content of ``metrics.json``: test clean and PGD accuracy of the final weights (and of the best
@@ -303,6 +308,9 @@ def run_recipe(args: argparse.Namespace, build_callbacks: BuildCallbacks) -> dic
     set_seed(args.seed)  # the same initial weights on every process
     with state.main_process_first():  # one process downloads and caches, the others read the cache
         train, val = (_load(args, split) for split in ("train", "validation"))
+    meta = None
+    if meta_size:
+        train, meta = train.hold_out(meta_size, "meta", seed=SPLIT_SEED)
     spec = DATASETS.get(args.dataset)
     mean, std = (spec.mean, spec.std) if spec is not None else channel_stats(train)
     in_chans = train.image_shape[0]
@@ -312,7 +320,9 @@ def run_recipe(args: argparse.Namespace, build_callbacks: BuildCallbacks) -> dic
 
     steps_per_epoch = batches_per_epoch(len(train), args.batch_size, state.num_processes)
     total_steps = min(args.max_steps or math.inf, args.epochs * steps_per_epoch)
-    info = RecipeInfo(train.num_classes, train, val, args.epochs, steps_per_epoch, total_steps, state.num_processes)
+    info = RecipeInfo(
+        train.num_classes, train, val, args.epochs, steps_per_epoch, total_steps, state.num_processes, meta
+    )
     step = AdversarialStep(
         build_callbacks(args, info), num_classes=train.num_classes, mixed_precision=args.mixed_precision
     )

@@ -397,3 +397,14 @@ def test_image_dataset_rejects_unnormalized_float_pixels():
             name="toy",
             split="train",
         )
+
+
+def test_hold_out_is_stratified_disjoint_and_keeps_indices():
+    train = load_dataset("digits", "train")
+    rest, meta = train.hold_out(100, "meta", seed=0)
+    assert len(rest) + len(meta) == len(train) and len(meta) == 100 and meta.split == "meta"
+    assert not set(rest.index.tolist()) & set(meta.index.tolist())
+    assert sorted(rest.index.tolist() + meta.index.tolist()) == sorted(train.index.tolist())
+    assert set(meta.labels.tolist()) == set(range(10))  # stratified: every class is present
+    again = train.hold_out(100, "meta", seed=0)[1]
+    assert torch.equal(again.index, meta.index)
