@@ -1,6 +1,6 @@
 """Anti-adversary generators: projected *descent* on ``CE(f(.), y)``, written to ``x_anti``.
 
-Two starting points, one loop (:func:`robustmix.attacks.pgd.perturb` with ``descend=True``):
+Two starting points, one loop (``robustmix.attacks.pgd.perturb`` with ``descend=True``):
 
 - the adversary's adversary (ADA-Lab) starts at ``x_adv`` and walks back towards the true class,
   staying inside the attack's ball ``B(x, eps)``;

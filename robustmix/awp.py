@@ -102,7 +102,7 @@ def _check_awp(gamma: float, proxy_lr: float) -> None:
 class AWP(Callback):
     """Adds AWP's weight perturbation before the training forward and removes it after the optimizer step.
 
-    Runs at :attr:`Stage.PERTURB`: after the attack (which sees the unperturbed weights, as in the
+    Runs at ``Stage.PERTURB``: after the attack (which sees the unperturbed weights, as in the
     released code) and before every training forward. ``on_after_optimizer_step`` takes the perturbation
     off again, exactly once per step, also when the fp16 GradScaler skipped the optimizer step: a user's
     own loop must fire it (``step.fire("on_after_optimizer_step", None, optimizer)``) after every
@@ -116,7 +116,7 @@ class AWP(Callback):
 
     Args:
         gamma: Relative size of the perturbation per layer (>= 0): 0.01 for AT, 0.005 for TRADES.
-        proxy_lr: Learning rate of the ascent step, 0.01 by default (see :func:`awp_perturbation`).
+        proxy_lr: Learning rate of the ascent step, 0.01 by default (see ``awp_perturbation``).
         warmup_epochs: Epochs without perturbation at the start, 0 by default (TRADES-AWP uses 10).
         loss: The loss the perturbation ascends: ``"ce"`` (PGD-AT, the default) or ``"trades"``.
         beta: TRADES' KL weight for ``loss="trades"``, 6 by default.

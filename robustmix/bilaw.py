@@ -44,7 +44,7 @@ class BiLAWWeightNet(nn.Module):
     """``g_phi``: ``Linear(2C, hidden) -> ReLU -> Linear(hidden, 1) -> softplus | sigmoid``, per sample.
 
     Args:
-        num_classes: ``C``; the input has ``2C`` features (:func:`bilaw_features`).
+        num_classes: ``C``; the input has ``2C`` features (``bilaw_features``).
         hidden: Width of the hidden layer, 100 by default.
         output: ``"softplus"`` (the default) or ``"sigmoid"``.
     """
@@ -70,8 +70,8 @@ def bilaw_weights(net: nn.Module, features: Tensor) -> Tensor:
 class BiLAWWeights(LookaheadReweighter):
     """Multiplies ``weights`` by BiLAW's learned weights of the multi-class margin; runs the lookahead.
 
-    Every step: :func:`bilaw_weights` of :func:`bilaw_features` (from ``margin_vector``, e.g.
-    :class:`~robustmix.margins.MultiClassMargin` of the adversarial training logits: no extra pass),
+    Every step: ``bilaw_weights`` of ``bilaw_features`` (from ``margin_vector``, e.g.
+    ``MultiClassMargin`` of the adversarial training logits: no extra pass),
     detached. When ``ctx.step % meta_every == 0``, first the lookahead, on the unwrapped model:
 
     1. inner loss ``mean_i w_i(phi) * CE(f(x_adv_i), y_i)`` from one training-mode forward of the
@@ -83,7 +83,7 @@ class BiLAWWeights(LookaheadReweighter):
 
     Args:
         num_classes: ``C``.
-        meta_batches: Held-out ``(x, y)`` batches (e.g. :class:`~robustmix.meta.MetaBatches`).
+        meta_batches: Held-out ``(x, y)`` batches (e.g. ``MetaBatches``).
         eps: Budget of the meta batch's attack in pixels (use the training attack's).
         step_size: Its step in pixels.
         attack_steps: Its number of steps.

@@ -8,7 +8,7 @@ TRADES term on the adversary and a CE term on the anti-adversary::
 with ``x_adv`` from TRADES-KL ascent and ``x_anti`` from CE descent, both inside the per-sample ball
 ``B(x, eps * c_{y_i})``. ``(alpha, beta) = softmax(MLP(BN(z)) / 0.001)`` of six detached features
 ``z`` of the clean logits; the MLP is trained every ``meta_every`` steps by a one-step lookahead
-(:mod:`robustmix.meta`) on the clean CE of a held-out meta batch.
+(``robustmix.meta``) on the clean CE of a held-out meta batch.
 
 Compose a CAAT step as::
 
@@ -40,7 +40,7 @@ from robustmix.meta import LookaheadReweighter, functional_forward, virtual_sgd_
 from robustmix.models import unwrap_model
 from robustmix.modes import model_mode
 
-#: Number of CAAT's per-sample features (see :func:`caat_features`).
+#: Number of CAAT's per-sample features (see ``caat_features``).
 NUM_FEATURES = 6
 #: Bounds of ReMargin's class-wise eps multipliers.
 REMARGIN_BOUNDS = (0.98, 2.5)
@@ -227,10 +227,10 @@ def class_boundary_errors(
 
 
 class ReMarginBudget(ClassWiseBudget):
-    """A :class:`ClassWiseBudget` whose multipliers follow CAAT's ReMargin rule, updated after every epoch.
+    """A ``ClassWiseBudget`` whose multipliers follow CAAT's ReMargin rule, updated after every epoch.
 
-    At ``on_epoch_end`` (or :meth:`update` in your own loop) it measures :func:`class_boundary_errors`
-    on held-out data at the base ``eps``, steps ``lam2`` with :func:`remargin_update`, and sets
+    At ``on_epoch_end`` (or ``update`` in your own loop) it measures ``class_boundary_errors``
+    on held-out data at the base ``eps``, steps ``lam2`` with ``remargin_update``, and sets
     ``multipliers = remargin_multipliers(lam2)``. Multipliers start at 1 (``lam2 = 0``). Costs one
     clean forward plus ``steps + 1`` forwards and ``steps`` backwards per held-out example per epoch.
 
@@ -287,10 +287,10 @@ class ReMarginBudget(ClassWiseBudget):
 
 
 class CAATLoss(LookaheadReweighter):
-    """Writes CAAT's ``loss`` (:func:`caat_loss`) with meta-learned combination weights; runs the lookahead.
+    """Writes CAAT's ``loss`` (``caat_loss``) with meta-learned combination weights; runs the lookahead.
 
-    Every step: six detached features of the clean training logits (:func:`caat_features`, no
-    extra pass) go through :class:`CAATMetaNet` (train mode, no gradient) to ``(alpha, beta)``,
+    Every step: six detached features of the clean training logits (``caat_features``, no
+    extra pass) go through ``CAATMetaNet`` (train mode, no gradient) to ``(alpha, beta)``,
     and the loss of the three training forwards (clean, adversarial, anti-adversarial) is written.
     The clean CE is also summed per class; at ``on_epoch_end`` the class averages become the
     second feature of the next epoch (averaged over processes; ``log C``, a uniform predictor's
@@ -304,12 +304,12 @@ class CAATLoss(LookaheadReweighter):
 
     Args:
         num_classes: ``C``.
-        meta_batches: Clean held-out ``(x, y)`` batches (e.g. :class:`~robustmix.meta.MetaBatches`).
+        meta_batches: Clean held-out ``(x, y)`` batches (e.g. ``MetaBatches``).
         beta_tr: TRADES' ``beta`` in the adversarial term, 1.5 by default.
         meta_every: Lookahead period in steps, 50 by default.
         meta_lr: Adam learning rate of the net, 1e-4 by default.
         class_proportions: Each class's share of the training set ``[C]``; uniform by default.
-        net: The weight net; a fresh :class:`CAATMetaNet` by default.
+        net: The weight net; a fresh ``CAATMetaNet`` by default.
         optimizer: The model's SGD optimizer; by default the trainer's.
     """
 

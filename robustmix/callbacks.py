@@ -1,7 +1,7 @@
 """The callback base class and the composition check.
 
-A callback does one job in a step (its :attr:`Callback.stage`): it reads some context fields and
-writes others, and says which in :attr:`Callback.reads` / :attr:`Callback.writes`. It may also
+A callback does one job in a step (its ``Callback.stage``): it reads some context fields and
+writes others, and says which in ``Callback.reads`` / ``Callback.writes``. It may also
 react to trainer events (``on_epoch_start``...) and carry state across steps
 (``state_dict`` / ``load_state_dict``, saved with checkpoints as safetensors).
 """
@@ -42,7 +42,7 @@ class CompositionError(ValueError):
 class Callback:
     """Base class: every hook is a no-op, there is no state.
 
-    Subclasses set :attr:`stage` when they do per-step work in :meth:`__call__`, and declare
+    Subclasses set ``stage`` when they do per-step work in ``__call__``, and declare
     the fields they read and write. ``optional_reads`` are used when present (e.g. a loss uses
     ``weights`` if a reweighter wrote them) and fix the order check without being required.
     """
@@ -81,14 +81,14 @@ class Callback:
         """After a validation pass, with its metrics (clean and PGD accuracy)."""
 
     def on_save_checkpoint(self, trainer: Any, directory: str) -> None:
-        """Before :meth:`state_dict` is saved into the checkpoint ``directory``: sync state across ranks here."""
+        """Before ``state_dict`` is saved into the checkpoint ``directory``: sync state across ranks here."""
 
     def state_dict(self) -> dict[str, Any]:
         """Tensors and plain values to save with a checkpoint (tensors go to safetensors)."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
+        """Restore what ``state_dict`` returned."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

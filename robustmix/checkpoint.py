@@ -66,7 +66,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def atomic_write_json(path: str | Path, value: Any) -> None:
-    """:func:`atomic_write_text` of ``value`` as indented JSON."""
+    """``atomic_write_text`` of ``value`` as indented JSON."""
     atomic_write_text(path, json.dumps(value, indent=2) + "\n")
 
 
@@ -118,7 +118,7 @@ def split_state(state: dict[str, Any], prefix: str = "") -> tuple[dict[str, Tens
 
 
 def join_state(tensors: dict[str, Tensor], values: dict[str, Any]) -> dict[str, Any]:
-    """Inverse of :func:`split_state`: put the tensors back into the nested dict of values."""
+    """Inverse of ``split_state``: put the tensors back into the nested dict of values."""
     state = json.loads(json.dumps(values))
     for name, tensor in tensors.items():
         *parents, leaf = name.split("/")

@@ -1,7 +1,7 @@
 """The per-batch state that flows through an adversarial training step.
 
-One :class:`StepContext` is built for every batch. Callbacks read and write its fields in stage
-order (:class:`Stage`); every field has exactly one writer, except ``weights``, which several
+One ``StepContext`` is built for every batch. Callbacks read and write its fields in stage
+order (``Stage``); every field has exactly one writer, except ``weights``, which several
 reweighters may multiply into. Model outputs are not stored by callbacks: they ask the context
 for the logits of a named input (``"clean"``, ``"adv"``, ``"anti"``) and the context runs each
 forward once per step and remembers it.
@@ -66,7 +66,7 @@ class PassCounter:
 
     ``forwards`` / ``backwards`` count examples pushed through the model, so one forward of a
     batch of ``B`` adds ``B``. Divide by the batch size for passes per step
-    (:meth:`StepContext.passes`). A backward is counted when a gradient flows back through a
+    (``StepContext.passes``). A backward is counted when a gradient flows back through a
     model output (``loss.backward()`` or ``torch.autograd.grad`` in an attack).
     """
 
@@ -193,7 +193,7 @@ class StepContext:
         return self.eval_logits[name]
 
     def multiply_weights(self, weights: Tensor) -> None:
-        """Multiply per-sample ``weights [B]`` into :attr:`weights` (several reweighters compose)."""
+        """Multiply per-sample ``weights [B]`` into ``weights`` (several reweighters compose)."""
         weights = weights.detach()
         self.weights = weights if self.weights is None else self.weights * weights
 

@@ -1,15 +1,15 @@
 """Robust evaluation: named attacks, their per-example worst case, sanity checks, and the evaluation of a run.
 
-Each evaluation attack is data (:class:`AttackSpec` in :data:`ATTACKS`): a function and its settings.
-:func:`worst_case` runs a list of them the way AutoAttack does (an example is attacked only while
+Each evaluation attack is data (``AttackSpec`` in ``ATTACKS``): a function and its settings.
+``worst_case`` runs a list of them the way AutoAttack does (an example is attacked only while
 it is still classified correctly) and decides every example with the fp32 model at the point the
-attack found. :func:`sanity_flags` reads the numbers and says when they cannot be trusted: a
+attack found. ``sanity_flags`` reads the numbers and says when they cannot be trusted: a
 stronger attack doing worse than a weaker one, a black-box attack beating the white-box ones, no
 collapse at a large eps, or a PGD loss that does not rise. A worst case over APGD-CE, APGD-T and
 Square is *not* AutoAttack (whose standard set also runs FAB-T): results name the attacks they ran.
 
-:func:`evaluate_run` applies all of it to a training run folder, on one process or many, and writes a
-report (``eval.json`` with every setting, ``eval.md``, plots; see :mod:`robustmix.report`).
+``evaluate_run`` applies all of it to a training run folder, on one process or many, and writes a
+report (``eval.json`` with every setting, ``eval.md``, plots; see ``robustmix.report``).
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ class AttackSpec:
             flags gradient masking.
         min_classes: Fewest classes the attack is defined for (APGD-T's targeted DLR needs 4).
         traces_loss: ``fn`` accepts ``loss_trace``, a ``[steps]`` tensor it adds the summed loss
-            of each iteration to (PGD-type attacks, see :func:`pgd_eval`).
+            of each iteration to (PGD-type attacks, see ``pgd_eval``).
     """
 
     name: str
@@ -89,10 +89,10 @@ class AttackSpec:
         return self.fn(model, x, y, eps=eps, seed=seed, **self.kwargs, **extra)
 
 
-#: The attacks :func:`evaluate_run` runs by default, in this order.
+#: The attacks ``evaluate_run`` runs by default, in this order.
 DEFAULT_ATTACKS = ("pgd20", "pgd100", "cw", "apgd-ce", "apgd-t", "square")
 #: The default eps sweep in multiples of the evaluation eps (capped at 1). At 4x and 8x a working attack
-#: breaks (nearly) every image, which :func:`sanity_flags` checks.
+#: breaks (nearly) every image, which ``sanity_flags`` checks.
 SWEEP_MULTIPLES = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
 #: Default file name of the report in a run folder; the Markdown table and the plots are written next to it.
 EVAL_FILE = "eval.json"
@@ -125,7 +125,7 @@ def evaluate_run(
     """Evaluate a training run's model on exactly its data split and write the report; call it on every process.
 
     Loads the ``weights`` of ``run_dir`` and the ``split`` its config.json describes (dataset, local path,
-    validation hold-out seed), keeps the first ``n_examples``, and runs :func:`worst_case` with
+    validation hold-out seed), keeps the first ``n_examples``, and runs ``worst_case`` with
     ``standalone=True`` (every attack on every clean-correct example, so each attack's own accuracy is known)
     and PGD loss traces; then the eps sweep: ``sweep_attacks`` at every eps of ``sweep_eps``. Every
     robust/not-robust decision is made by the fp32 model in eval mode, also when the attacks run under
@@ -138,14 +138,14 @@ def evaluate_run(
     bit on the same hardware). Keep ``batch_size`` at most ``n_examples / num_processes`` so that every
     process has work.
 
-    The main process writes ``output`` atomically (JSON: every setting, the results, :func:`sanity_flags`),
+    The main process writes ``output`` atomically (JSON: every setting, the results, ``sanity_flags``),
     the Markdown table ``eval.md`` next to it and, with ``plots``, two PNGs: robust accuracy against eps
     (``eval_eps_sweep.png``) and the probability margins of the clean and the worst-case points
     (``eval_margins.png``). It prints a summary and, when a sanity check fails, a WARNING block (stderr).
 
     Args:
-        run_dir: A training run's folder (see :mod:`robustmix.runs`).
-        attacks: Names in :data:`ATTACKS` or specs, run in this order.
+        run_dir: A training run's folder (see ``robustmix.runs``).
+        attacks: Names in ``ATTACKS`` or specs, run in this order.
         eps: L-inf radius in pixels in [0, 1]; defaults to the eps the run trained with.
         n_examples: Evaluate the first this many examples of the split; defaults to all of them.
         split: "test", "validation" or "train", as the run's training made them.
@@ -153,9 +153,9 @@ def evaluate_run(
         batch_size: Examples per chunk and per attack call.
         seed: Seed of the attacks' randomness (see above).
         mixed_precision: "no", "bf16" or "fp16": the autocast of the attacks' forwards and backwards.
-        sweep_eps: Radii of the eps sweep in pixels; defaults to :data:`SWEEP_MULTIPLES` of ``eps``, capped at
+        sweep_eps: Radii of the eps sweep in pixels; defaults to ``SWEEP_MULTIPLES`` of ``eps``, capped at
             1; empty skips the sweep. At eps 0 every accuracy is the clean one and no attack runs.
-        sweep_attacks: Attacks of the sweep; defaults to :data:`SWEEP_ATTACKS` (cheaper budgets).
+        sweep_attacks: Attacks of the sweep; defaults to ``SWEEP_ATTACKS`` (cheaper budgets).
         output: Path of the JSON report; defaults to ``eval.json`` in ``run_dir``.
         plots: Write the PNG plots (needs matplotlib).
         reuse: Return the report already at ``output``, without evaluating, when it is up to date: the same
@@ -166,7 +166,7 @@ def evaluate_run(
 
     Returns:
         The report as written to ``output``: ``"settings"`` (what was run), ``"run"`` (what was evaluated),
-        ``"results"`` (as :func:`worst_case` returns them, without per-example tensors), ``"eps_sweep"``
+        ``"results"`` (as ``worst_case`` returns them, without per-example tensors), ``"eps_sweep"``
         (``"eps"``, per-attack ``"standalone"`` and ``"worst_case"`` accuracies, one per eps),
         ``"margins"`` (histograms), ``"sanity_flags"``, ``"environment"`` (versions, device, processes,
         date) and ``"files"`` (names of the table and plots next to ``output``).
@@ -298,7 +298,7 @@ def robust_accuracy(
 ) -> float:
     """Accuracy (fraction in [0, 1]) of ``model`` on ``(x, y)`` against one attack at L-inf ``eps``.
 
-    See :func:`worst_case` for the arguments; clean-misclassified examples count as not robust.
+    See ``worst_case`` for the arguments; clean-misclassified examples count as not robust.
     """
     return worst_case(model, x, y, [attack], eps=eps, standalone=False, batch_size=batch_size, seed=seed)["worst_case"]
 
@@ -333,7 +333,7 @@ def worst_case(
         model: Classifier taking pixels in [0, 1] ``[B, ...]`` and returning logits ``[B, C]``.
         x: Images ``[N, ...]``, pixels in [0, 1], on the model's device.
         y: Labels ``[N]`` (int64).
-        attacks: Names in :data:`ATTACKS` or specs (e.g. a registry spec with a smaller budget via
+        attacks: Names in ``ATTACKS`` or specs (e.g. a registry spec with a smaller budget via
             ``dataclasses.replace``).
         eps: L-inf radius in pixels (8/255 on CIFAR-10).
         standalone: Also run every attack on every clean-correct example (see above).
@@ -430,7 +430,7 @@ def eps_sweep(
     """Robust accuracy against ``attack`` at each eps, ``{eps: accuracy}``; put it in a result's ``"eps_sweep"``.
 
     Include a large eps (e.g. 0.5 in L-inf, where any image can be turned mid-gray): a working
-    attack drives accuracy to ~0 there, which :func:`sanity_flags` checks.
+    attack drives accuracy to ~0 there, which ``sanity_flags`` checks.
     """
     return {
         float(eps): robust_accuracy(model, x, y, attack, eps=eps, batch_size=batch_size, seed=seed)
@@ -441,8 +441,8 @@ def eps_sweep(
 def sanity_flags(results: Mapping[str, Any], *, tolerance: float = 0.01, zero_accuracy: float = 0.05) -> list[str]:
     """Warnings about an evaluation that cannot be trusted; empty when every check passes.
 
-    Checks what ``results`` holds (a :func:`worst_case` result, optionally with ``"eps_sweep"``
-    from :func:`eps_sweep`):
+    Checks what ``results`` holds (a ``worst_case`` result, optionally with ``"eps_sweep"``
+    from ``eps_sweep``):
 
     - ordering: clean >= PGD-20 >= PGD-100 >= worst case (standalone accuracies);
     - gradient masking: a black-box attack (Square) below every white-box attack;
@@ -517,7 +517,7 @@ def check_run(run_dir: str | Path, weights: Literal["final", "best"] = "final") 
     """Check that ``run_dir`` is a run folder with ``weights`` to evaluate, without loading them.
 
     Returns:
-        The run's config (:func:`robustmix.runs.load_config`) and the path of its weights file.
+        The run's config (``robustmix.runs.load_config``) and the path of its weights file.
 
     Raises:
         FileNotFoundError: The folder, its config.json or the weights file does not exist.
@@ -536,7 +536,7 @@ def check_run(run_dir: str | Path, weights: Literal["final", "best"] = "final") 
 def with_budget(attack: str | AttackSpec, **settings: Any) -> AttackSpec:
     """An evaluation attack with some settings changed, e.g. ``with_budget("square", queries=500)``.
 
-    The name and label stay (reports print the settings next to them), so :func:`sanity_flags` still knows
+    The name and label stay (reports print the settings next to them), so ``sanity_flags`` still knows
     the attack.
 
     Raises:
@@ -573,16 +573,16 @@ def attack_settings(attack: str | AttackSpec) -> dict[str, Any]:
 
 
 def default_sweep(eps: float) -> list[float]:
-    """The default eps sweep around an evaluation ``eps``: :data:`SWEEP_MULTIPLES` of it, capped at 1, ascending."""
+    """The default eps sweep around an evaluation ``eps``: ``SWEEP_MULTIPLES`` of it, capped at 1, ascending."""
     return sorted({min(multiple * eps, 1.0) for multiple in SWEEP_MULTIPLES})
 
 
 def add_evaluation_flags(parser: argparse.ArgumentParser) -> None:
-    """Add the flags that choose an evaluation (those of :func:`evaluate_run`) to a command line.
+    """Add the flags that choose an evaluation (those of ``evaluate_run``) to a command line.
 
     Values are checked as they are parsed: an unknown attack, a negative eps or a non-positive number of
     examples ends the program with a one-line message before any work. Read them back with
-    :func:`evaluation_kwargs`.
+    ``evaluation_kwargs``.
     """
     add = parser.add_argument
     add(
@@ -617,7 +617,7 @@ def add_evaluation_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def evaluation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """The keyword arguments of :func:`evaluate_run` from flags added by :func:`add_evaluation_flags`."""
+    """The keyword arguments of ``evaluate_run`` from flags added by ``add_evaluation_flags``."""
     keys = ("attacks", "eps", "n_examples", "split", "weights", "batch_size", "seed", "mixed_precision")
     return {key: getattr(args, key) for key in (*keys, "sweep_eps", "plots", "progress")}
 
@@ -638,7 +638,7 @@ def pgd_eval(
     """PGD as the evaluation suite runs it: uniform start, step ``step_fraction * eps``, seeded.
 
     ``model``, ``x``, ``y``, ``eps``, ``steps``, ``loss`` and ``bn_mode`` are as in
-    :func:`robustmix.attacks.pgd.perturb`.
+    ``robustmix.attacks.pgd.perturb``.
 
     Args:
         step_fraction: Step size as a fraction of eps (1/4: 2/255 at 8/255).
@@ -777,7 +777,7 @@ def _accuracy(robust: Tensor) -> float:
 
 
 def _combine(records: list[dict[str, Any]], specs: list[AttackSpec], eps: float) -> dict[str, Any]:
-    """The :func:`worst_case` numbers of all chunks together, from their per-example results."""
+    """The ``worst_case`` numbers of all chunks together, from their per-example results."""
     names = [spec.name for spec in specs]
     correct = _cat(records, "per_example", "correct")
     results: dict[str, Any] = {
@@ -874,7 +874,7 @@ def _survives(
     seed: int,
     trace: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
-    """Run ``spec`` in batches; at the point it found, :func:`_judge` of each example (bool ``[N]``, float ``[N]``)."""
+    """Run ``spec`` in batches; at the point it found, ``_judge`` of each example (bool ``[N]``, float ``[N]``)."""
     if x.shape[0] == 0:
         return torch.zeros(0, dtype=torch.bool, device=x.device), torch.zeros(0, device=x.device)
     judged = []

@@ -1,6 +1,6 @@
 """GAIRAT's lambda schedule: plain AT during a burn-in, then the geometry-aware weights.
 
-The weights themselves are :func:`robustmix.weights.gairat_weights` of the attack's ``kappa``
+The weights themselves are ``robustmix.weights.gairat_weights`` of the attack's ``kappa``
 (``PGDAttack(track_kappa=True)``, no extra forward). The released code (Zhang et al., ICLR 2021)
 keeps ``lam = +inf`` (uniform weights: PGD-AT) before its ``begin_epoch`` and then either fixes
 ``lam`` (its default, ``"fixed"``) or lowers it linearly with the epoch (``"linear"``).
@@ -69,14 +69,14 @@ def _check_schedule(lam: float, burn_in_epochs: int, schedule: str, lam_max: flo
 class ScheduledGAIRATWeights(GAIRATWeights):
     """GAIRAT's weights with its lambda schedule: ``lam = gairat_lambda(ctx.epoch, ...)`` at every step.
 
-    Multiplies ``weights`` by :func:`~robustmix.weights.gairat_weights` of ``kappa`` (batch mean
+    Multiplies ``weights`` by ``gairat_weights`` of ``kappa`` (batch mean
     1). During the burn-in ``lam = +inf``: the weights are exactly ones and the loss is PGD-AT's,
     bit for bit. ``lam`` is derived from the epoch, so a run resumed mid-epoch gets the same value.
     Logs ``ctx.extras["gairat_lam"]``.
 
     Args:
         steps: The attack's number of steps ``K``.
-        lam: See :func:`gairat_lambda`; -1 by default.
+        lam: See ``gairat_lambda``; -1 by default.
         kind: ``"tanh"`` (the default), ``"sigmoid"`` or ``"discrete"``.
         burn_in_epochs: Epochs of plain AT at the start.
         schedule: ``"fixed"`` (the default) or ``"linear"``.

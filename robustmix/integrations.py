@@ -15,13 +15,13 @@ class AdversarialLossMixin:
 
     Put it first in the bases of a trainer class whose loss comes from a
     ``compute_loss(model, inputs, return_outputs=False, ...)`` method (the Hugging Face
-    ``Trainer`` convention) and set :attr:`adversarial_step`::
+    ``Trainer`` convention) and set ``adversarial_step``::
 
         class RobustTrainer(AdversarialLossMixin, Trainer):
             adversarial_step = AdversarialStep([PGDAttack(eps=8 / 255), AdversarialCE()])
 
     The batch is a mapping; its images (pixels in [0, 1]), labels and optional dataset indices
-    are read under :attr:`image_key`, :attr:`label_key` and :attr:`index_key`.
+    are read under ``image_key``, ``label_key`` and ``index_key``.
     """
 
     adversarial_step: AdversarialStep

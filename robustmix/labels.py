@@ -89,7 +89,7 @@ class OneHotLabels(Callback):
 
 
 class LabelSmoothing(Callback):
-    """Writes ``soft_targets``: :func:`smooth_labels` of the labels.
+    """Writes ``soft_targets``: ``smooth_labels`` of the labels.
 
     Args:
         alpha: Mass spread uniformly over all classes, in [0, 1]; 0.1 by default.
@@ -112,7 +112,7 @@ class LabelSmoothing(Callback):
 class AdaLabLabels(Callback):
     """Writes ``soft_targets``: ADA-Lab's ``y~ = (1 - lam) * onehot(y) + lam * softmax(f(x_aa) / T)``.
 
-    ``lam = lam_max * s(margin)`` per sample (:func:`adalab_lambda`); ``f(x_aa)`` is the eval-mode,
+    ``lam = lam_max * s(margin)`` per sample (``adalab_lambda``); ``f(x_aa)`` is the eval-mode,
     no-grad forward of ``x_anti`` (one forward per step, memoized). Before ``burn_in_epochs`` it
     writes one-hot labels and skips that forward. Logs the batch mean of ``lam`` as
     ``ctx.extras["lam_mean"]``.
@@ -121,7 +121,7 @@ class AdaLabLabels(Callback):
         lam_max: Largest interpolation, in [0, 1]; 0.5 by default.
         temperature: Softmax temperature ``T`` > 0 of ``p(x_aa)``; 1 by default.
         burn_in_epochs: Epochs of one-hot labels at the start, 0 by default (a recipe chooses).
-        schedule: ``"linear"`` (the default) or ``"tanh"``; see :func:`adalab_lambda`.
+        schedule: ``"linear"`` (the default) or ``"tanh"``; see ``adalab_lambda``.
     """
 
     stage = Stage.LABELS

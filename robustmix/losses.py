@@ -117,7 +117,7 @@ def mart_loss(
     """MART's loss ``mean_i w_i * BCE_i + beta * mean_i KL(p(x_i) || p(x_adv_i)) * (1 - p_y(x_i))`` (Wang et al. 2020).
 
     ``BCE_i = CE(f(x_adv_i), y_i) - log(1.0001 - max_{k != y_i} p_k(x_adv_i) + 1e-12)`` and the KL uses
-    ``log(p(x_adv) + 1e-12)``, with the constants of the released code (:data:`MART_LOG_EPS`...). As
+    ``log(p(x_adv) + 1e-12)``, with the constants of the released code (``MART_LOG_EPS``...). As
     there, nothing is detached: the gradient reaches ``f(x)`` through the KL term *and* through the
     misclassification factor ``1 - p_y(x)``. The clean side of the KL uses ``p * log_softmax`` where the
     reference has ``xlogy(p, p)``: the same value, but a finite gradient where a probability underflows to 0.
@@ -147,7 +147,7 @@ def mart_loss(
 
 
 class TRADESLoss(Callback):
-    """Writes TRADES' :func:`trades_loss` of the clean and adversarial training logits.
+    """Writes TRADES' ``trades_loss`` of the clean and adversarial training logits.
 
     Pair it with TRADES' attack, ``PGDAttack(eps, step_size, steps, loss="kl", start="normal")``. Uses
     ``soft_targets`` (in the CE term) and ``weights`` (on the KL term) when earlier callbacks wrote them,
@@ -175,7 +175,7 @@ class TRADESLoss(Callback):
 
 
 class MARTLoss(Callback):
-    """Writes MART's :func:`mart_loss` of the clean and adversarial training logits.
+    """Writes MART's ``mart_loss`` of the clean and adversarial training logits.
 
     MART's attack is CE-PGD from ``x + 0.001 * N(0, I)``: ``PGDAttack(eps, step_size, steps, start="normal")``.
     Uses ``weights`` on the BCE term when a reweighter wrote them (MAIL-MART).

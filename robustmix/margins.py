@@ -77,26 +77,26 @@ class _LogitsMargin(Callback):
 
 
 class ProbabilityMargin(_LogitsMargin):
-    """Writes ``margin [B]``: :func:`probability_margin` of the logits of ``source`` (``"adv"`` by default)."""
+    """Writes ``margin [B]``: ``probability_margin`` of the logits of ``source`` (``"adv"`` by default)."""
 
     fn = staticmethod(probability_margin)
 
 
 class LogitMargin(_LogitsMargin):
-    """Writes ``margin [B]``: :func:`logit_margin` of the logits of ``source`` (``"adv"`` by default)."""
+    """Writes ``margin [B]``: ``logit_margin`` of the logits of ``source`` (``"adv"`` by default)."""
 
     fn = staticmethod(logit_margin)
 
 
 class MultiClassMargin(_LogitsMargin):
-    """Writes ``margin_vector [B, C]``: :func:`multiclass_margin` of the logits of ``source`` (default ``"adv"``)."""
+    """Writes ``margin_vector [B, C]``: ``multiclass_margin`` of the logits of ``source`` (default ``"adv"``)."""
 
     writes = ("margin_vector",)
     fn = staticmethod(multiclass_margin)
 
 
 class KappaMargin(Callback):
-    """Writes ``margin [B]``: :func:`kappa_margin` of the attack's ``kappa`` (``PGDAttack(track_kappa=True)``).
+    """Writes ``margin [B]``: ``kappa_margin`` of the attack's ``kappa`` (``PGDAttack(track_kappa=True)``).
 
     Args:
         steps: The attack's number of steps ``K``.

@@ -4,10 +4,10 @@ A weight function ``w_phi`` is trained so that one SGD step of the model on the 
 training loss lowers a loss on held-out data (Meta-Weight-Net style):
 
 1. ``theta' = SGD_step(theta, grad_theta L_train(theta, w_phi))``, kept differentiable in ``phi``
-   (:func:`virtual_sgd_step`: the real optimizer's lr, momentum buffer, dampening, Nesterov and
+   (``virtual_sgd_step``: the real optimizer's lr, momentum buffer, dampening, Nesterov and
    weight decay, exactly as ``torch.optim.SGD`` would step);
-2. ``L_meta(theta')`` on a held-out batch (:func:`functional_forward` runs the model at ``theta'``);
-3. ``phi <- Adam(phi, grad_phi L_meta)`` (:func:`set_meta_gradients`, then the callback's Adam step).
+2. ``L_meta(theta')`` on a held-out batch (``functional_forward`` runs the model at ``theta'``);
+3. ``phi <- Adam(phi, grad_phi L_meta)`` (``set_meta_gradients``, then the callback's Adam step).
 
 Everything runs on the *unwrapped* model: no DDP collective fires and no parameter ``.grad`` of
 the model is touched. Only the meta-gradients of ``phi`` are averaged across processes, so every
@@ -57,7 +57,7 @@ def virtual_sgd_step(
 
     Returns:
         ``{name: tensor}`` for every parameter of ``model`` (as ``model.named_parameters()``),
-        to pass to :func:`functional_forward`.
+        to pass to ``functional_forward``.
 
     Raises:
         TypeError: ``optimizer`` is not SGD (the lookahead would not match the real step).
@@ -90,7 +90,7 @@ def virtual_sgd_step(
 def functional_forward(
     model: nn.Module, params: dict[str, Tensor], x: Tensor, *, bn_mode: BNMode = "train_frozen_bn"
 ) -> Tensor:
-    """Logits ``[B, C]`` of ``model`` run with ``params`` (e.g. from :func:`virtual_sgd_step`) on ``x``.
+    """Logits ``[B, C]`` of ``model`` run with ``params`` (e.g. from ``virtual_sgd_step``) on ``x``.
 
     Args:
         model: The unwrapped model.
@@ -127,7 +127,7 @@ class MetaBatches:
     """Endless random batches of a held-out (meta) split, reproducible from a seed and a counter.
 
     Batch ``n`` of process ``r`` is drawn without replacement from a generator seeded by
-    ``(seed, r, n)``, so the stream resumes exactly from :meth:`state_dict` and processes see
+    ``(seed, r, n)``, so the stream resumes exactly from ``state_dict`` and processes see
     different batches (their meta-gradients are averaged).
 
     Args:
@@ -186,13 +186,13 @@ class LookaheadReweighter(Callback):
 
     Holds the weight net, its Adam optimizer, the meta batches and the model's optimizer (taken
     from the trainer at ``on_fit_start``, or given). A subclass computes its weights in
-    ``__call__`` and calls :meth:`maybe_meta_step` first, so the step's weights come from the
+    ``__call__`` and calls ``maybe_meta_step`` first, so the step's weights come from the
     updated net (Meta-Weight-Net's order). The step number is ``ctx.step``: pass ``step=`` to the
-    :class:`~robustmix.step.AdversarialStep` in your own loop.
+    ``AdversarialStep`` in your own loop.
 
     Args:
         net: The weight net ``phi``.
-        meta_batches: Held-out ``(x, y)`` batches, cycled when exhausted (e.g. :class:`MetaBatches`).
+        meta_batches: Held-out ``(x, y)`` batches, cycled when exhausted (e.g. ``MetaBatches``).
         meta_every: Run the lookahead when ``ctx.step % meta_every == 0`` (>= 1).
         meta_lr: Adam learning rate of ``phi``.
         optimizer: The model's SGD optimizer; by default the trainer's.
@@ -221,7 +221,7 @@ class LookaheadReweighter(Callback):
             self.optimizer = trainer.optimizer
 
     def maybe_meta_step(self, ctx: StepContext) -> None:
-        """Run :meth:`meta_loss` and one Adam step of the net when this step is a lookahead step."""
+        """Run ``meta_loss`` and one Adam step of the net when this step is a lookahead step."""
         if ctx.step % self.meta_every != 0:
             return
         if self.optimizer is None:

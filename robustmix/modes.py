@@ -23,7 +23,7 @@ BN_MODES = ("eval", "train", "train_frozen_bn")
 
 
 def check_bn_mode(mode: str) -> None:
-    """Raise ``ValueError`` unless ``mode`` is one of :data:`BN_MODES`."""
+    """Raise ``ValueError`` unless ``mode`` is one of ``BN_MODES``."""
     if mode not in BN_MODES:
         raise ValueError(f"bn_mode must be one of {BN_MODES}, got {mode!r}")
 

@@ -9,9 +9,9 @@ A recipe is a short script: its own flags (if any), the callbacks of its method,
         args = parse_args(base_parser("pgd_at", __doc__), argv)
         return run_recipe(args, build_callbacks)
 
-:func:`run_recipe` loads the data, builds the model, optimizer and lr schedule, trains with
-:class:`~robustmix.trainer.Trainer`, evaluates the final (and best) weights on the test split and writes
-the run folder described in :mod:`robustmix.runs`.
+``run_recipe`` loads the data, builds the model, optimizer and lr schedule, trains with
+``Trainer``, evaluates the final (and best) weights on the test split and writes
+the run folder described in ``robustmix.runs``.
 """
 
 from __future__ import annotations
@@ -166,9 +166,9 @@ _nonnegative_number = _bounded(_number, 0)
 
 
 def base_parser(name: str, description: str | None = None) -> argparse.ArgumentParser:
-    """The flags every recipe shares; add the method's own flags to it, then call :func:`parse_args`.
+    """The flags every recipe shares; add the method's own flags to it, then call ``parse_args``.
 
-    Flags a preset sets default to ``None`` here and are filled from the preset by :func:`parse_args`.
+    Flags a preset sets default to ``None`` here and are filled from the preset by ``parse_args``.
 
     Args:
         name: Recipe name, recorded in ``config.json`` and used in the default output folder.
@@ -220,7 +220,7 @@ def parse_args(
     """Parse flags, fill the unset ones from the preset, and check everything before any work.
 
     Args:
-        parser: From :func:`base_parser`, with the recipe's own flags added.
+        parser: From ``base_parser``, with the recipe's own flags added.
         argv: Command line without the program name; ``None`` reads ``sys.argv``.
         recipe_defaults: Values this recipe uses instead of the preset's, for flags that default to
             ``None`` and were not given on the command line; a callable receives the namespace after the
@@ -284,8 +284,8 @@ def run_recipe(args: argparse.Namespace, build_callbacks: BuildCallbacks, *, met
     """Train a recipe from its parsed flags and write the run folder; call it on every process.
 
     Args:
-        args: From :func:`parse_args`.
-        build_callbacks: The method: ``(args, info) -> callbacks`` of its :class:`AdversarialStep`.
+        args: From ``parse_args``.
+        build_callbacks: The method: ``(args, info) -> callbacks`` of its ``AdversarialStep``.
         meta_size: Examples to hold out of the training split (stratified, seeded with ``SPLIT_SEED``) as
             ``info.meta_data`` for meta-learning; they are then not trained on.
 

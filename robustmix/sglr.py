@@ -90,11 +90,11 @@ class SGLRLabels(Callback):
     (``K + 1`` forwards and backwards). From ``start_epoch`` on, each step reads the detached
     training-mode logits of the clean and adversarial inputs (one extra forward of the clean batch,
     no extra backward; shared with any other callback that reads ``logits_clean``, e.g. a TRADES
-    loss), updates the batch's rows with :func:`sglr_update`, all-gathers them across processes,
-    and writes :func:`sglr_targets` of the updated rows.
+    loss), updates the batch's rows with ``sglr_update``, all-gathers them across processes,
+    and writes ``sglr_targets`` of the updated rows.
 
     Rows start one-hot: a row never written (all zeros) is taken as ``onehot(y)`` when first used.
-    The table lives on the batch's device; :meth:`state_dict` returns it for the checkpoint.
+    The table lives on the batch's device; ``state_dict`` returns it for the checkpoint.
 
     Args:
         num_examples: Rows ``N``: larger than every dataset index (``int(index.max()) + 1``;

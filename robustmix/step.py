@@ -1,8 +1,8 @@
 """One adversarial training step: a batch through a list of callbacks, to a loss.
 
-:class:`AdversarialStep` knows nothing about optimizers, schedulers or Accelerate: it returns
+``AdversarialStep`` knows nothing about optimizers, schedulers or Accelerate: it returns
 the loss and the host loop calls ``backward`` on it. The same object serves robustmix's
-:class:`~robustmix.trainer.Trainer` and a user's own loop::
+``Trainer`` and a user's own loop::
 
     step = AdversarialStep([PGDAttack(eps=8 / 255, step_size=2 / 255, steps=10), AdversarialCE()])
     for x, y in loader:
@@ -94,7 +94,7 @@ class AdversarialStep:
             total_steps: Planned steps, if known.
 
         Returns:
-            The scalar loss (backpropagate it) and the step's :class:`StepContext`.
+            The scalar loss (backpropagate it) and the step's ``StepContext``.
         """
         attack_model = unwrap_model(model)
         num_classes = self.num_classes or getattr(attack_model, "num_classes", None)
@@ -149,7 +149,7 @@ class AdversarialStep:
         return out
 
     def load_state_dict(self, state: dict[str, dict[str, Any]]) -> None:
-        """Restore :meth:`state_dict`; raises if the saved callbacks do not match these."""
+        """Restore ``state_dict``; raises if the saved callbacks do not match these."""
         expected = {f"{i}.{type(c).__name__}" for i, c in enumerate(self.callbacks) if c.state_dict()}
         if set(state) != expected:
             raise ValueError(f"callback state keys {sorted(state)} do not match this step's {sorted(expected)}")

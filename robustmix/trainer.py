@@ -1,4 +1,4 @@
-"""The Accelerate training loop: fit and evaluate an :class:`~robustmix.step.AdversarialStep` on any model.
+"""The Accelerate training loop: fit and evaluate an ``AdversarialStep`` on any model.
 
 One loop serves every recipe, on CPU, one GPU or many (``accelerate launch``), in fp32, bf16 or fp16::
 
@@ -59,7 +59,7 @@ def mix_seed(*values: int) -> int:
 
 
 def batches_per_epoch(num_examples: int, batch_size: int, num_processes: int = 1) -> int:
-    """Optimizer steps in one epoch of :class:`EpochBatches`.
+    """Optimizer steps in one epoch of ``EpochBatches``.
 
     Args:
         num_examples: Training examples.
@@ -121,7 +121,7 @@ class Trainer:
     """Adversarial training with Accelerate: data, steps, evaluation, checkpoints, metrics.
 
     Every training step: the batch moves to the device (and is augmented), ``on_batch_start`` fires, the
-    :class:`AdversarialStep` computes the loss (epoch, step, totals and the batch's dataset ``index`` are
+    ``AdversarialStep`` computes the loss (epoch, step, totals and the batch's dataset ``index`` are
     passed on), ``accelerator.backward``, ``on_before_optimizer_step`` (gradients not yet clipped, still
     scaled under fp16), optional gradient clipping, ``optimizer.step()``, ``on_after_optimizer_step`` (also
     when the fp16 GradScaler skipped the step: ``trainer.step_was_skipped`` says so), ``scheduler.step()``.
@@ -373,7 +373,7 @@ class Trainer:
     def evaluate(self, data: Dataset, *, batch_size: int | None = None) -> dict[str, float]:
         """Clean and PGD accuracy of the model on ``data``, every example counted once across processes.
 
-        Runs the model in eval mode; the attack is :attr:`eval_attack` (its random start is seeded by the
+        Runs the model in eval mode; the attack is ``eval_attack`` (its random start is seeded by the
         run seed, so the same weights give the same numbers). An example counts as robust when it is
         classified correctly both clean and after the attack. Works under ``torch.no_grad()`` or
         ``inference_mode()``: the attack enables gradients for itself. Call it on every process.

@@ -1,6 +1,6 @@
 """Loss reweighters: per-sample weights ``[B]`` from a margin, multiplied into ``weights``.
 
-Every weight vector is non-negative and normalized to batch mean 1 (:func:`normalize_weights`),
+Every weight vector is non-negative and normalized to batch mean 1 (``normalize_weights``),
 so a reweighter changes which examples the loss looks at, not the learning rate. Several
 reweighters compose by multiplying; the step renormalizes their product. Weights are detached
 when they enter the context: no gradient flows through them.
@@ -49,7 +49,7 @@ def boundary_importance(margin: Tensor, c: float = 5.0) -> Tensor:
 
 
 def adalab_importance(margin: Tensor, c: float = 5.0) -> Tensor:
-    """ADA-Lab's importance weights ``[B]``: :func:`boundary_importance` of ``margin [B]``, batch mean 1."""
+    """ADA-Lab's importance weights ``[B]``: ``boundary_importance`` of ``margin [B]``, batch mean 1."""
     return normalize_weights(boundary_importance(margin, c))
 
 
@@ -82,7 +82,7 @@ def mail_weights(margin_pm: Tensor, bias: float = -1.5, slope: float = 1.0) -> T
 
     Args:
         margin_pm: MAIL's probability margin ``PM = max_{k != y} p_k - p_y`` ``[B]`` in [-1, 1]:
-            the *negative* of :func:`robustmix.margins.probability_margin`, positive when misclassified.
+            the *negative* of ``robustmix.margins.probability_margin``, positive when misclassified.
         bias: Shift, -1.5 by default.
         slope: Steepness (>= 0), 1 by default; weights increase with ``PM``.
     """
@@ -148,7 +148,7 @@ class MarginWeights(Callback):
 
 
 class AdaLabWeights(MarginWeights):
-    """Multiplies ``weights`` by ADA-Lab's importance :func:`adalab_importance` of ``margin``.
+    """Multiplies ``weights`` by ADA-Lab's importance ``adalab_importance`` of ``margin``.
 
     Args:
         c: Sharpness (>= 0), 5 by default.
@@ -168,7 +168,7 @@ class AdaLabWeights(MarginWeights):
 
 
 class GAIRATWeights(MarginWeights):
-    """Multiplies ``weights`` by GAIRAT's :func:`gairat_weights` of ``kappa`` (``PGDAttack(track_kappa=True)``).
+    """Multiplies ``weights`` by GAIRAT's ``gairat_weights`` of ``kappa`` (``PGDAttack(track_kappa=True)``).
 
     ``lam`` is read at every step, so an epoch hook may schedule it.
 
@@ -197,9 +197,9 @@ class GAIRATWeights(MarginWeights):
 
 
 class MAILWeights(MarginWeights):
-    """Multiplies ``weights`` by MAIL's :func:`mail_weights`; reads the probability ``margin``.
+    """Multiplies ``weights`` by MAIL's ``mail_weights``; reads the probability ``margin``.
 
-    ``margin`` must be :class:`~robustmix.margins.ProbabilityMargin`'s ``p_y - max_{k != y} p_k``;
+    ``margin`` must be ``ProbabilityMargin``'s ``p_y - max_{k != y} p_k``;
     MAIL's ``PM`` is its negative.
 
     Args:

@@ -1,4 +1,4 @@
-"""Attack generators: pure functions (:func:`perturb`, :func:`pgd`, :func:`fgsm_rs`) and callbacks."""
+"""Attack generators: pure functions (``perturb``, ``pgd``, ``fgsm_rs``) and callbacks."""
 
 from robustmix.attacks.apgd import apgd, apgd_targeted
 from robustmix.attacks.callbacks import FGSMAttack, PGDAttack

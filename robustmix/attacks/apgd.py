@@ -8,7 +8,7 @@ ascends CE or DLR; APGD-T ascends the targeted DLR loss towards each of the top 
 Differences from the reference implementation (fra31/auto-attack), all for synchronization-free,
 rank-uniform work: every restart and every target attacks the whole batch (the reference drops
 examples already misclassified, which needs a host sync and gives ranks different work); the
-random start is uniform in the ball (:func:`robustmix.attacks.pgd.random_start`); the
+random start is uniform in the ball (``robustmix.attacks.pgd.random_start``); the
 step-halving test uses the paper's ``< rho`` on the window's own increases.
 """
 
@@ -144,7 +144,7 @@ def apgd_targeted(
     forward in all.
 
     ``x``, ``y``, ``eps``, ``steps``, ``norm``, ``restarts``, ``rho``, ``momentum``, ``seed``, ``bn_mode`` and
-    ``loss_scale`` are as in :func:`apgd`.
+    ``loss_scale`` are as in ``apgd``.
 
     Args:
         model: Classifier with at least 4 classes (the targeted DLR loss needs them).

@@ -1,5 +1,5 @@
 """Attack generators as step callbacks: thin wrappers that move tensors between the context and
-:func:`robustmix.attacks.pgd.perturb`."""
+``robustmix.attacks.pgd.perturb``."""
 
 from __future__ import annotations
 

@@ -62,7 +62,7 @@ OBJECTIVES: dict[str, Objective] = {"ce": cross_entropy, "kl": kl_divergence, "c
 
 
 def get_objective(name: str) -> Objective:
-    """The objective registered as ``name`` in :data:`OBJECTIVES`; ``ValueError`` naming the known ones otherwise."""
+    """The objective registered as ``name`` in ``OBJECTIVES``; ``ValueError`` naming the known ones otherwise."""
     if name not in OBJECTIVES:
         raise ValueError(f"unknown attack loss {name!r}; expected one of {sorted(OBJECTIVES)}")
     return OBJECTIVES[name]

@@ -143,7 +143,7 @@ def perturb(
             or per-sample ``[B]``.
         steps: Number of gradient steps (exactly this many forwards and backwards).
         norm: ``"linf"`` (sign steps) or ``"l2"`` (normalized gradient steps).
-        loss: Objective name in :data:`robustmix.attacks.objectives.OBJECTIVES`: ``"ce"``,
+        loss: Objective name in ``robustmix.attacks.objectives.OBJECTIVES``: ``"ce"``,
             ``"kl"`` (TRADES; needs ``reference`` clean logits), ``"cw"``, ``"dlr"``.
         start: Start point when ``x_init`` is not given: uniform in the ball, ``0.001 * N(0, I)``,
             or none.
@@ -213,7 +213,7 @@ def pgd(
 ) -> Tensor:
     """Projected gradient descent attack (Madry et al. 2018): ascend ``loss`` for ``steps`` steps.
 
-    See :func:`perturb` for the arguments. Returns ``x_adv [B, ...]`` in ``B(x, eps)`` and [0, 1].
+    See ``perturb`` for the arguments. Returns ``x_adv [B, ...]`` in ``B(x, eps)`` and [0, 1].
     """
     return perturb(
         model, x, y, eps=eps, step_size=step_size, steps=steps, norm=norm, loss=loss, start=start,
