@@ -20,6 +20,10 @@ def _passes(out) -> set[tuple[float, float]]:
         ("adalab", ["--burn-in", "0", "--margin", "kappa", "--weighting", "none", "--lam-max", "0.3"], {(5.0, 4.0)}),
         ("gairat", ["--burn-in", "0"], {(3.0, 3.0)}),
         ("gairat", ["--burn-in", "0", "--weight-kind", "discrete"], {(3.0, 3.0)}),
+        # MAIL costs what its base method costs (K = 2): AT K + 1 / K + 1, TRADES K + 3 / K + 2, MART K + 2 / K + 2.
+        ("mail", ["--burn-in", "0"], {(3.0, 3.0)}),
+        ("mail", ["--burn-in", "0", "--base", "trades"], {(5.0, 4.0)}),
+        ("mail", ["--burn-in", "0", "--base", "mart", "--beta", "3"], {(4.0, 4.0)}),
         # SGLR after its start epoch reads the clean training forward too.
         ("sglr", ["--start-epoch", "0"], {(4.0, 3.0)}),
         ("sglr", ["--start-epoch", "1", "--max-steps", "3"], {(3.0, 3.0)}),
@@ -46,6 +50,9 @@ def test_method_recipe_runs_and_costs_what_its_docs_say(tiny, tmp_path, name, fl
         ("adalab", ["--margin", "distance"], "--margin"),
         ("gairat", ["--attack-steps", "0"], "needs --attack-steps >= 1"),
         ("sglr", ["--r", "2"], "--r must be in [0, 1]"),
+        ("mail", ["--beta", "6"], "--beta applies to --base trades or mart"),
+        ("mail", ["--burn-in", "3", "--epochs", "3"], "leaves no MAIL epoch"),
+        ("mail", ["--base", "awp"], "--base"),
     ],
 )
 def test_method_flags_are_checked_before_training(tmp_path, capsys, name, argv, message):
