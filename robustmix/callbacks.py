@@ -45,12 +45,16 @@ class Callback:
     Subclasses set ``stage`` when they do per-step work in ``__call__``, and declare
     the fields they read and write. ``optional_reads`` are used when present (e.g. a loss uses
     ``weights`` if a reweighter wrote them) and fix the order check without being required.
+    ``detached_reads`` names the ``logits_<input>`` fields among the reads that the callback only
+    reads detached: when no other callback of the step needs their gradient, the step runs that
+    training forward under ``no_grad`` and keeps no autograd graph for it.
     """
 
     stage: Stage | None = None
     reads: tuple[str, ...] = ()
     optional_reads: tuple[str, ...] = ()
     writes: tuple[str, ...] = ()
+    detached_reads: tuple[str, ...] = ()
 
     def __call__(self, ctx: StepContext) -> None:
         """Do this callback's work on the step's context."""
@@ -119,6 +123,12 @@ def check_composition(callbacks: Sequence[Callback], *, has_index: bool | None =
             if field not in FIELDS:
                 raise CompositionError(
                     f"{_name(callback)} declares unknown field `{field}`; known: {', '.join(FIELDS)}"
+                )
+        for field in callback.detached_reads:
+            if not field.startswith("logits_") or field not in (*callback.reads, *callback.optional_reads):
+                raise CompositionError(
+                    f"{_name(callback)} declares `{field}` in detached_reads; it must be a `logits_<input>` field"
+                    " it reads"
                 )
         if callback.stage is None and (callback.reads or callback.writes):
             raise CompositionError(f"{_name(callback)} reads or writes fields but has no stage")

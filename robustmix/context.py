@@ -134,6 +134,8 @@ class StepContext:
         total_steps: Planned number of steps, if known.
         mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"``; attacks scale their loss under fp16.
         extras: Free-form values a callback wants to log (e.g. ``{"lam_mean": ...}``).
+        grad_inputs: Inputs whose training logits some callback needs with gradient (set by
+            ``AdversarialStep`` from the callbacks' ``detached_reads``); ``None``: all of them.
     """
 
     model: nn.Module
@@ -160,6 +162,7 @@ class StepContext:
     total_steps: int | None = None
     mixed_precision: str = "no"
     extras: dict[str, Tensor | float] = field(default_factory=dict)
+    grad_inputs: frozenset[str] | None = None
 
     @property
     def batch_size(self) -> int:
@@ -176,9 +179,15 @@ class StepContext:
         return value
 
     def get_logits(self, name: str) -> Tensor:
-        """Training-mode logits ``[B, C]`` of input ``name``, with gradient; one forward per step."""
+        """Training-mode logits ``[B, C]`` of input ``name``; one forward per step.
+
+        They carry gradient unless no callback of the step needs it (``grad_inputs``): then the
+        forward runs under ``no_grad`` (BatchNorm still in training mode) and keeps no graph.
+        """
         if name not in self.logits:
-            self.logits[name] = self.model(self.input(name))
+            needs_grad = self.grad_inputs is None or name in self.grad_inputs
+            with contextlib.nullcontext() if needs_grad else torch.no_grad():
+                self.logits[name] = self.model(self.input(name))
         return self.logits[name]
 
     def get_eval_logits(self, name: str) -> Tensor:

@@ -89,8 +89,8 @@ class SGLRLabels(Callback):
     training forward is not asked for either, so those epochs cost what PGD-AT costs
     (``K + 1`` forwards and backwards). From ``start_epoch`` on, each step reads the detached
     training-mode logits of the clean and adversarial inputs (one extra forward of the clean batch,
-    no extra backward; shared with any other callback that reads ``logits_clean``, e.g. a TRADES
-    loss), updates the batch's rows with ``sglr_update``, all-gathers them across processes,
+    no extra backward; it runs under ``no_grad`` and keeps no graph unless another callback needs its
+    gradient, e.g. a TRADES loss, which then shares it), updates the batch's rows with ``sglr_update``, all-gathers them across processes,
     and writes ``sglr_targets`` of the updated rows.
 
     Rows start one-hot: a row never written (all zeros) is taken as ``onehot(y)`` when first used.
@@ -109,6 +109,7 @@ class SGLRLabels(Callback):
     stage = Stage.LABELS
     reads = ("index", "logits_adv")
     optional_reads = ("logits_clean",)
+    detached_reads = ("logits_adv", "logits_clean")
     writes = ("soft_targets",)
 
     def __init__(

@@ -62,6 +62,13 @@ class AdversarialStep:
         self.callbacks = list(callbacks)
         self.staged = check_composition(self.callbacks)
         self.requires_index = any("index" in c.reads for c in self.staged)
+        #: Inputs whose training logits some callback needs with gradient; the others' forwards run under no_grad.
+        self.grad_inputs = frozenset(
+            f.removeprefix("logits_")
+            for c in self.staged
+            for f in (*c.reads, *c.optional_reads)
+            if f.startswith("logits_") and f not in c.detached_reads
+        )
         weight_writers = [c for c in self.staged if "weights" in c.writes]
         # The product of several reweighters is renormalized once, after the last of them.
         self._renormalize_after = weight_writers[-1] if len(weight_writers) > 1 else None
@@ -118,6 +125,7 @@ class AdversarialStep:
             total_epochs=total_epochs,
             total_steps=total_steps,
             mixed_precision=self.mixed_precision,
+            grad_inputs=self.grad_inputs,
         )
         with ctx.counter.watch(attack_model):
             for callback in self.staged:

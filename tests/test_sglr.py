@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from robustmix import AdversarialCE, AdversarialStep, CompositionError, PGDAttack
+from robustmix import AdversarialCE, AdversarialStep, CompositionError, PGDAttack, TRADESLoss
 from robustmix.checkpoint import join_state, split_state
 from robustmix.labels import one_hot
 from robustmix.sglr import SGLRLabels, sglr_targets, sglr_update
@@ -109,6 +109,26 @@ def test_after_the_start_epoch_the_table_follows_the_formula():
     untouched = torch.ones(10, dtype=torch.bool)
     untouched[index] = False
     assert torch.equal(labels.table[untouched], torch.zeros(6, 3))
+
+
+def test_the_clean_forward_keeps_no_graph_unless_a_loss_needs_its_gradient():
+    model, (x, y), index = SmallNet(), _batch(), torch.tensor([1, 3, 5, 7])
+    _, ctx = _step(SGLRLabels(10, 3, start_epoch=0))(model, x, y, index)
+    assert not ctx.logits["clean"].requires_grad and ctx.logits["adv"].requires_grad
+    # TRADES differentiates the clean forward: SGLR shares that one forward, with its graph.
+    trades = AdversarialStep([PGDAttack(0.1, 0.05, 2, loss="kl"), SGLRLabels(10, 3, start_epoch=0), TRADESLoss(6.0)])
+    loss, ctx = trades(model, x, y, index)
+    assert ctx.logits["clean"].requires_grad
+    loss.backward()
+    assert ctx.passes() == (5, 4)  # TRADES' K + 3 / K + 2 with K = 2: SGLR adds no pass
+
+
+def test_detached_reads_must_be_logits_the_callback_reads():
+    class Bad(SGLRLabels):
+        detached_reads = ("logits_anti",)
+
+    with pytest.raises(CompositionError, match="detached_reads"):
+        AdversarialStep([PGDAttack(0.1, 0.05, 2), Bad(10, 3, start_epoch=0), AdversarialCE()])
 
 
 def test_state_dict_round_trips_through_a_checkpoint_exactly(tmp_path):
