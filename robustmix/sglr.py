@@ -90,8 +90,8 @@ class SGLRLabels(Callback):
     (``K + 1`` forwards and backwards). From ``start_epoch`` on, each step reads the detached
     training-mode logits of the clean and adversarial inputs (one extra forward of the clean batch,
     no extra backward; it runs under ``no_grad`` and keeps no graph unless another callback needs its
-    gradient, e.g. a TRADES loss, which then shares it), updates the batch's rows with ``sglr_update``, all-gathers them across processes,
-    and writes ``sglr_targets`` of the updated rows.
+    gradient, e.g. a TRADES loss, which then shares it), updates the batch's rows with
+    ``sglr_update``, all-gathers them across processes, and writes ``sglr_targets`` of the updated rows.
 
     Rows start one-hot: a row never written (all zeros) is taken as ``onehot(y)`` when first used.
     The table lives on the batch's device; ``state_dict`` returns it for the checkpoint.
