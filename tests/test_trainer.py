@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -23,6 +19,7 @@ from robustmix.losses import classification_loss
 from robustmix.models import create_model, unwrap_model
 from robustmix.runs import BEST_DIR, METRICS_FILE, MODEL_FILE, load_metrics_log
 from robustmix.trainer import EpochBatches, Trainer, batches_per_epoch, training_forwards
+from tests.conftest import launch_two_processes
 
 REPO = Path(__file__).resolve().parents[1]
 EPS = 0.1
@@ -381,28 +378,11 @@ run(out / "resumed", model_seed=1, resume=out / "straight" / "checkpoints" / "st
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch_two_cpu_processes(script: Path, *args: str) -> None:
-    """``accelerate launch`` of 2 CPU processes: the torchrun launcher (``--multi_gpu``) with ``ACCELERATE_USE_CPU=1``.
-    (``--cpu --num_processes 2`` starts a single process in Accelerate 1.x unless mpirun is set up.)"""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(free_port()), str(script), *args]  # fmt: skip
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-
-
 @pytest.mark.distributed
 def test_two_processes_train_resume_and_agree(tmp_path):
     script = tmp_path / "driver.py"
     script.write_text(textwrap.dedent(DRIVER))
-    launch_two_cpu_processes(script, str(tmp_path))
+    launch_two_processes(script, str(tmp_path))
 
     runs = {}
     for name in ("straight", "resumed"):
