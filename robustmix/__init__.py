@@ -34,7 +34,7 @@ from robustmix.meta import MetaBatches, functional_forward, virtual_sgd_step
 from robustmix.runs import load_model
 from robustmix.sglr import SGLRLabels
 from robustmix.step import AdversarialStep
-from robustmix.trainer import Trainer
+from robustmix.trainer import NonFiniteError, NonFiniteLossError, Trainer
 from robustmix.weights import AdaLabWeights, GAIRATWeights, MAILWeights, MarginWeights, normalize_weights
 
 __all__ = [
@@ -62,6 +62,8 @@ __all__ = [
     "MarginWeights",
     "MetaBatches",
     "MultiClassMargin",
+    "NonFiniteError",
+    "NonFiniteLossError",
     "OneHotLabels",
     "PGDAttack",
     "ProbabilityMargin",

@@ -11,7 +11,14 @@ A checkpoint is a folder ``checkpoints/step_<N>/`` holding
 It is written into ``checkpoints/.tmp-step_<N>/``, every file is fsynced, and only the complete folder is
 renamed to ``step_<N>``; after that the ``latest`` pointer file is replaced (temporary file + ``os.replace``).
 A writer that dies at any moment leaves ``latest`` naming the previous complete checkpoint, and a leftover
-``.tmp-*`` folder is never taken for a checkpoint (the next save removes it).
+``.tmp-*`` folder is never taken for a checkpoint (the next save removes it). Old checkpoints are deleted
+the same way round: renamed to ``.tmp-*`` first, so a deletion cut short never leaves a partial
+``step_<N>``. ``read_checkpoint`` reads every file of a checkpoint without a model, to verify it.
+
+For tests only: ``ROBUSTMIX_TEST_CHECKPOINT_PAUSE=<seconds>`` (or ``<seconds>@<step>``: only the write of
+``step_<step>``) makes the main process sleep while the temporary folder is half written (after
+``save_state``, before the callback and trainer state), so a test can kill the writer inside that window;
+unset or empty, it does nothing.
 """
 
 from __future__ import annotations
@@ -20,9 +27,11 @@ import json
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from torch import Tensor
@@ -33,6 +42,8 @@ CALLBACK_VALUES = "callbacks.json"
 LATEST = "latest"
 _TMP_PREFIX = ".tmp-"
 _STEP_DIR = re.compile(r"step_(\d+)")
+#: Test-only: seconds the main process sleeps inside a checkpoint write (see the module docstring).
+TEST_PAUSE_ENV = "ROBUSTMIX_TEST_CHECKPOINT_PAUSE"
 
 
 def _fsync(path: Path) -> None:
@@ -49,6 +60,22 @@ def _fsync_tree(folder: Path) -> None:
         if path.is_file():
             _fsync(path)
     _fsync(folder)
+
+
+def _remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint folder so that no partial ``step_<N>`` can be left: rename it aside, then delete."""
+    doomed = path.with_name(f"{_TMP_PREFIX}deleted-{path.name}")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(path, doomed)
+    _fsync(path.parent)
+    shutil.rmtree(doomed)
+
+
+def _test_pause(step: int) -> None:
+    """Sleep as ``ROBUSTMIX_TEST_CHECKPOINT_PAUSE`` asks (tests only; see the module docstring)."""
+    seconds, _, only = os.environ.get(TEST_PAUSE_ENV, "").partition("@")
+    if seconds and (not only or int(only) == step):
+        time.sleep(float(seconds))
 
 
 def _replace_atomically(tmp: Path, path: Path) -> None:
@@ -175,12 +202,15 @@ def save_checkpoint(
     if final.exists():
         raise FileExistsError(f"checkpoint {final} exists already; refusing to overwrite it")
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a writer that died
-        tmp.mkdir(parents=True)
+        checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        for stale in checkpoints_dir.glob(f"{_TMP_PREFIX}*"):  # left by a writer or a deletion that died
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+        tmp.mkdir()
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        _test_pause(step)
         tensors, values = split_state(callback_state)
         save_file(tensors, tmp / CALLBACK_TENSORS)
         (tmp / CALLBACK_VALUES).write_text(json.dumps(values, indent=2))
@@ -192,7 +222,7 @@ def save_checkpoint(
         if keep is not None:
             for old in list_checkpoints(checkpoints_dir)[:-keep]:
                 if old != final:
-                    shutil.rmtree(old)
+                    _remove_checkpoint(old)
     accelerator.wait_for_everyone()
     return final
 
@@ -242,4 +272,39 @@ def drop_checkpoints_after(checkpoints_dir: str | Path, checkpoint: Path) -> Non
     if later:
         atomic_write_text(checkpoints_dir / LATEST, checkpoint.name)
         for path in later:
-            shutil.rmtree(path)
+            _remove_checkpoint(path)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read every file of a checkpoint folder, without a model or an accelerator: a full integrity check.
+
+    ``.safetensors`` files load with safetensors, ``.json`` files parse, and the files Accelerate pickles
+    (optimizer, scheduler, RNG states, GradScaler) load with ``torch.load(weights_only=False)``: read only
+    checkpoints you trust, as for resuming.
+
+    Returns:
+        ``{"trainer_state", "callback_state", "model": model tensors, "files": {file name: content}}``.
+
+    Raises:
+        FileNotFoundError: not a complete checkpoint (no ``trainer_state.json`` or no model weights).
+        ValueError: a file does not load (names the file).
+    """
+    path = Path(path)
+    if not (path / TRAINER_STATE).is_file():
+        raise FileNotFoundError(f"{path} is not a complete robustmix checkpoint (no {TRAINER_STATE} in it)")
+    files: dict[str, Any] = {}
+    for file in sorted(path.iterdir()):
+        try:
+            if file.suffix == ".safetensors":
+                files[file.name] = load_file(file)
+            elif file.suffix == ".json":
+                files[file.name] = json.loads(file.read_text())
+            elif file.is_file():
+                files[file.name] = torch.load(file, map_location="cpu", weights_only=False)
+        except Exception as err:  # safetensors, JSON and unpickling errors come in many types
+            raise ValueError(f"checkpoint file {file} does not load ({type(err).__name__}: {err})") from err
+    model = files.get("model.safetensors")
+    if model is None:
+        raise FileNotFoundError(f"{path} holds no model.safetensors")
+    callback_state = join_state(files.get(CALLBACK_TENSORS, {}), files.get(CALLBACK_VALUES, {}))
+    return {"trainer_state": files[TRAINER_STATE], "callback_state": callback_state, "model": model, "files": files}

@@ -45,7 +45,7 @@ from robustmix.data import DATASETS, ImageDataset, load_dataset
 from robustmix.models import create_model, model_config, unwrap_model
 from robustmix.runs import BEST_DIR, CHECKPOINTS_DIR, CONFIG_FILE, METRICS_FILE, METRICS_LOG, MODEL_FILE
 from robustmix.step import MIXED_PRECISION, AdversarialStep
-from robustmix.trainer import Trainer, batches_per_epoch
+from robustmix.trainer import NONFINITE_POLICIES, Trainer, batches_per_epoch
 
 #: Seed of the validation hold-out: the same train/validation split for every run seed, so runs differ
 #: only in their training randomness.
@@ -209,6 +209,11 @@ def base_parser(name: str, description: str | None = None) -> argparse.ArgumentP
     add("--keep-checkpoints", type=_positive_int, default=2, help="most recent checkpoints to keep")
     add("--num-workers", type=_nonnegative_int, default=0, help="DataLoader worker processes")
     add("--threads", type=_nonnegative_int, help="intra-op CPU threads of torch (0: torch's default)")
+    add(
+        "--on-nonfinite", choices=NONFINITE_POLICIES, default="raise",
+        help="a step with a NaN/inf loss or gradient: stop with an error naming the step and the batch's dataset "
+        "indices (raise, the default), or skip its update and count it in metrics.jsonl (skip)",
+    )  # fmt: skip
     return parser
 
 
@@ -334,6 +339,7 @@ def run_recipe(args: argparse.Namespace, build_callbacks: BuildCallbacks, *, met
         eval_eps=args.eps, checkpoint_every=args.checkpoint_every,
         checkpoint_every_steps=args.checkpoint_every_steps, keep_checkpoints=args.keep_checkpoints,
         output_dir=output, seed=args.seed, augment=args.augment, num_workers=args.num_workers,
+        nonfinite=args.on_nonfinite,
     )  # fmt: skip
     if state.is_main_process:
         output.mkdir(parents=True, exist_ok=True)
@@ -350,6 +356,8 @@ def run_recipe(args: argparse.Namespace, build_callbacks: BuildCallbacks, *, met
         unwrap_model(trainer.model).load_state_dict(load_file(output / BEST_DIR / MODEL_FILE))
         metrics["test_best"] = {**trainer.evaluate(test), "weights": "best", "step": best["step"]}
     metrics |= {"attack": trainer.eval_attack, "best": best, "last_val": summary["val"]}
+    if args.on_nonfinite == "skip":
+        metrics["nonfinite_skipped"] = summary["nonfinite_skipped"]
     if state.is_main_process:
         atomic_write_json(output / METRICS_FILE, metrics)
     final, attack = metrics["test"], trainer.eval_attack

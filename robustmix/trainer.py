@@ -10,6 +10,9 @@ One loop serves every recipe, on CPU, one GPU or many (``accelerate launch``), i
 Data order is the trainer's own: every epoch is a permutation seeded by ``(seed, epoch)``, cut into global
 batches of ``batch_size * num_processes`` examples, each process taking its slice. A checkpoint records the
 epoch and the number of batches done in it, so a resumed run sees exactly the batches it has not seen.
+
+A NaN or inf loss or gradient stops the run with ``NonFiniteLossError`` (``nonfinite="raise"``, the default)
+or skips the step and counts it (``nonfinite="skip"``); see ``Trainer``. It never reaches a checkpoint.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Iterator, Sized
 from pathlib import Path
 from typing import Any
@@ -51,6 +55,44 @@ from robustmix.step import MIXED_PRECISION, AdversarialStep
 
 # Independent random streams derived from the run seed.
 _ORDER_STREAM, _AUGMENT_STREAM, _EVAL_STREAM = 0, 1, 2
+
+#: What the trainer does with a step whose loss or gradients are NaN or inf (see ``Trainer``).
+NONFINITE_POLICIES = ("raise", "skip")
+#: Dataset indices shown per process in a non-finite report (the exception keeps them all).
+_SHOWN_INDICES = 64
+
+
+class NonFiniteError(RuntimeError):
+    """Training met NaN or inf where it needs finite values (the model's weights, a callback's state)."""
+
+
+class NonFiniteLossError(NonFiniteError):
+    """A training step's loss or gradients are NaN or inf; raised before the optimizer step.
+
+    Attributes:
+        step: The step's 0-based global step (``ctx.step``; the checkpoint before it is ``step_<step>``).
+        epoch: Its 0-based epoch.
+        batch_in_epoch: Its 0-based position in the epoch.
+        indices: Dataset indices of the global batch, one list per process (empty lists when the batches
+            carry no ``"index"``).
+        nonfinite_loss: Processes whose loss was non-finite.
+        nonfinite_gradients: Whether the (all-reduced) gradients were non-finite.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        step: int,
+        epoch: int,
+        batch_in_epoch: int,
+        indices: list[list[int]],
+        nonfinite_loss: list[int],
+        nonfinite_gradients: bool,
+    ) -> None:
+        super().__init__(message)
+        self.step, self.epoch, self.batch_in_epoch = step, epoch, batch_in_epoch
+        self.indices, self.nonfinite_loss, self.nonfinite_gradients = indices, nonfinite_loss, nonfinite_gradients
 
 
 def mix_seed(*values: int) -> int:
@@ -142,6 +184,29 @@ class Trainer:
     autograd graph. BatchNorm statistics are then averaged across processes before every evaluation and
     checkpoint, which also makes the saved model the same on every rank.
 
+    Non-finite steps. After ``backward`` and ``on_before_optimizer_step`` (before clipping), one check per
+    step reads whether the loss or the gradients hold NaN or inf: the norm of every gradient and the
+    loss go through a single ``isfinite`` reduction, and one host read (after a one-element all-reduce
+    under DDP, so every process takes the same decision). Under fp16 only the loss is checked: inf or NaN
+    gradients with a finite loss are the GradScaler's business (it skips the step and lowers the scale).
+    A rejected step never reaches ``optimizer.step()``: its gradients are dropped, ``step_was_skipped`` is
+    set and ``on_after_optimizer_step`` fires (AWP takes its perturbation off), then, by ``nonfinite``:
+
+    - ``"raise"`` (default): ``NonFiniteLossError`` naming the global step, epoch, position in the epoch,
+      the processes with a non-finite loss and the dataset indices of the batch. Nothing is saved after
+      it: the last checkpoint on disk is the state before the bad step. (BatchNorm statistics of the
+      model in memory may have seen the bad batch; its parameters and optimizer have not.)
+    - ``"skip"``: the step counts as done without an update: the model's parameters, buffers (BatchNorm
+      statistics, restored from a copy taken before the step) and the optimizer state stay as they were;
+      the batch is consumed and the lr scheduler steps as usual, so the lr stays a function of the global
+      step. A warning names the step and the indices; ``nonfinite_skipped`` (the run's count so far) is in
+      every training row of ``metrics.jsonl`` and in checkpoints, so a resumed run continues it exactly.
+      The step's loss and accuracies are left out of the training metrics. State a callback changed
+      during the bad step (a table row, a meta-net update) is kept.
+
+    Independently of the policy, a checkpoint, the best and the final weights are never written from
+    weights that hold NaN or inf, nor with callback state that holds NaN (``NonFiniteError``).
+
     Resuming (``fit(resume=...)``) restores model, optimizer, scheduler, GradScaler, RNG states, callback
     state and the position in the epoch: the run continues bit for bit as if it had not stopped (on the
     same hardware and number of processes). ``on_epoch_start`` does not fire again when resuming in the
@@ -178,6 +243,7 @@ class Trainer:
         num_workers: DataLoader worker processes.
         log_every: Log training metrics (averaged over the window) every this many steps and at epoch ends.
         progress: Show a progress bar on the main process.
+        nonfinite: ``"raise"`` or ``"skip"``: what a step with a NaN or inf loss or gradient does (above).
     """
 
     def __init__(
@@ -207,6 +273,7 @@ class Trainer:
         num_workers: int = 0,
         log_every: int = 10,
         progress: bool = True,
+        nonfinite: str = "raise",
     ) -> None:
         for name, value, minimum in (
             ("epochs", epochs, 1), ("batch_size", batch_size, 1), ("eval_steps", eval_steps, 0),
@@ -219,6 +286,8 @@ class Trainer:
         ):  # fmt: skip
             if value is not None:
                 _check_int(name, value, 1)
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
         if grad_clip is not None and not (0 < grad_clip < math.inf):
             raise ValueError(f"grad_clip must be a positive number, got {grad_clip}")
         if not isinstance(train_data, Sized) or len(train_data) == 0:
@@ -272,6 +341,10 @@ class Trainer:
         self.checkpoint_every, self.checkpoint_every_steps = checkpoint_every, checkpoint_every_steps
         self.keep_checkpoints, self.seed, self.augment = keep_checkpoints, seed, augment
         self.num_workers, self.log_every, self.progress = num_workers, log_every, progress
+        self.nonfinite = nonfinite
+        # Under fp16 the GradScaler owns inf/NaN gradients (they are expected while it calibrates its scale).
+        self._check_gradients = mixed_precision != "fp16"
+        self._buffer_copy: list[Tensor] | None = None  # the model's buffers before the step ("skip")
 
         self.steps_per_epoch = batches_per_epoch(len(train_data), batch_size, accelerator.num_processes)
         if self.steps_per_epoch == 0:
@@ -296,8 +369,12 @@ class Trainer:
         #: Validation metrics of the best evaluation so far (by PGD accuracy), with its step and epoch.
         self.best: dict[str, Any] | None = None
         self.val_metrics: dict[str, float] = {}
-        #: Whether the fp16 GradScaler skipped the last optimizer step (inf/NaN gradients).
+        #: Whether the last optimizer step was skipped: by the fp16 GradScaler (inf/NaN gradients) or by
+        #: ``nonfinite="skip"``.
         self.step_was_skipped = False
+        #: Steps skipped by ``nonfinite="skip"`` so far in this run (checkpointed).
+        self.nonfinite_skipped = 0
+        self._log_rows = 0  # rows this run wrote to metrics.jsonl (checkpointed: a resume truncates to it)
         self._elapsed_before = 0.0
         self._last_saved_step: int | None = None
         self._last_eval_step: int | None = None
@@ -325,9 +402,12 @@ class Trainer:
                 ``output_dir`` deletes the later ones (they belong to the abandoned continuation).
 
         Returns:
-            ``{"step", "epoch", "val": last validation metrics, "best": best validation metrics}``.
+            ``{"step", "epoch", "val": last validation metrics, "best": best validation metrics,
+            "nonfinite_skipped": steps skipped for a NaN/inf loss or gradient}``.
 
         Raises:
+            NonFiniteLossError: a step's loss or gradients are NaN or inf and ``nonfinite="raise"``.
+            NonFiniteError: weights or callback state hold NaN/inf when a checkpoint or weights are due.
             FileNotFoundError: ``resume`` names no complete checkpoint.
             ValueError: a fresh start in an ``output_dir`` that holds checkpoints or final weights, or a
                 checkpoint written with another batch size, process count, dataset size, seed or planned
@@ -437,6 +517,8 @@ class Trainer:
                 mix_seed(self.seed, _AUGMENT_STREAM, self.global_step, self.accelerator.process_index)
             )
             batch["image"] = augment_cifar(batch["image"], generator)
+        if self.nonfinite == "skip":
+            self._copy_buffers()
         self.step.fire("on_batch_start", self, batch)
         self.model.train()
         loss, ctx = self.step(
@@ -446,24 +528,98 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.accelerator.backward(loss)
         self.step.fire("on_before_optimizer_step", self, self.optimizer)
-        if self.grad_clip is not None:
-            self.accelerator.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         self._lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
-        self.step_was_skipped = self.optimizer.step_was_skipped
-        self.step.fire("on_after_optimizer_step", self, self.optimizer)
+        local_flags = self._nonfinite_flags(loss)
+        flags = self.accelerator.reduce(local_flags, "sum") if self.accelerator.num_processes > 1 else local_flags
+        if any(flags.tolist()):  # the one host read of the check
+            self._reject_step(batch, loss, local_flags, flags)
+        else:
+            if self.grad_clip is not None:
+                self.accelerator.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            self.optimizer.step()
+            self.step_was_skipped = self.optimizer.step_was_skipped
+            self.step.fire("on_after_optimizer_step", self, self.optimizer)
+            # Training accuracies come from logits the step computed anyway: no extra forward.
+            targets = batch["label"]
+            adv, clean = ctx.logits.get("adv"), ctx.logits.get("clean", ctx.eval_logits.get("clean"))
+            b = float(len(targets))
+            self._window += torch.stack([
+                loss.detach().double() * b, torch.tensor(b, device=targets.device, dtype=torch.float64),
+                *_correct(adv, targets), *_correct(clean, targets),
+            ])  # fmt: skip
         if self.scheduler is not None:
             self.scheduler.step()
-
-        # Training accuracies come from logits the step computed anyway: no extra forward.
-        targets = batch["label"]
-        adv, clean = ctx.logits.get("adv"), ctx.logits.get("clean", ctx.eval_logits.get("clean"))
-        b = float(len(targets))
-        self._window += torch.stack([
-            loss.detach().double() * b, torch.tensor(b, device=targets.device, dtype=torch.float64),
-            *_correct(adv, targets), *_correct(clean, targets),
-        ])  # fmt: skip
         self._window_passes.append(ctx.passes())
+
+    def _nonfinite_flags(self, loss: Tensor) -> Tensor:
+        """``[loss is NaN/inf, gradients are NaN/inf]`` of this process's step, as floats on the device.
+
+        The loss and the L2 norm of every gradient (one fused ``_foreach_norm``, as gradient clipping
+        computes it; NaN and inf propagate into it) go through one ``isfinite``; no host read. A norm that
+        overflows float32 (a tensor's gradient norm past ~1e19) counts as non-finite too. (The max-abs norm
+        cannot overflow but is ~6x slower on CPUs.)
+        """
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None] if self._check_gradients else []
+        norms = torch._foreach_norm(grads) if grads else []
+        bad = ~torch.isfinite(torch.stack([loss.detach().float().reshape(()), *norms]))
+        return torch.stack([bad[0], bad[1:].any()]).float()
+
+    def _copy_buffers(self) -> None:
+        buffers = list(unwrap_model(self.model).buffers())
+        if self._buffer_copy is None:
+            self._buffer_copy = [b.detach().clone() for b in buffers]
+        elif buffers:
+            torch._foreach_copy_(self._buffer_copy, buffers)
+
+    def _reject_step(self, batch: dict[str, Tensor], loss: Tensor, local_flags: Tensor, flags: Tensor) -> None:
+        """Drop a step whose loss or gradients are NaN/inf: no update; then raise, or count and warn."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.nonfinite == "skip" and self._buffer_copy:
+            with torch.no_grad():
+                torch._foreach_copy_(list(unwrap_model(self.model).buffers()), self._buffer_copy)
+        self.step_was_skipped = True
+        self.step.fire("on_after_optimizer_step", self, self.optimizer)  # e.g. AWP takes its perturbation off
+
+        # All processes are here together (the flags were reduced): gather what the report needs.
+        index = batch.get("index")
+        per_process = [torch.cat([local_flags, loss.detach().float().reshape(1)])]
+        indices = [index.long()] if index is not None else []
+        if self.accelerator.num_processes > 1:
+            per_process = list(self.accelerator.gather(per_process[0]).view(-1, 3))
+            if index is not None:  # every process has a batch of the same size (EpochBatches)
+                indices = list(self.accelerator.gather(indices[0]).view(self.accelerator.num_processes, -1))
+        indices_lists = [i.tolist() for i in indices] or [[] for _ in per_process]
+        bad_loss = [rank for rank, row in enumerate(per_process) if row[0] > 0]
+        bad_gradients = bool(flags[1] > 0)
+        what = " and ".join((["loss"] if bad_loss else []) + (["gradients"] if bad_gradients else []))
+        losses = ", ".join(f"process {rank}: {per_process[rank][2].item():g}" for rank in bad_loss)
+        shown = bad_loss or range(len(indices_lists))
+        listed = (
+            "; ".join(f"process {rank}: {_abbreviate(indices_lists[rank])}" for rank in shown)
+            if index is not None
+            else "the batches carry no 'index' column"
+        )
+        where = (
+            f"non-finite {what} at step {self.global_step} (0-based; epoch {self.epoch}, batch "
+            f"{self.batch_in_epoch} of {self.steps_per_epoch} in the epoch)"
+            + (f"; loss {losses}" if bad_loss else "")
+            + f"; dataset indices of the batch: {listed}"
+        )
+        if self.nonfinite == "skip":
+            self.nonfinite_skipped += 1
+            if self.accelerator.is_main_process:
+                warnings.warn(
+                    f"{where}. The step was skipped (skipped so far: {self.nonfinite_skipped})",
+                    RuntimeWarning, stacklevel=2,
+                )  # fmt: skip
+            return
+        last = f" (last checkpoint: step_{self._last_saved_step})" if self._last_saved_step is not None else ""
+        raise NonFiniteLossError(
+            f"{where}. The optimizer step was not taken and nothing was saved after it{last}. "
+            "To skip such steps and count them instead, pass nonfinite='skip' (recipes: --on-nonfinite skip)",
+            step=self.global_step, epoch=self.epoch, batch_in_epoch=self.batch_in_epoch,
+            indices=indices_lists, nonfinite_loss=bad_loss, nonfinite_gradients=bad_gradients,
+        )  # fmt: skip
 
     def _end_epoch(self) -> None:
         self._log_train()
@@ -484,13 +640,18 @@ class Trainer:
         if self._checkpointing and self._last_saved_step != self.global_step:
             self._save_checkpoint()
         self._sync_buffers()
+        if self.output_dir is not None:
+            self._refuse_nonfinite_weights(f"the final weights {MODEL_FILE}")
         if self.output_dir is not None and self.accelerator.is_main_process:
             atomic_save_weights(unwrap_model(self.model).state_dict(), self.output_dir / MODEL_FILE)
         self.accelerator.wait_for_everyone()
         # Not accelerator.end_training(): it also destroys the process group, and evaluate() must still work.
         for tracker in self.accelerator.trackers:
             tracker.finish()
-        return {"step": self.global_step, "epoch": self.epoch, "val": self.val_metrics, "best": self._best_record()}
+        return {
+            "step": self.global_step, "epoch": self.epoch, "val": self.val_metrics, "best": self._best_record(),
+            "nonfinite_skipped": self.nonfinite_skipped,
+        }  # fmt: skip
 
     # ------------------------------------------------------------------ evaluation and metrics
 
@@ -514,6 +675,8 @@ class Trainer:
         self.step.fire("on_evaluate", self, dict(self.val_metrics))
         if self.best is None or metrics["pgd_acc"] > self.best["val_pgd_acc"]:
             self.best = {"step": self.global_step, "epoch": self.epoch, **self.val_metrics}
+            if self.output_dir is not None:
+                self._refuse_nonfinite_weights(f"the best weights {BEST_DIR}/{MODEL_FILE}")
             if self.output_dir is not None and self.accelerator.is_main_process:
                 best = self.output_dir / BEST_DIR
                 best.mkdir(parents=True, exist_ok=True)
@@ -532,12 +695,15 @@ class Trainer:
             return
         loss_sum, n, adv_ok, adv_n, clean_ok, clean_n = self.accelerator.reduce(self._window, "sum").tolist()
         forwards, backwards = np.mean(self._window_passes, axis=0).tolist()
-        row: dict[str, float] = {"loss": loss_sum / n, "lr": self._lr}
+        row: dict[str, float] = {"loss": loss_sum / n} if n else {}  # no loss when every step was skipped
+        row["lr"] = self._lr
         if adv_n:
             row["train_adv_acc"] = adv_ok / adv_n
         if clean_n:
             row["train_clean_acc"] = clean_ok / clean_n
         row |= {"forwards_per_step": forwards, "backwards_per_step": backwards}
+        if self.nonfinite == "skip":
+            row["nonfinite_skipped"] = self.nonfinite_skipped
         self._window.zero_()
         self._window_passes.clear()
         self._log(row)
@@ -552,6 +718,7 @@ class Trainer:
         if self.output_dir is not None and self.accelerator.is_main_process:
             with open(self.output_dir / METRICS_LOG, "a") as log:
                 log.write(json.dumps(row) + "\n")
+        self._log_rows += 1
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -582,16 +749,19 @@ class Trainer:
         self.step.fire("on_save_checkpoint", self, str(directory))
         self._log_train()  # the window restarts at the checkpoint, so a resumed run logs the same rows
         self._sync_buffers()
+        callback_state = self.step.state_dict()
+        self._refuse_nonfinite_weights(f"checkpoint {directory.name}", callback_state)
         state = {
             "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "global_step": self.global_step,
             "best": self.best, "val_metrics": self.val_metrics, "last_eval_step": self._last_eval_step,
             "elapsed_s": self._elapsed_before + time.perf_counter() - self._start_time,
             "num_processes": self.accelerator.num_processes, "batch_size": self.batch_size,
             "num_train_examples": len(self.train_data), "seed": self.seed, "total_steps": self.total_steps,
+            "nonfinite_skipped": self.nonfinite_skipped, "log_rows": self._log_rows,
         }  # fmt: skip
         save_checkpoint(
             self.accelerator, self.checkpoints_dir, self.global_step, trainer_state=state,
-            callback_state=self.step.state_dict(), keep=self.keep_checkpoints,
+            callback_state=callback_state, keep=self.keep_checkpoints,
         )  # fmt: skip
         self._last_saved_step = self.global_step
 
@@ -611,11 +781,39 @@ class Trainer:
         self.best, self.val_metrics = state["best"], state["val_metrics"]
         self._last_eval_step = state["last_eval_step"]
         self._elapsed_before = state["elapsed_s"]
+        self.nonfinite_skipped = state.get("nonfinite_skipped", 0)
+        rows = state.get("log_rows")  # absent in checkpoints written before the trainer counted its rows
+        self._log_rows = rows or 0
         self._lr = self.optimizer.param_groups[0]["lr"]
         if self.output_dir is not None and self.accelerator.is_main_process:
             drop_checkpoints_after(self.checkpoints_dir, checkpoint)
-            _truncate_log(self.output_dir / METRICS_LOG, self.global_step)
+            self._log_rows = _truncate_log(self.output_dir / METRICS_LOG, self.global_step, rows)
         self.accelerator.wait_for_everyone()
+
+    def _refuse_nonfinite_weights(self, what: str, callback_state: dict[str, Any] | None = None) -> None:
+        """Raise ``NonFiniteError`` before ``what`` is written from NaN/inf weights or NaN callback state.
+
+        One reduction over the model's floating-point tensors (they are the same on every process); the
+        callback state (``None``: not checked) is checked for NaN only (inf may be a legitimate value), and
+        that decision is reduced across processes.
+        """
+        tensors = {k: t for k, t in unwrap_model(self.model).state_dict().items() if t.is_floating_point()}
+        bad_weights: list[str] = []
+        if tensors:
+            norms = torch.stack([n.float() for n in torch._foreach_norm(list(tensors.values()), math.inf)])
+            if not bool(torch.isfinite(norms).all()):
+                bad_weights = [k for k, n in zip(tensors, norms.tolist()) if not math.isfinite(n)]
+        bad_state: list[str] = []
+        if callback_state is not None:
+            bad_state = [k for k, t in _tensors(callback_state) if t.is_floating_point() and bool(t.isnan().any())]
+            if self.accelerator.num_processes > 1:
+                flag = torch.tensor([float(bool(bad_state))], device=self.accelerator.device)
+                if self.accelerator.reduce(flag, "sum").item() and not bad_state:
+                    bad_state = ["(on another process)"]
+        if bad_weights or bad_state:
+            parts = [f"the model's {', '.join(bad_weights[:8])} hold NaN or inf"] if bad_weights else []
+            parts += [f"callback state {', '.join(bad_state[:8])} holds NaN"] if bad_state else []
+            raise NonFiniteError(f"refusing to write {what} at step {self.global_step}: {'; '.join(parts)}")
 
     def _sync_buffers(self) -> None:
         """Average floating-point buffers (BatchNorm statistics) across processes; a no-op on one process."""
@@ -629,6 +827,12 @@ class Trainer:
             buffer.copy_(values.view_as(buffer))
 
 
+def _abbreviate(values: list[int]) -> str:
+    if len(values) <= _SHOWN_INDICES:
+        return str(values)
+    return f"{str(values[:_SHOWN_INDICES])[:-1]}, ... ({len(values)} in all)]"
+
+
 def _correct(logits: Tensor | None, targets: Tensor) -> tuple[Tensor, Tensor]:
     """(correct predictions, examples) as float64 scalars; zeros when the step has no such logits."""
     zero = torch.zeros((), dtype=torch.float64, device=targets.device)
@@ -637,19 +841,41 @@ def _correct(logits: Tensor | None, targets: Tensor) -> tuple[Tensor, Tensor]:
     return (logits.detach().argmax(dim=1) == targets).sum().double(), zero + len(targets)
 
 
-def _truncate_log(path: Path, step: int) -> None:
-    """Keep the rows of ``metrics.jsonl`` up to ``step``: later ones belong to the run being replaced."""
+def _truncate_log(path: Path, step: int, rows: int | None = None) -> int:
+    """Keep the rows of ``metrics.jsonl`` written before the checkpoint: later ones belong to the run replaced.
+
+    Args:
+        path: The log.
+        step: The checkpoint's step: rows of later steps go (when ``rows`` is not known).
+        rows: Rows the run had written when it saved the checkpoint: exactly those are kept (rows of the
+            checkpoint's own step written after it, such as a final validation, go too).
+
+    Returns:
+        The number of rows kept.
+    """
     if not path.is_file():
-        return
+        return 0
     kept = []
     for line in path.read_text().splitlines():
+        if rows is not None and len(kept) == rows:
+            break
         try:
             row = json.loads(line)
         except json.JSONDecodeError:  # a line cut short by a crash
             continue
-        if row.get("step", math.inf) <= step:
+        if rows is not None or row.get("step", math.inf) <= step:
             kept.append(line + "\n")
     atomic_write_text(path, "".join(kept))
+    return len(kept)
+
+
+def _tensors(state: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Tensor]]:
+    """``(key path, tensor)`` of every tensor in a nested callback state."""
+    for key, value in state.items():
+        if isinstance(value, Tensor):
+            yield f"{prefix}{key}", value
+        elif isinstance(value, dict):
+            yield from _tensors(value, f"{prefix}{key}/")
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
