@@ -17,8 +17,7 @@ from robustmix.data import load_dataset
 from robustmix.recipe import PRESETS, base_parser, parse_args
 from robustmix.runs import load_metrics_log, load_model
 from robustmix.trainer import Trainer
-from tests.conftest import load_recipe, quick_flags
-from tests.test_trainer import free_port
+from tests.conftest import launch_two_processes, load_recipe, quick_flags
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -169,12 +168,7 @@ def test_accelerate_launch_runs_a_recipe(tiny, tmp_path):
 def test_recipe_under_two_cpu_processes(tiny, tmp_path):
     out = tmp_path / "ddp"
     flags = quick_flags(tiny, out, "--max-steps", "3", "--attack-steps", "1", "--batch-size", "8")
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(free_port()), str(REPO / "recipes" / "pgd_at.py"), *flags]  # fmt: skip
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    launch_two_processes(REPO / "recipes" / "pgd_at.py", *flags, timeout=600)
     config = json.loads((out / "config.json").read_text())
     assert (config["num_processes"], config["global_batch_size"], config["steps_per_epoch"]) == (2, 16, 6)
     metrics = json.loads((out / "metrics.json").read_text())
