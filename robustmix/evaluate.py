@@ -35,6 +35,7 @@ import accelerate
 import numpy as np
 import torch
 from accelerate import Accelerator
+from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -49,9 +50,9 @@ from robustmix.data import SPLITS, load_dataset
 from robustmix.margins import probability_margin
 from robustmix.modes import BNMode, model_mode
 from robustmix.recipe import _nonnegative_int, _nonnegative_number, _positive_int
-from robustmix.runs import BEST_DIR, MODEL_FILE, load_config, load_model, read_json
+from robustmix.runs import BEST_DIR, CONFIG_FILE, MODEL_FILE, load_config, load_model, read_json
 from robustmix.step import MIXED_PRECISION
-from robustmix.validation import check_batch
+from robustmix.validation import check_batch, check_model_input
 
 #: ``fn(model, x, y, *, eps, seed, **kwargs) -> x_adv``.
 AttackFn = Callable[..., Tensor]
@@ -358,10 +359,11 @@ def worst_case(
         fractions in [0, 1].
     """
     specs = [get_attack(a) if isinstance(a, str) else a for a in attacks]
-    _check_eval_args(specs, x, eps, batch_size)
+    _check_eval_args(specs, x, y, eps, batch_size)
     with torch.inference_mode(False), torch.enable_grad():
         # Tensors made under inference_mode cannot enter autograd.
         x, y = (t.detach().clone() if t.is_inference() else t.detach() for t in (x, y))
+        check_model_input(model, x)
         num_classes = _num_classes(model, x)
         check_batch(x, y, num_classes)
         for spec in specs:
@@ -516,21 +518,49 @@ def get_attack(name: str) -> AttackSpec:
 def check_run(run_dir: str | Path, weights: Literal["final", "best"] = "final") -> tuple[dict[str, Any], Path]:
     """Check that ``run_dir`` is a run folder with ``weights`` to evaluate, without loading them.
 
+    Reads config.json and the header of the weights file (a few kilobytes), so a truncated or overwritten
+    file is named here; ``load_model`` reads the tensors.
+
     Returns:
         The run's config (``robustmix.runs.load_config``) and the path of its weights file.
 
     Raises:
         FileNotFoundError: The folder, its config.json or the weights file does not exist.
-        ValueError: config.json is corrupted, or ``weights`` is not "final" or "best".
+        ValueError: config.json is corrupted or lacks the ``data`` / ``attack`` entries evaluation reads; the
+            weights file is not a complete safetensors file; ``weights`` is not "final" or "best".
     """
     run_dir = Path(run_dir)
     if weights not in ("final", "best"):
         raise ValueError(f"weights must be 'final' or 'best', got {weights!r}")
     config = load_config(run_dir)
+    _check_run_config(config, run_dir / CONFIG_FILE)
     weights_file = run_dir / MODEL_FILE if weights == "final" else run_dir / BEST_DIR / MODEL_FILE
     if not weights_file.is_file():
         raise FileNotFoundError(f"{weights_file} does not exist: the run has no {weights} weights (did it finish?)")
+    try:
+        with safe_open(weights_file, "pt") as weights_reader:  # validates the header against the file size
+            weights_reader.keys()
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{weights_file} is corrupted: not a readable safetensors file ({err})") from err
     return config, weights_file
+
+
+def _check_run_config(config: dict[str, Any], path: Path) -> None:
+    """The entries of a run's config.json that ``evaluate_run`` reads, with their types."""
+    data, attack = config.get("data"), config.get("attack")
+    problem = None
+    if not isinstance(data, dict) or not {"dataset", "path", "split_seed"} <= set(data):
+        problem = "no 'data' entry with 'dataset', 'path' and 'split_seed'"
+    elif not isinstance(data["dataset"], str) or not isinstance(data["path"], (str, type(None))):
+        problem = f"'data' must name the dataset and its path as strings, got {data['dataset']!r}, {data['path']!r}"
+    elif isinstance(data["split_seed"], bool) or not isinstance(data["split_seed"], int) or data["split_seed"] < 0:
+        problem = f"'data.split_seed' must be an integer >= 0, got {data['split_seed']!r}"
+    elif not isinstance(attack, dict) or "eps" not in attack:
+        problem = "no 'attack' entry with the training 'eps'"
+    elif isinstance(attack["eps"], bool) or not isinstance(attack["eps"], (int, float)) or not 0 <= attack["eps"] <= 1:
+        problem = f"'attack.eps' must be a number in [0, 1], got {attack['eps']!r}"
+    if problem is not None:
+        raise ValueError(f"{path} is corrupted: {problem}")
 
 
 def with_budget(attack: str | AttackSpec, **settings: Any) -> AttackSpec:
@@ -912,9 +942,13 @@ def _num_classes(model: nn.Module, x: Tensor) -> int:
         return model(x[:1]).shape[1]
 
 
-def _check_eval_args(specs: list[AttackSpec], x: Tensor, eps: float, batch_size: int) -> None:
+def _check_eval_args(specs: list[AttackSpec], x: Tensor, y: Tensor, eps: float, batch_size: int) -> None:
     # The rest of the batch checks need the number of classes, which may take a forward of x[:1].
-    if not isinstance(x, Tensor) or x.dim() < 2 or x.shape[0] == 0:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a floating-point tensor of pixels in [0, 1], got {type(x).__name__}")
+    if not isinstance(y, Tensor):
+        raise TypeError(f"y must be an integer tensor of class indices [N], got {type(y).__name__}")
+    if x.dim() < 2 or x.shape[0] == 0:
         raise ValueError(f"x must be a non-empty batch [N, ...], got {getattr(x, 'shape', x)!r}")
     if not specs:
         raise ValueError("attacks must name at least one attack")

@@ -153,10 +153,10 @@ def build_from_config(config: dict[str, Any]) -> NormalizedModel:
         The rebuilt model.
 
     Raises:
-        ValueError: Keys missing from or unknown to the config.
+        ValueError: Keys missing from or unknown to the config, or a value of the wrong type (see
+            `check_model_config`).
     """
-    if set(config) != set(_CONFIG_KEYS):
-        raise ValueError(f"model config needs exactly the keys {list(_CONFIG_KEYS)}, got {sorted(config)}")
+    check_model_config(config)
     return create_model(
         config["name"],
         config["num_classes"],
@@ -166,6 +166,39 @@ def build_from_config(config: dict[str, Any]) -> NormalizedModel:
         std=config["std"],
         **config["timm_kwargs"],
     )
+
+
+def check_model_config(config: Any) -> None:
+    """Check a config from `model_config` (e.g. read back from a run's config.json) without building the model.
+
+    Raises:
+        ValueError: Not a dict with exactly the keys of `model_config`; an unknown timm model name; a value of the
+            wrong type or out of range (num_classes >= 2 and in_chans >= 1 integers, cifar_stem a bool, mean and
+            std lists of in_chans numbers, timm_kwargs a dict with string keys).
+    """
+    if not isinstance(config, dict) or set(config) != set(_CONFIG_KEYS):
+        keys = sorted(config) if isinstance(config, dict) else type(config).__name__
+        raise ValueError(f"model config needs exactly the keys {list(_CONFIG_KEYS)}, got {keys}")
+    name = config["name"]
+    if not isinstance(name, str) or not timm.is_model(name):
+        raise ValueError(f"model config: 'name' must be a timm model name, got {name!r}")
+    for key, minimum in (("num_classes", 2), ("in_chans", 1)):
+        value = config[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"model config: {key!r} must be an integer >= {minimum}, got {value!r}")
+    if not isinstance(config["cifar_stem"], bool):
+        raise ValueError(f"model config: 'cifar_stem' must be true or false, got {config['cifar_stem']!r}")
+    for key in ("mean", "std"):
+        values = config[key]
+        if (
+            not isinstance(values, (list, tuple))
+            or len(values) != config["in_chans"]
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        ):
+            raise ValueError(f"model config: {key!r} must be a list of {config['in_chans']} numbers, got {values!r}")
+    kwargs = config["timm_kwargs"]
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise ValueError(f"model config: 'timm_kwargs' must be a dict of keyword arguments, got {kwargs!r}")
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

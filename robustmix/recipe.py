@@ -17,13 +17,16 @@ the run folder described in ``robustmix.runs``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import functools
 import math
 import os
 import platform
+import re
 import shutil
-from collections.abc import Callable, Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -138,11 +141,14 @@ BuildCallbacks = Callable[[argparse.Namespace, RecipeInfo], Sequence[Callback]]
 
 
 def _number(text: str) -> float:
-    """A float or a fraction such as ``8/255``."""
+    """A float or a fraction such as ``8/255``; not NaN (it fails every comparison, so no range check sees it)."""
     try:
-        return float(Fraction(text)) if "/" in text else float(text)
+        value = float(Fraction(text)) if "/" in text else float(text)
     except (ValueError, ZeroDivisionError) as err:
         raise argparse.ArgumentTypeError(f"expected a number such as 0.1 or 8/255, got {text!r}") from err
+    if math.isnan(value):
+        raise argparse.ArgumentTypeError(f"expected a number such as 0.1 or 8/255, got {text!r}")
+    return value
 
 
 def _bounded(kind: Callable[[str], float | int], low: float, *, strict: bool = False) -> Callable[[str], Any]:
@@ -254,12 +260,16 @@ def parse_args(
                 f"accelerate launch set mixed precision {args.mixed_precision!r}; robustmix runs {MIXED_PRECISION}"
             )
     if args.dataset not in DATASETS and not Path(args.dataset).exists():
-        parser.error(f"unknown dataset {args.dataset!r}: expected one of {sorted(DATASETS)} or an existing path")
+        parser.error(
+            f"--dataset: unknown dataset {args.dataset!r}: expected one of {sorted(DATASETS)} or an existing path"
+        )
     if args.data_path is not None and not Path(args.data_path).exists():
         parser.error(f"--data-path {args.data_path} does not exist")
     if not timm.is_model(args.model):
         close = difflib.get_close_matches(args.model, timm.list_models(), n=3)
-        parser.error(f"unknown timm model {args.model!r}" + (f"; close matches: {', '.join(close)}" if close else ""))
+        parser.error(
+            f"--model: unknown timm model {args.model!r}" + (f"; close matches: {', '.join(close)}" if close else "")
+        )
     if args.eps > 1:
         parser.error(f"--eps is in pixels in [0, 1], got {args.eps}; for 8/255 write 8/255")
     if args.momentum >= 1:
@@ -270,6 +280,8 @@ def parse_args(
     if args.output_dir is None:
         args.output_dir = f"runs/{args.recipe}-{Path(args.dataset).name}-seed{args.seed}"
     output = Path(args.output_dir)
+    if output.exists() and not output.is_dir():
+        parser.error(f"--output-dir {output} exists and is not a folder")
     if args.resume is not None:
         if args.overwrite:
             parser.error("--resume and --overwrite contradict each other")
@@ -302,20 +314,19 @@ def run_recipe(args: argparse.Namespace, build_callbacks: BuildCallbacks, *, met
     # PartialState does not: created first, it would leave every process alone.
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     output = Path(args.output_dir)
-    if args.overwrite and state.is_main_process:
-        for name in _RUN_FILES:
-            path = output / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    state.wait_for_everyone()
 
     if args.threads:
         torch.set_num_threads(args.threads)
     set_seed(args.seed)  # the same initial weights on every process
-    with state.main_process_first():  # one process downloads and caches, the others read the cache
+    # Flag values that only the data or the callbacks can judge end the program as parse_args does (status 2,
+    # naming the flags), before --overwrite removes anything and before the run folder is made.
+    with _flag_errors(args, state, "--dataset", "--data-path"), state.main_process_first():
+        # One process downloads and caches, the others read the cache.
         train, val = (_load(args, split) for split in ("train", "validation"))
     meta = None
     if meta_size:
-        train, meta = train.hold_out(meta_size, "meta", seed=SPLIT_SEED)
+        with _flag_errors(args, state, "--meta-size"):
+            train, meta = train.hold_out(meta_size, "meta", seed=SPLIT_SEED)
     spec = DATASETS.get(args.dataset)
     mean, std = (spec.mean, spec.std) if spec is not None else channel_stats(train)
     in_chans = train.image_shape[0]
@@ -328,9 +339,10 @@ def run_recipe(args: argparse.Namespace, build_callbacks: BuildCallbacks, *, met
     info = RecipeInfo(
         train.num_classes, train, val, args.epochs, steps_per_epoch, total_steps, state.num_processes, meta
     )
-    step = AdversarialStep(
-        build_callbacks(args, info), num_classes=train.num_classes, mixed_precision=args.mixed_precision
-    )
+    with _flag_errors(args, state):
+        step = AdversarialStep(
+            build_callbacks(args, info), num_classes=train.num_classes, mixed_precision=args.mixed_precision
+        )
     optimizer = build_optimizer(args, model)
     trainer = Trainer(
         model, step, optimizer, train, val, scheduler=build_scheduler(args, optimizer, steps_per_epoch, total_steps),
@@ -341,6 +353,11 @@ def run_recipe(args: argparse.Namespace, build_callbacks: BuildCallbacks, *, met
         output_dir=output, seed=args.seed, augment=args.augment, num_workers=args.num_workers,
         nonfinite=args.on_nonfinite,
     )  # fmt: skip
+    if args.overwrite and state.is_main_process:
+        for name in _RUN_FILES:
+            path = output / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    state.wait_for_everyone()
     if state.is_main_process:
         output.mkdir(parents=True, exist_ok=True)
         atomic_write_json(output / CONFIG_FILE, _run_config(args, model, train, val, trainer, step))
@@ -367,6 +384,27 @@ def run_recipe(args: argparse.Namespace, build_callbacks: BuildCallbacks, *, met
         f"run folder {output}"
     )
     return metrics
+
+
+@contextlib.contextmanager
+def _flag_errors(args: argparse.Namespace, state: PartialState, *flags: str) -> Iterator[None]:
+    """Turn a ``ValueError`` raised while flags become data or callbacks into the command line's exit status 2.
+
+    The message names ``flags`` or, when none are given, every flag whose name the error uses as a callback
+    argument (``meta_lr must ...`` or ``lam=...`` for ``--meta-lr`` and ``--lam``), in argparse's format:
+    ``<recipe>.py: error: --meta-lr: meta_lr must be ...``.
+    """
+    try:
+        yield
+    except ValueError as err:
+        named = flags or tuple(
+            "--" + key.replace("_", "-")
+            for key in vars(args)
+            if re.search(rf"\b{re.escape(key)}(=|\s+must\b)", str(err))
+        )
+        if state.is_main_process:
+            print(f"{args.recipe}.py: error: {', '.join(named) or 'the flags'}: {err}", file=sys.stderr)
+        raise SystemExit(2) from err
 
 
 def _load(args: argparse.Namespace, split: str) -> ImageDataset:

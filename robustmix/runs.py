@@ -21,11 +21,12 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from robustmix.models import build_from_config
+from robustmix.models import build_from_config, check_model_config
 
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.safetensors"
@@ -56,7 +57,7 @@ def load_config(run_dir: str | Path) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: the folder or its config.json does not exist.
-        ValueError: config.json is corrupted or has no ``"model"`` entry.
+        ValueError: config.json is corrupted, has no ``"model"`` entry or a malformed one.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -64,6 +65,10 @@ def load_config(run_dir: str | Path) -> dict[str, Any]:
     config = read_json(run_dir / CONFIG_FILE)
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
         raise ValueError(f"{run_dir / CONFIG_FILE} has no 'model' entry; it was not written by a robustmix run")
+    try:
+        check_model_config(config["model"])
+    except ValueError as err:
+        raise ValueError(f"{run_dir / CONFIG_FILE} is corrupted: {err}") from err
     return config
 
 
@@ -80,7 +85,8 @@ def load_model(run_dir: str | Path, *, weights: Literal["final", "best"] = "fina
 
     Raises:
         FileNotFoundError: the folder, its config.json or the weights file does not exist.
-        ValueError: ``weights`` is not "final" or "best"; a file is corrupted; the weights do not fit the model.
+        ValueError: ``weights`` is not "final" or "best"; a file is corrupted; the weights do not fit the model
+            or hold NaN or inf.
     """
     if weights not in ("final", "best"):
         raise ValueError(f"weights must be 'final' or 'best', got {weights!r}")
@@ -93,7 +99,13 @@ def load_model(run_dir: str | Path, *, weights: Literal["final", "best"] = "fina
         state_dict = load_file(path)
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{path} is corrupted: not a readable safetensors file ({err})") from err
-    model = build_from_config(config["model"])
+    for name, tensor in state_dict.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{path} holds NaN or inf in {name!r}: the run diverged or the file is corrupted")
+    try:
+        model = build_from_config(config["model"])
+    except (ValueError, TypeError) as err:  # timm rejects unknown timm_kwargs with a TypeError
+        raise ValueError(f"{run_dir / CONFIG_FILE} describes a model that cannot be built: {err}") from err
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as err:
@@ -102,14 +114,26 @@ def load_model(run_dir: str | Path, *, weights: Literal["final", "best"] = "fina
 
 
 def load_metrics_log(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The rows of ``metrics.jsonl``, oldest first (training rows and validation rows, each with step and epoch)."""
+    """The rows of ``metrics.jsonl``, oldest first (training rows and validation rows, each with step and epoch).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file is not text, or a line is not a JSON object (names the line).
+    """
     path = Path(run_dir) / METRICS_LOG
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is corrupted: not UTF-8 text ({err})") from err
     rows = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError as err:
             raise ValueError(f"{path} line {number} is not valid JSON ({err})") from err
+        if not isinstance(row, dict):
+            raise ValueError(f"{path} line {number} is not a JSON object: {line[:80]!r}")
+        rows.append(row)
     return rows

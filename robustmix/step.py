@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from robustmix.callbacks import Callback, CompositionError, check_composition
 from robustmix.context import StepContext
 from robustmix.models import unwrap_model
-from robustmix.validation import check_batch
+from robustmix.validation import check_batch, check_model_input, check_step_position
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 
@@ -38,8 +38,8 @@ class AdversarialStep:
         callbacks: Attack, anti-adversary, margin, label, weight and loss callbacks, in any order.
         num_classes: Number of classes; defaults to the model's ``num_classes`` attribute.
         mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"``, recorded in the context.
-        check_inputs: Validate every batch (range, NaN/inf, labels) before any work; costs one
-            host synchronization per step.
+        check_inputs: Validate every batch (range, NaN/inf, labels, dtype and channels against the
+            model) before any work; costs one host synchronization per step.
 
     Attributes:
         requires_index: Whether batches must come with dataset indices; inferred from the
@@ -59,6 +59,10 @@ class AdversarialStep:
     ) -> None:
         if mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got {mixed_precision!r}")
+        if num_classes is not None and (
+            isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2
+        ):
+            raise ValueError(f"num_classes must be an integer >= 2 or None, got {num_classes!r}")
         self.callbacks = list(callbacks)
         self.staged = check_composition(self.callbacks)
         self.requires_index = any("index" in c.reads for c in self.staged)
@@ -102,6 +106,11 @@ class AdversarialStep:
 
         Returns:
             The scalar loss (backpropagate it) and the step's ``StepContext``.
+
+        Raises:
+            TypeError: a tensor of the wrong dtype (see ``robustmix.validation``).
+            ValueError: a bad batch, index, position (``epoch``...) or a model with other classes than
+                ``num_classes``; raised before any forward.
         """
         attack_model = unwrap_model(model)
         num_classes = self.num_classes or getattr(attack_model, "num_classes", None)
@@ -110,8 +119,10 @@ class AdversarialStep:
         if self.requires_index and index is None:
             users = ", ".join(type(c).__name__ for c in self.staged if "index" in c.reads)
             raise CompositionError(f"{users} keep per-example state and need `index=` (dataset indices) in every step")
+        check_step_position(epoch=epoch, step=step, total_epochs=total_epochs, total_steps=total_steps)
         if self.check_inputs:
             check_batch(inputs, targets, num_classes, index)
+            check_model_input(attack_model, inputs, self.num_classes)
 
         ctx = StepContext(
             model=model,

@@ -52,6 +52,7 @@ from robustmix.models import unwrap_model
 from robustmix.modes import model_mode
 from robustmix.runs import BEST_DIR, CHECKPOINTS_DIR, METRICS_FILE, METRICS_LOG, MODEL_FILE
 from robustmix.step import MIXED_PRECISION, AdversarialStep
+from robustmix.validation import check_trainer_arguments
 
 # Independent random streams derived from the run seed.
 _ORDER_STREAM, _AUGMENT_STREAM, _EVAL_STREAM = 0, 1, 2
@@ -275,6 +276,9 @@ class Trainer:
         progress: bool = True,
         nonfinite: str = "raise",
     ) -> None:
+        check_trainer_arguments(
+            model, step, optimizer, train_data, val_data, output_dir=output_dir, eval_eps=eval_eps, grad_clip=grad_clip
+        )
         for name, value, minimum in (
             ("epochs", epochs, 1), ("batch_size", batch_size, 1), ("eval_steps", eval_steps, 0),
             ("seed", seed, 0), ("num_workers", num_workers, 0), ("log_every", log_every, 1),

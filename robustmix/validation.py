@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import numbers
+from pathlib import Path
+from typing import Any
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from robustmix.models import unwrap_model
 
 
 def check_batch(inputs: Tensor, targets: Tensor, num_classes: int, index: Tensor | None = None) -> None:
@@ -11,19 +17,22 @@ def check_batch(inputs: Tensor, targets: Tensor, num_classes: int, index: Tensor
 
     Args:
         inputs: Images ``[B, ...]``, floating point, pixels in [0, 1].
-        targets: Labels ``[B]``, integer, in ``[0, num_classes)``.
+        targets: Labels ``[B]``, int64, in ``[0, num_classes)``.
         num_classes: Number of classes of the model.
-        index: Optional dataset indices ``[B]``, integer.
+        index: Optional dataset indices ``[B]``, integer, >= 0.
 
     Raises:
         TypeError: wrong dtype.
         ValueError: wrong shape, empty batch, non-finite pixels, pixels outside [0, 1] (a normalized
-            batch passed by mistake), labels out of range.
+            batch passed by mistake), labels out of range, negative dataset indices.
     """
-    if not isinstance(inputs, Tensor) or not inputs.is_floating_point():
-        raise TypeError(f"inputs must be a floating-point tensor of pixels in [0, 1], got {_kind(inputs)}")
-    if not isinstance(targets, Tensor) or targets.is_floating_point() or targets.dtype == torch.bool:
-        raise TypeError(f"targets must be an integer tensor of class indices [B], got {_kind(targets)}")
+    _check_pixel_dtype(inputs)
+    # int64 only: cross-entropy and one_hot reject the other integer types deep inside torch.
+    if not isinstance(targets, Tensor) or targets.dtype != torch.int64:
+        raise TypeError(
+            f"targets must be an integer tensor of class indices [B] with dtype torch.int64 (convert with "
+            f".long()), got {_kind(targets)}"
+        )
     if inputs.dim() < 2:
         raise ValueError(f"inputs must be a batch [B, ...] (e.g. [B, C, H, W]), got shape {list(inputs.shape)}")
     if inputs.shape[0] == 0:
@@ -33,15 +42,24 @@ def check_batch(inputs: Tensor, targets: Tensor, num_classes: int, index: Tensor
     if targets.device != inputs.device:
         raise ValueError(f"inputs are on {inputs.device} but targets on {targets.device}")
     if index is not None and (
-        not isinstance(index, Tensor) or index.is_floating_point() or index.shape != targets.shape
+        not isinstance(index, Tensor)
+        or index.is_floating_point()
+        or index.is_complex()
+        or index.dtype == torch.bool
+        or index.shape != targets.shape
     ):
         raise ValueError(f"index must be an integer tensor [B] = [{inputs.shape[0]}], got {_kind(index)}")
-    if not isinstance(num_classes, int) or num_classes < 2:
+    if index is not None and index.device != inputs.device:
+        raise ValueError(f"inputs are on {inputs.device} but index on {index.device}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
 
     lo, hi = torch.aminmax(inputs.detach().float())
-    values = torch.stack([lo, hi, targets.min().float(), targets.max().float()]).tolist()
-    lo, hi, y_min, y_max = values
+    stats = [lo, hi, targets.min().float(), targets.max().float()]
+    if index is not None:
+        stats.append(index.min().float())
+    # One read for every value check: on CUDA each read is a synchronization.
+    lo, hi, y_min, y_max, *index_min = torch.stack(stats).tolist()
     if lo != lo or hi != hi or abs(lo) == float("inf") or abs(hi) == float("inf"):
         raise ValueError("inputs contain NaN or inf")
     if lo < 0 or hi > 1:
@@ -51,6 +69,127 @@ def check_batch(inputs: Tensor, targets: Tensor, num_classes: int, index: Tensor
         )
     if y_min < 0 or y_max >= num_classes:
         raise ValueError(f"targets must be in [0, {num_classes}), found values in [{int(y_min)}, {int(y_max)}]")
+    if index_min and index_min[0] < 0:
+        raise ValueError(f"index must hold dataset indices >= 0, found {int(index_min[0])}")
+
+
+def check_model_input(model: nn.Module, inputs: Tensor, num_classes: int | None = None) -> None:
+    """Check a batch against what the model declares; attribute reads only, no host synchronization.
+
+    Args:
+        model: The (unwrapped) model the batch goes through.
+        inputs: Images ``[B, ...]``.
+        num_classes: Number of classes the caller was configured with, if any.
+
+    Raises:
+        TypeError: ``inputs`` have another floating-point dtype than the model's parameters (torch would
+            fail deep in the first layer, or silently compute in another precision).
+        ValueError: ``num_classes`` differs from ``model.num_classes``; the batch is not ``[B, C, H, W]``
+            with ``C = model.in_chans`` (models from ``robustmix.create_model`` declare both); the batch is on
+            another device than the model.
+    """
+    _check_pixel_dtype(inputs)
+    declared = getattr(model, "num_classes", None)
+    if num_classes is not None and _is_int(declared) and declared != num_classes:
+        raise ValueError(
+            f"num_classes is {num_classes} but the model has {declared} outputs (model.num_classes); "
+            "build the model and the step for the same classes"
+        )
+    in_chans = getattr(model, "in_chans", None)
+    if _is_int(in_chans) and (inputs.dim() != 4 or inputs.shape[1] != in_chans):
+        raise ValueError(
+            f"inputs must be images [B, {in_chans}, H, W] for this model (model.in_chans = {in_chans}), "
+            f"got shape {list(inputs.shape)}"
+        )
+    parameter = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if parameter is not None and inputs.device != parameter.device:
+        raise ValueError(f"inputs are on {inputs.device} but the model on {parameter.device}: move the batch")
+    if parameter is not None and inputs.dtype != parameter.dtype:
+        raise TypeError(
+            f"inputs are {inputs.dtype} but the model's parameters are {parameter.dtype}: convert the batch "
+            f"with .to({parameter.dtype}) (mixed precision autocasts float32 inputs by itself)"
+        )
+
+
+def check_trainer_arguments(
+    model: Any,
+    step: Any,
+    optimizer: Any,
+    train_data: Any,
+    val_data: Any,
+    *,
+    output_dir: Any = None,
+    eval_eps: Any = None,
+    grad_clip: Any = None,
+) -> None:
+    """The checks of ``Trainer`` that read its objects: types, and model, step and data agreeing on the classes.
+
+    Raises:
+        TypeError: an argument of the wrong type.
+        ValueError: the model's classes or input channels differ from the step's or the data's; the optimizer
+            holds none of the model's parameters; ``val_data`` is empty; ``output_dir`` is a file.
+    """
+    from robustmix.step import AdversarialStep  # the step module imports this one
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(step, AdversarialStep):
+        raise TypeError(f"step must be a robustmix.AdversarialStep, got {type(step).__name__}")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    for name, value in (("eval_eps", eval_eps), ("grad_clip", grad_clip)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+            raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+
+    inner = unwrap_model(model)
+    ids = {id(p) for p in inner.parameters()}
+    held = [p for group in optimizer.param_groups for p in group["params"]]
+    if held and not any(id(p) in ids for p in held):
+        raise ValueError("the optimizer holds none of the model's parameters: build it over model.parameters()")
+
+    model_classes = getattr(inner, "num_classes", None)
+    if step.num_classes is not None and _is_int(model_classes) and step.num_classes != model_classes:
+        raise ValueError(f"the step was built with num_classes={step.num_classes} but the model has {model_classes}")
+    classes = step.num_classes if step.num_classes is not None else model_classes
+    in_chans = getattr(inner, "in_chans", None)
+    for name, data in (("train_data", train_data), ("val_data", val_data)):
+        if data is None:
+            continue
+        data_classes = getattr(data, "num_classes", None)
+        if _is_int(classes) and _is_int(data_classes) and data_classes != classes:
+            raise ValueError(
+                f"{name} has {data_classes} classes but the model has {classes} outputs; build the model with "
+                f"num_classes={data_classes}"
+            )
+        shape = getattr(data, "image_shape", None)
+        if _is_int(in_chans) and isinstance(shape, tuple) and shape and shape[0] != in_chans:
+            raise ValueError(f"{name} has {shape[0]}-channel images but the model takes in_chans={in_chans}")
+    if val_data is not None and (not hasattr(val_data, "__len__") or len(val_data) == 0):
+        raise ValueError("val_data must be a non-empty map-style dataset, or None to skip validation")
+    if output_dir is not None:
+        if not isinstance(output_dir, (str, Path)):
+            raise TypeError(f"output_dir must be a path, got {type(output_dir).__name__}")
+        if Path(output_dir).exists() and not Path(output_dir).is_dir():
+            raise ValueError(f"output_dir {output_dir} exists and is not a folder")
+
+
+def check_step_position(**values: Any) -> None:
+    """``epoch`` and ``step`` (integers >= 0) and ``total_epochs`` / ``total_steps`` (None or integers >= 1)."""
+    for name, value in values.items():
+        minimum = 1 if name.startswith("total_") else 0
+        if value is None and minimum == 1:
+            continue
+        if not _is_int(value) or value < minimum:
+            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_pixel_dtype(inputs: object) -> None:
+    if not isinstance(inputs, Tensor) or not inputs.is_floating_point():
+        raise TypeError(f"inputs must be a floating-point tensor of pixels in [0, 1], got {_kind(inputs)}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _kind(value: object) -> str:
