@@ -33,6 +33,7 @@ def adversarys_adversary(
     norm: Norm = "linf",
     bn_mode: BNMode = "eval",
     loss_scale: float = DEFAULT_LOSS_SCALE,
+    check_values: bool = True,
 ) -> Tensor:
     """ADA-Lab's adversary's adversary: ``steps`` descent steps on ``CE(f(.), y)`` from ``x_adv``.
 
@@ -50,6 +51,7 @@ def adversarys_adversary(
         norm: ``"linf"`` (sign steps, the default) or ``"l2"``; use the attack's norm.
         bn_mode: BatchNorm/dropout mode during the descent, eval by default.
         loss_scale: Multiplier of the loss before differentiation (fp16 safety).
+        check_values: Check the values of ``x`` and ``y`` first (see ``perturb``); callbacks pass ``False``.
 
     Returns:
         ``x_aa [B, ...]``, detached, in ``B(x, eps)`` and [0, 1].
@@ -58,7 +60,7 @@ def adversarys_adversary(
         step_size = eps * 0.5
     return perturb(
         model, x, y, eps=eps, step_size=step_size, steps=steps, norm=norm, loss="ce", descend=True, x_init=x_adv,
-        bn_mode=bn_mode, loss_scale=loss_scale,
+        bn_mode=bn_mode, loss_scale=loss_scale, check_values=check_values,
     )  # fmt: skip
 
 
@@ -75,6 +77,7 @@ def anti_adversary(
     bn_mode: BNMode = "eval",
     loss_scale: float = DEFAULT_LOSS_SCALE,
     generator: torch.Generator | None = None,
+    check_values: bool = True,
 ) -> Tensor:
     """CAAT's anti-adversary: ``steps`` descent steps on ``CE(f(.), y)`` from near ``x``.
 
@@ -90,13 +93,14 @@ def anti_adversary(
         bn_mode: BatchNorm/dropout mode during the descent, eval by default.
         loss_scale: Multiplier of the loss before differentiation (fp16 safety).
         generator: Random generator for the start.
+        check_values: Check the values of ``x`` and ``y`` first (see ``perturb``); callbacks pass ``False``.
 
     Returns:
         ``x_anti [B, ...]``, detached, in ``B(x, eps)`` and [0, 1].
     """
     return perturb(
         model, x, y, eps=eps, step_size=step_size, steps=steps, norm=norm, loss="ce", start=start, descend=True,
-        bn_mode=bn_mode, loss_scale=loss_scale, generator=generator,
+        bn_mode=bn_mode, loss_scale=loss_scale, generator=generator, check_values=check_values,
     )  # fmt: skip
 
 
@@ -150,7 +154,7 @@ class AdversarysAdversary(Callback):
             return
         ctx.x_anti = adversarys_adversary(
             ctx.attack_model, ctx.inputs, ctx.x_adv, ctx.targets, eps=ctx.eps, step_size=self.step_size,
-            steps=self.steps, norm=self.norm, bn_mode=self.bn_mode, loss_scale=self.loss_scale,
+            steps=self.steps, norm=self.norm, bn_mode=self.bn_mode, loss_scale=self.loss_scale, check_values=False,
         )  # fmt: skip
 
     def __repr__(self) -> str:
@@ -209,7 +213,7 @@ class AntiAdversary(Callback):
             ctx.attack_model, ctx.inputs, ctx.targets, eps=eps,
             step_size=eps * self.step_size if self.relative_step_size else self.step_size, steps=self.steps,
             start=self.start, norm=self.norm, bn_mode=self.bn_mode, loss_scale=self.loss_scale,
-            generator=self.generator,
+            generator=self.generator, check_values=False,
         )  # fmt: skip
 
     def __repr__(self) -> str:

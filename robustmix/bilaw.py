@@ -142,7 +142,9 @@ class BiLAWWeights(LookaheadReweighter):
         inner = (weights * F.cross_entropy(logits.float(), ctx.targets, reduction="none")).mean()
         virtual = virtual_sgd_step(model, inner, self.optimizer)
         # The meta batch is attacked at theta, as the training batch was.
-        x_meta_adv = pgd(model, x_meta, y_meta, eps=self.eps, step_size=self.step_size, steps=self.attack_steps)
+        x_meta_adv = pgd(
+            model, x_meta, y_meta, eps=self.eps, step_size=self.step_size, steps=self.attack_steps, check_values=False
+        )
         outer = F.cross_entropy(functional_forward(model, virtual, x_meta_adv).float(), y_meta)
         if self.clean_meta_loss:
             outer = outer + F.cross_entropy(functional_forward(model, virtual, x_meta).float(), y_meta)

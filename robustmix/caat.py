@@ -216,7 +216,7 @@ def class_boundary_errors(
             x = images[first : first + batch_size].to(device)
             y = labels[first : first + batch_size].to(device)
             clean_ok = model(x).argmax(dim=1) == y
-            x_adv = pgd(model, x, y, eps=eps, step_size=step_size, steps=steps, start="uniform")
+            x_adv = pgd(model, x, y, eps=eps, step_size=step_size, steps=steps, start="uniform", check_values=False)
             boundary = clean_ok & (model(x_adv).argmax(dim=1) != y)
             errors.index_add_(0, y, boundary.float())
             counts.index_add_(0, y, torch.ones_like(y, dtype=torch.float32))

@@ -6,13 +6,22 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from robustmix.attacks.pgd import DEFAULT_LOSS_SCALE, NORMS, STARTS, Norm, Start, perturb
+from robustmix.attacks.pgd import DEFAULT_LOSS_SCALE, NORMS, STARTS, Norm, Start, check_loss_scale, perturb
 from robustmix.callbacks import Callback
 from robustmix.context import Stage, StepContext
 from robustmix.modes import BNMode, check_bn_mode
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _check_budget(eps: float | None, step_size: float, steps: int) -> None:
+    for name, value in (("eps", eps), ("step_size", step_size)):
+        if not (_is_number(value) or (name == "eps" and value is None)):
+            hint = "; per-sample budgets come from a budget callback writing ctx.eps (eps=None)"
+            hint = hint if name == "eps" else ""
+            raise TypeError(f"{name} must be a number of pixels, got {type(value).__name__}{hint}")
     if eps is not None and not (0 <= eps < float("inf")):
         raise ValueError(f"eps must be a finite number >= 0 (pixels in [0, 1]), got {eps}")
     if not (0 <= step_size < float("inf")):
@@ -66,6 +75,7 @@ class PGDAttack(Callback):
         if loss not in ("ce", "kl", "cw"):
             raise ValueError(f"PGDAttack loss must be 'ce', 'kl' or 'cw', got {loss!r}")
         check_bn_mode(bn_mode)
+        check_loss_scale(loss_scale)
         self.eps, self.step_size, self.steps = eps, step_size, steps
         self.norm, self.loss, self.start, self.bn_mode = norm, loss, start, bn_mode
         self.relative_step_size, self.track_kappa = relative_step_size, track_kappa
@@ -87,11 +97,22 @@ class PGDAttack(Callback):
                 kappa.add_(logits.argmax(dim=1) == ctx.targets)
 
         ctx.x_adv = perturb(
-            ctx.attack_model, ctx.inputs, ctx.targets, eps=ctx.eps if self.eps is None else self.eps,
-            step_size=step_size, steps=self.steps, norm=self.norm, loss=self.loss, start=self.start,
-            reference=ctx.get_eval_logits("clean") if self.loss == "kl" else None, bn_mode=self.bn_mode,
-            observer=observer, loss_scale=self.loss_scale, generator=self.generator,
-        )  # fmt: skip
+            ctx.attack_model,
+            ctx.inputs,
+            ctx.targets,
+            eps=ctx.eps if self.eps is None else self.eps,
+            step_size=step_size,
+            steps=self.steps,
+            norm=self.norm,
+            loss=self.loss,
+            start=self.start,
+            reference=ctx.get_eval_logits("clean") if self.loss == "kl" else None,
+            bn_mode=self.bn_mode,
+            observer=observer,
+            loss_scale=self.loss_scale,
+            generator=self.generator,
+            check_values=False,
+        )  # fmt: skip  (the step checked the batch's values; the per-sample eps is checked in perturb)
         if self.track_kappa:
             ctx.kappa = kappa
 
@@ -117,8 +138,8 @@ class FGSMAttack(PGDAttack):
         loss_scale: float = DEFAULT_LOSS_SCALE,
         generator: torch.Generator | None = None,
     ) -> None:
-        if eps is None:
-            raise ValueError("FGSMAttack needs a scalar eps")
+        if not _is_number(eps):
+            raise TypeError(f"FGSMAttack needs a scalar eps (a number of pixels), got {type(eps).__name__}")
         super().__init__(
             eps, 1.25 * eps if step_size is None else step_size, 1, start="uniform", bn_mode=bn_mode,
             loss_scale=loss_scale, generator=generator,

@@ -97,11 +97,21 @@ def random_start(
     return project(x + noise, x, eps, norm)
 
 
+def check_loss_scale(loss_scale: float) -> None:
+    """``loss_scale`` must be a finite number > 0: 0 or NaN would zero or poison every gradient step."""
+    if isinstance(loss_scale, bool) or not isinstance(loss_scale, (int, float)):
+        raise TypeError(f"loss_scale must be a number, got {type(loss_scale).__name__}")
+    if not 0 < loss_scale < float("inf"):
+        raise ValueError(f"loss_scale must be a finite number > 0, got {loss_scale}")
+
+
 def _check(x: Tensor, y: Tensor, steps: int, norm: str, start: str) -> None:
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor of pixels in [0, 1], got {getattr(x, 'dtype', type(x))}")
     if x.dim() < 2 or x.shape[0] == 0:
         raise ValueError(f"x must be a non-empty batch [B, ...], got shape {list(x.shape)}")
+    if not isinstance(y, Tensor) or y.dtype != torch.int64:
+        raise TypeError(f"y must be an int64 tensor of labels, got {getattr(y, 'dtype', type(y).__name__)}")
     if y.shape != (x.shape[0],):
         raise ValueError(f"y must have shape [B] = [{x.shape[0]}], got {list(y.shape)}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
@@ -130,6 +140,7 @@ def perturb(
     observer: Observer | None = None,
     loss_scale: float = DEFAULT_LOSS_SCALE,
     generator: torch.Generator | None = None,
+    check_values: bool = True,
 ) -> Tensor:
     """Projected gradient ascent (or descent) of a per-sample loss around ``x``.
 
@@ -155,11 +166,22 @@ def perturb(
         observer: Called before every step with the iteration, detached logits and iterate.
         loss_scale: Multiplier of the summed loss before differentiation (fp16 safety).
         generator: Random generator for the start (same device as ``x``).
+        check_values: Check the values of ``x`` (finite, in [0, 1]) and ``y`` (in ``[0, C)``) first:
+            one host read before the loop and one at the first forward (each a synchronization on
+            CUDA). Callbacks pass ``False``: ``AdversarialStep`` has checked the batch once already.
 
     Returns:
         The perturbed images ``[B, ...]``, detached, same dtype and device as ``x``.
+
+    Raises:
+        TypeError, ValueError: naming the bad argument, before any forward (a label ``>= C`` is only
+            found by the first forward, which needs ``C``).
     """
     _check(x, y, steps, norm, start)
+    check_loss_scale(loss_scale)
+    if check_values and not bool((torch.isfinite(x) & (x >= 0) & (x <= 1)).all() & (y >= 0).all()):
+        raise ValueError("x must hold finite pixels in [0, 1] and y labels >= 0 (found NaN/inf, a pixel out of range "
+                         "or a negative label)")  # fmt: skip
     objective = get_objective(loss)
     check_bn_mode(bn_mode)
     eps = _per_sample(eps, x, "eps")
@@ -179,6 +201,8 @@ def perturb(
         for k in range(steps):
             x_k.requires_grad_(True)
             logits = model(x_k)
+            if check_values and k == 0 and not bool((y < logits.shape[1]).all()):
+                raise ValueError(f"y holds a label >= the model's {logits.shape[1]} classes")
             if observer is not None:
                 observer(k, logits.detach(), x_k.detach())
             objective_sum = objective(logits, y, reference).sum() * (sign * loss_scale)
@@ -210,6 +234,7 @@ def pgd(
     observer: Observer | None = None,
     loss_scale: float = DEFAULT_LOSS_SCALE,
     generator: torch.Generator | None = None,
+    check_values: bool = True,
 ) -> Tensor:
     """Projected gradient descent attack (Madry et al. 2018): ascend ``loss`` for ``steps`` steps.
 
@@ -218,6 +243,7 @@ def pgd(
     return perturb(
         model, x, y, eps=eps, step_size=step_size, steps=steps, norm=norm, loss=loss, start=start,
         reference=reference, bn_mode=bn_mode, observer=observer, loss_scale=loss_scale, generator=generator,
+        check_values=check_values,
     )  # fmt: skip
 
 
@@ -231,6 +257,7 @@ def fgsm_rs(
     bn_mode: BNMode = "eval",
     loss_scale: float = DEFAULT_LOSS_SCALE,
     generator: torch.Generator | None = None,
+    check_values: bool = True,
 ) -> Tensor:
     """FGSM with a uniform random start ("fast AT", Wong et al. 2020), L-inf.
 
@@ -241,5 +268,5 @@ def fgsm_rs(
         step_size = 1.25 * eps
     return perturb(
         model, x, y, eps=eps, step_size=step_size, steps=1, norm="linf", loss="ce", start="uniform",
-        bn_mode=bn_mode, loss_scale=loss_scale, generator=generator,
+        bn_mode=bn_mode, loss_scale=loss_scale, generator=generator, check_values=check_values,
     )  # fmt: skip
