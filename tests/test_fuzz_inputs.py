@@ -700,11 +700,8 @@ def run_folder(tmp_path_factory) -> Path:
 
 
 #: JSON values of every type, for a config entry of the wrong type.
-JSON = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
-    max_leaves=5,
-)
+_JSON_LEAF = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5)
+JSON = _JSON_LEAF | st.lists(_JSON_LEAF, max_size=3) | st.dictionaries(st.text(max_size=3), _JSON_LEAF, max_size=3)
 MODEL_KEYS = ("name", "num_classes", "in_chans", "cifar_stem", "mean", "std", "timm_kwargs")
 
 
