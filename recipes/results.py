@@ -62,8 +62,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict[
         seen[key] = run_dir
     for (dataset, recipe), group in _group(configs).items():
         first, *others = group
+        names = {name for run_dir in group for name in configs[run_dir]["flags"]}
         for run_dir in others:
-            differ = _training_flags(configs[run_dir]).items() ^ _training_flags(configs[first]).items()
+            differ = _training_flags(configs[run_dir], names).items() ^ _training_flags(configs[first], names).items()
             if differ:
                 names = sorted({name for name, _ in differ})
                 parser.error(f"{first} and {run_dir} ({recipe} on {dataset}) differ in {names}, not only the seed")
@@ -114,7 +115,8 @@ def main(argv: list[str] | None = None) -> str:
     page = results_page(
         tables,
         command=command,
-        training_commands={str(Path(run_dir)): training_command(config) for run_dir, config in configs.items()},
+        training_commands={str(Path(run)): training_command(config) for run, config in configs.items()},
+        training_environments={str(Path(run)): training_environment(config) for run, config in configs.items()},
         scatter=None if scatter is None else scatter.name,
         date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
@@ -127,6 +129,16 @@ def main(argv: list[str] | None = None) -> str:
     return page
 
 
+def training_environment(config: dict[str, Any]) -> str:
+    """The software and process count a run trained with, from its config.json (empty when it has none)."""
+    versions = config.get("versions") or {}
+    parts = [f"{name} {versions[name]}" for name in ("torch", "timm", "accelerate") if name in versions]
+    if "python" in versions:
+        parts.append(f"Python {versions['python']}")
+    device = f", {config['device']}" if "device" in config else " (the run did not record its device)"
+    return ", ".join(parts) + f" on {config.get('num_processes', 1)} process(es){device}" if parts else ""
+
+
 def _group(configs: dict[str, dict[str, Any]]) -> dict[tuple[str, str], list[str]]:
     """Run folders by (dataset, recipe), in the order given."""
     groups: dict[tuple[str, str], list[str]] = {}
@@ -135,9 +147,15 @@ def _group(configs: dict[str, dict[str, Any]]) -> dict[tuple[str, str], list[str
     return groups
 
 
-def _training_flags(config: dict[str, Any]) -> dict[str, Any]:
-    """The flags that decide what a run computes, hashable for comparison."""
-    return {k: str(v) for k, v in config["flags"].items() if k not in _PER_RUN_FLAGS}
+def _training_flags(config: dict[str, Any], names: set[str] = frozenset()) -> dict[str, Any]:
+    """The flags that decide what a run computes, hashable for comparison.
+
+    A flag of ``names`` that the run's config lacks (the run predates the flag) takes the flag's default.
+    """
+    flags = config["flags"]
+    parser = base_parser(flags["recipe"])
+    missing = {name: parser.get_default(name) for name in names if name not in flags}
+    return {k: str(v) for k, v in {**missing, **flags}.items() if k not in _PER_RUN_FLAGS}
 
 
 if __name__ == "__main__":

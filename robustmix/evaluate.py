@@ -49,7 +49,7 @@ from robustmix.checkpoint import atomic_write_json, atomic_write_text
 from robustmix.data import SPLITS, load_dataset
 from robustmix.margins import probability_margin
 from robustmix.modes import BNMode, model_mode
-from robustmix.recipe import _nonnegative_int, _nonnegative_number, _positive_int
+from robustmix.recipe import _nonnegative_int, _nonnegative_number, _positive_int, device_name
 from robustmix.runs import BEST_DIR, CONFIG_FILE, MODEL_FILE, load_config, load_model, read_json
 from robustmix.step import MIXED_PRECISION
 from robustmix.validation import check_batch, check_model_input
@@ -227,6 +227,8 @@ def evaluate_run(
     if reuse:
         stored = _current_report(output, settings, run["weights_sha256"])
         if stored is not None:
+            # The same weights, maybe in a folder that was moved or copied since: name where they are now.
+            stored["run"]["run_dir"] = run["run_dir"]
             if accelerator.is_main_process:
                 _print(stored, output, "up to date, not evaluated again")
             return stored
@@ -869,7 +871,7 @@ def _environment(accelerator: Accelerator, elapsed_s: float) -> dict[str, Any]:
         "torch": torch.__version__,
         "accelerate": accelerate.__version__,
         "python": platform.python_version(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+        "device": device_name(device),
         "num_processes": accelerator.num_processes,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "elapsed_s": round(elapsed_s, 1),

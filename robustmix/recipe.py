@@ -297,6 +297,11 @@ def parse_args(
 # ---------------------------------------------------------------------- the shared fit path
 
 
+def device_name(device: torch.device) -> str:
+    """``"cpu"``, or the GPU's name (e.g. ``"NVIDIA H100 80GB HBM3"``)."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
 def run_recipe(args: argparse.Namespace, build_callbacks: BuildCallbacks, *, meta_size: int = 0) -> dict[str, Any]:
     """Train a recipe from its parsed flags and write the run folder; call it on every process.
 
@@ -488,6 +493,7 @@ def _run_config(
         "steps_per_epoch": trainer.steps_per_epoch,
         "total_steps": trainer.total_steps,
         "flags": vars(args),
+        "device": device_name(trainer.accelerator.device),
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,

@@ -233,6 +233,11 @@ def results_table(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[str]:
     return lines
 
 
+def _trained_with(runs: Mapping[str, Sequence[Mapping[str, Any]]], environments: Mapping[str, str]) -> list[str]:
+    known = sorted({environments[r["run"]["run_dir"]] for group in runs.values() for r in group} - {""})
+    return [f"Trained with {'; '.join(known)}.", ""] if known else []
+
+
 def results_page(
     tables: Mapping[str, Mapping[str, Sequence[Mapping[str, Any]]]],
     *,
@@ -240,6 +245,7 @@ def results_page(
     training_commands: Mapping[str, str],
     scatter: str | None,
     date: str,
+    training_environments: Mapping[str, str] | None = None,
 ) -> str:
     """The Markdown results page: how it was made, then per dataset the evaluation settings and the table.
 
@@ -249,6 +255,7 @@ def results_page(
         training_commands: ``{run_dir: the command that trained it}``.
         scatter: File name of the clean-vs-robust scatter plot next to the page, or None.
         date: When the page was made.
+        training_environments: ``{run_dir: software and processes it trained with}`` (from its config.json).
     """
     reports = [r for runs in tables.values() for group in runs.values() for r in group]
     lines = [
@@ -295,6 +302,7 @@ def results_page(
             "",
             f"Evaluated with {_environments(r['environment'] for group in runs.values() for r in group)}.",
             "",
+            *_trained_with(runs, training_environments or {}),
             *results_table(runs),
             "",
         ]
@@ -322,20 +330,24 @@ def plot_clean_vs_robust(tables: Mapping[str, Mapping[str, Sequence[Mapping[str,
         tables: ``{dataset: {recipe: reports}}``.
         path: Where the PNG goes.
     """
+    from matplotlib import colormaps
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(5.5 * len(tables), 4.5), layout="constrained")
+    # 20 distinct colours, then the mean markers change shape: no two recipes look alike.
+    colors, shapes = colormaps["tab20"].colors, "Dsv^<>ph*"
     for axes, (dataset, runs) in zip(figure.subplots(1, len(tables), squeeze=False)[0], tables.items()):
-        for recipe, group in runs.items():
+        for i, (recipe, group) in enumerate(runs.items()):
             clean = [100 * r["results"]["clean"] for r in group]
             robust = [100 * r["results"]["worst_case"] for r in group]
-            (points,) = axes.plot(clean, robust, "o", alpha=0.4)
+            color = colors[(2 * i) % 20 + (2 * i) // 20 % 2]  # the dark shades first, then the light ones
+            (points,) = axes.plot(clean, robust, "o", alpha=0.4, color=color)
             axes.errorbar(
                 statistics.fmean(clean),
                 statistics.fmean(robust),
                 xerr=statistics.stdev(clean) if len(group) > 1 else None,
                 yerr=statistics.stdev(robust) if len(group) > 1 else None,
-                fmt="D",
+                fmt=shapes[i // 10 % len(shapes)],
                 markersize=8,
                 capsize=3,
                 color=points.get_color(),

@@ -310,6 +310,12 @@ def test_results_page_groups_runs_and_reuses_current_reports(run_dir, tmp_path, 
     sha = [json.loads((run / "eval.json").read_text())["run"]["weights_sha256"] for run in (first, second)]
     assert sha[0] != sha[1]
 
+    # Folders moved elsewhere keep their current reports, and the page names where they are now.
+    moved = [shutil.copytree(run, tmp_path / "moved" / run.name) for run in (first, second)]
+    attacked.clear()
+    page = results.main([str(moved[0]), str(moved[1]), *argv[2:]])
+    assert not attacked and str(moved[1]) in page
+
 
 def test_results_refuses_runs_that_cannot_share_a_row(run_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(evaluate, "load_model", _must_not_run)
@@ -323,6 +329,29 @@ def test_results_refuses_runs_that_cannot_share_a_row(run_dir, tmp_path, capsys,
     with pytest.raises(SystemExit):
         load_recipe("results").main([str(run_dir), str(tmp_path / "seed1"), "--output", str(tmp_path / "r.md")])
     assert "differ in ['lr'], not only the seed" in capsys.readouterr().err
+
+
+def test_results_page_says_what_the_runs_trained_with():
+    environment = load_recipe("results").training_environment
+    config = {"versions": {"torch": "2.9", "python": "3.12"}, "num_processes": 2, "device": "NVIDIA H100"}
+    assert environment(config) == "torch 2.9, Python 3.12 on 2 process(es), NVIDIA H100"
+    older = environment({"versions": {"torch": "2.9"}})
+    assert older == "torch 2.9 on 1 process(es) (the run did not record its device)"
+    assert environment({}) == ""
+
+
+def test_results_takes_a_flag_an_older_run_lacks_as_its_default(run_dir, tmp_path, monkeypatch):
+    older, newer = (_copy_run(run_dir, tmp_path / f"seed{seed}", seed) for seed in (0, 1))
+    config = json.loads((older / "config.json").read_text())
+    assert config["flags"].pop("on_nonfinite") == "raise"  # a run made before the flag existed
+    atomic_write_json(older / "config.json", config)
+    argv = [str(older), str(newer), "--output", str(tmp_path / "r.md"), "--attacks", "pgd20", "--n-examples", "2"]
+    page = load_recipe("results").main([*argv, "--sweep-eps", "--no-progress", "--no-plots"])
+    assert "| pgd_at | 2 (0, 1) |" in page
+    config["flags"]["on_nonfinite"] = "skip"  # a real difference still stops it
+    atomic_write_json(older / "config.json", config)
+    with pytest.raises(SystemExit):
+        load_recipe("results").main(argv)
 
 
 @pytest.mark.slow
