@@ -214,6 +214,12 @@ def base_parser(name: str, description: str | None = None) -> argparse.ArgumentP
     add("--checkpoint-every-steps", type=_positive_int, help="also checkpoint every this many steps")
     add("--keep-checkpoints", type=_positive_int, default=2, help="most recent checkpoints to keep")
     add("--num-workers", type=_nonnegative_int, default=0, help="DataLoader worker processes")
+    add(
+        "--data-on-device", action="store_true",
+        help="keep the whole dataset on the accelerator (small datasets: no per-batch host-to-device copy; "
+        "needs --num-workers 0)",
+    )  # fmt: skip
+    add("--channels-last", action="store_true", help="model weights in channels_last memory format (GPU convs)")
     add("--threads", type=_nonnegative_int, help="intra-op CPU threads of torch (0: torch's default)")
     add(
         "--on-nonfinite", choices=NONFINITE_POLICIES, default="raise",
@@ -276,6 +282,8 @@ def parse_args(
         parser.error(f"--momentum must be < 1, got {args.momentum}")
     if args.schedule == "multistep" and not args.milestones:
         parser.error("--schedule multistep needs --milestones (epochs)")
+    if args.data_on_device and args.num_workers:
+        parser.error("--data-on-device needs --num-workers 0: worker processes cannot share accelerator tensors")
 
     if args.output_dir is None:
         args.output_dir = f"runs/{args.recipe}-{Path(args.dataset).name}-seed{args.seed}"
@@ -338,6 +346,10 @@ def run_recipe(args: argparse.Namespace, build_callbacks: BuildCallbacks, *, met
     model = create_model(
         args.model, train.num_classes, in_chans=in_chans, cifar_stem=args.cifar_stem, mean=mean, std=std
     )
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if args.data_on_device:
+        train, val, meta = (None if data is None else data.to(state.device) for data in (train, val, meta))
 
     steps_per_epoch = batches_per_epoch(len(train), args.batch_size, state.num_processes)
     total_steps = min(args.max_steps or math.inf, args.epochs * steps_per_epoch)
@@ -371,6 +383,8 @@ def run_recipe(args: argparse.Namespace, build_callbacks: BuildCallbacks, *, met
 
     with state.main_process_first():
         test = _load(args, "test")
+    if args.data_on_device:
+        test = test.to(state.device)
     metrics: dict[str, Any] = {"test": {**trainer.evaluate(test), "weights": "final", "step": summary["step"]}}
     best = summary["best"]
     if best and best["step"] != summary["step"]:

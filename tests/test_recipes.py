@@ -67,6 +67,7 @@ def test_fgsm_step_size_flag_wins(monkeypatch, tmp_path):
         ("pgd_at", ["--resume", "no/such/checkpoint"], "not a complete robustmix checkpoint"),
         ("pgd_at", ["--resume", "latest"], "no checkpoint was completed"),
         ("fgsm_rs", ["--attack-steps", "3"], "FGSM-RS takes exactly one attack step"),
+        ("pgd_at", ["--data-on-device", "--num-workers", "2"], "--data-on-device needs --num-workers 0"),
     ],
 )
 def test_bad_flags_exit_before_training(tmp_path, monkeypatch, capsys, recipe_name, argv, message):
@@ -114,6 +115,21 @@ def test_recipe_writes_the_run_folder(tiny, tmp_path, name, attack_flags, passes
     with torch.no_grad():
         clean = (load_model(out)(images).argmax(dim=1) == labels).float().mean().item()
     assert clean == pytest.approx(metrics["test"]["clean_acc"])
+
+
+def test_data_on_device_and_channels_last(tiny, tmp_path):
+    """Both are for GPUs; on the CPU they must run and change nothing that matters."""
+    recipe = load_recipe("pgd_at")
+    flags = ("--max-steps", "2", "--attack-steps", "1")
+    plain = recipe.main(quick_flags(tiny, tmp_path / "plain", *flags))
+    resident = recipe.main(quick_flags(tiny, tmp_path / "resident", *flags, "--data-on-device"))
+    assert (tmp_path / "plain" / "model.safetensors").read_bytes() == (
+        tmp_path / "resident" / "model.safetensors"
+    ).read_bytes()
+    assert resident["test"] == plain["test"]
+    last = recipe.main(quick_flags(tiny, tmp_path / "last", *flags, "--channels-last"))
+    assert last["test"]["n"] == 20
+    assert json.loads((tmp_path / "last" / "config.json").read_text())["flags"]["channels_last"] is True
 
 
 def test_an_occupied_run_folder_needs_resume_or_overwrite(tiny, tmp_path, capsys):
