@@ -364,7 +364,8 @@ class Trainer:
         # the attacks use: the global stream must not depend on where a run was resumed.
         self._loader = DataLoader(
             train_data, batch_sampler=self._batches, num_workers=num_workers, persistent_workers=num_workers > 0,
-            pin_memory=accelerator.device.type == "cuda", generator=torch.Generator().manual_seed(seed),
+            pin_memory=accelerator.device.type == "cuda" and _on_host(train_data),
+            generator=torch.Generator().manual_seed(seed),
         )  # fmt: skip
         self._eval_loaders: dict[tuple[int, int], DataLoader] = {}
 
@@ -835,6 +836,12 @@ def _abbreviate(values: list[int]) -> str:
     if len(values) <= _SHOWN_INDICES:
         return str(values)
     return f"{str(values[:_SHOWN_INDICES])[:-1]}, ... ({len(values)} in all)]"
+
+
+def _on_host(data: Dataset) -> bool:
+    """Whether a dataset's tensors live in host memory (only those can be pinned); other datasets count as host."""
+    images = getattr(data, "images", None)
+    return not isinstance(images, Tensor) or images.device.type == "cpu"
 
 
 def _correct(logits: Tensor | None, targets: Tensor) -> tuple[Tensor, Tensor]:

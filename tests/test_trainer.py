@@ -399,3 +399,12 @@ def test_two_processes_train_resume_and_agree(tmp_path):
         reference.step()
         schedule.step()
     assert summary["lr"] == reference.param_groups[0]["lr"]  # stepped once per step, not once per process
+
+
+def test_only_host_datasets_are_pinned():
+    """A dataset already on the accelerator (--data-on-device) cannot be pinned; the loader must not try."""
+    from robustmix.trainer import _on_host
+
+    data = load_dataset("digits", "validation")
+    assert _on_host(data) and _on_host(list(range(3)))
+    assert not _on_host(dataclasses.replace(data, images=data.images.to("meta")))
