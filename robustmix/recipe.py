@@ -220,6 +220,10 @@ def base_parser(name: str, description: str | None = None) -> argparse.ArgumentP
         "needs --num-workers 0)",
     )  # fmt: skip
     add("--channels-last", action="store_true", help="model weights in channels_last memory format (GPU convs)")
+    add(
+        "--compile", nargs="?", const="inductor", metavar="BACKEND",
+        help="torch.compile the model in place (default backend: inductor); attacks and training share it",
+    )  # fmt: skip
     add("--threads", type=_nonnegative_int, help="intra-op CPU threads of torch (0: torch's default)")
     add(
         "--on-nonfinite", choices=NONFINITE_POLICIES, default="raise",
@@ -282,6 +286,8 @@ def parse_args(
         parser.error(f"--momentum must be < 1, got {args.momentum}")
     if args.schedule == "multistep" and not args.milestones:
         parser.error("--schedule multistep needs --milestones (epochs)")
+    if args.compile is not None and args.compile not in torch._dynamo.list_backends(exclude_tags=()):
+        parser.error(f"--compile: unknown backend {args.compile!r}; known: {sorted(torch._dynamo.list_backends())}")
     if args.data_on_device and args.num_workers:
         parser.error("--data-on-device needs --num-workers 0: worker processes cannot share accelerator tensors")
 
@@ -348,6 +354,10 @@ def run_recipe(args: argparse.Namespace, build_callbacks: BuildCallbacks, *, met
     )
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if args.compile:
+        # In place: the module, its state_dict keys and the unwrapping for attacks stay as they are. Dynamo keeps
+        # one graph per train/eval mode, compiled during the first steps.
+        model.compile(backend=args.compile)
     if args.data_on_device:
         train, val, meta = (None if data is None else data.to(state.device) for data in (train, val, meta))
 

@@ -68,6 +68,7 @@ def test_fgsm_step_size_flag_wins(monkeypatch, tmp_path):
         ("pgd_at", ["--resume", "latest"], "no checkpoint was completed"),
         ("fgsm_rs", ["--attack-steps", "3"], "FGSM-RS takes exactly one attack step"),
         ("pgd_at", ["--data-on-device", "--num-workers", "2"], "--data-on-device needs --num-workers 0"),
+        ("pgd_at", ["--compile", "fastest"], "--compile: unknown backend 'fastest'"),
     ],
 )
 def test_bad_flags_exit_before_training(tmp_path, monkeypatch, capsys, recipe_name, argv, message):
@@ -130,6 +131,25 @@ def test_data_on_device_and_channels_last(tiny, tmp_path):
     last = recipe.main(quick_flags(tiny, tmp_path / "last", *flags, "--channels-last"))
     assert last["test"]["n"] == 20
     assert json.loads((tmp_path / "last" / "config.json").read_text())["flags"]["channels_last"] is True
+
+
+def test_compile_in_place_keeps_the_run_the_same(tiny, tmp_path):
+    """``--compile`` compiles the model in place: checkpoints, unwrapping and pass counting are unchanged. The eager
+    backend runs the captured graphs op for op, so the weights are bitwise those of an uncompiled run."""
+    recipe = load_recipe("pgd_at")
+    flags = ("--max-steps", "3", "--attack-steps", "1")
+    plain = recipe.main(quick_flags(tiny, tmp_path / "plain", *flags))
+    compiled = recipe.main(quick_flags(tiny, tmp_path / "compiled", *flags, "--compile", "eager"))
+    assert (tmp_path / "plain" / "model.safetensors").read_bytes() == (
+        tmp_path / "compiled" / "model.safetensors"
+    ).read_bytes()
+    assert compiled["test"] == plain["test"]
+    assert load_model(tmp_path / "compiled") is not None
+    passes = [
+        [(r["forwards_per_step"], r["backwards_per_step"]) for r in load_metrics_log(tmp_path / run) if "loss" in r]
+        for run in ("plain", "compiled")
+    ]
+    assert passes[0] == passes[1] == [(2.0, 2.0)]  # the counter hooks still see every forward and backward
 
 
 def test_an_occupied_run_folder_needs_resume_or_overwrite(tiny, tmp_path, capsys):
