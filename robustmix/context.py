@@ -113,6 +113,8 @@ class StepContext:
         num_classes: ``C``.
         index: Dataset index of every example ``[B]`` (int64), for per-example state; ``None``
             when the loop does not provide one.
+        index_range: ``(min, max)`` of ``index`` as Python ints when the step's input check read
+            them (no further host synchronization needed); ``None`` otherwise.
         eps: Per-sample perturbation budget ``[B]`` in pixel units, written by the attack (or by a
             budget callback before it).
         x_adv: Adversarial examples ``[B, ...]`` in [0, 1].
@@ -144,6 +146,7 @@ class StepContext:
     targets: Tensor
     num_classes: int
     index: Tensor | None = None
+    index_range: tuple[int, int] | None = None
     eps: Tensor | None = None
     x_adv: Tensor | None = None
     x_anti: Tensor | None = None

@@ -141,7 +141,8 @@ class SGLRLabels(Callback):
         if ctx.num_classes != self.num_classes:
             raise ValueError(f"SGLRLabels was built for {self.num_classes} classes, the step has {ctx.num_classes}")
         index = ctx.index.long()
-        low, high = torch.stack(torch.aminmax(index)).tolist()
+        # The step's input check already read the range; otherwise read it here (a host synchronization).
+        low, high = ctx.index_range or torch.stack(torch.aminmax(index)).tolist()
         if low < 0 or high >= self.num_examples:
             raise IndexError(
                 f"dataset index out of range [0, {self.num_examples}): build SGLRLabels with "

@@ -120,8 +120,9 @@ class AdversarialStep:
             users = ", ".join(type(c).__name__ for c in self.staged if "index" in c.reads)
             raise CompositionError(f"{users} keep per-example state and need `index=` (dataset indices) in every step")
         check_step_position(epoch=epoch, step=step, total_epochs=total_epochs, total_steps=total_steps)
+        index_range = None
         if self.check_inputs:
-            check_batch(inputs, targets, num_classes, index)
+            index_range = check_batch(inputs, targets, num_classes, index)
             check_model_input(attack_model, inputs, self.num_classes)
 
         ctx = StepContext(
@@ -131,6 +132,7 @@ class AdversarialStep:
             targets=targets,
             num_classes=num_classes,
             index=index,
+            index_range=index_range,
             epoch=epoch,
             step=step,
             total_epochs=total_epochs,

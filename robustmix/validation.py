@@ -12,7 +12,9 @@ from torch import Tensor, nn
 from robustmix.models import unwrap_model
 
 
-def check_batch(inputs: Tensor, targets: Tensor, num_classes: int, index: Tensor | None = None) -> None:
+def check_batch(
+    inputs: Tensor, targets: Tensor, num_classes: int, index: Tensor | None = None
+) -> tuple[int, int] | None:
     """Check a batch of images and labels; one host synchronization for all value checks.
 
     Args:
@@ -20,6 +22,10 @@ def check_batch(inputs: Tensor, targets: Tensor, num_classes: int, index: Tensor
         targets: Labels ``[B]``, int64, in ``[0, num_classes)``.
         num_classes: Number of classes of the model.
         index: Optional dataset indices ``[B]``, integer, >= 0.
+
+    Returns:
+        ``(min, max)`` of ``index`` as Python ints, read in the same synchronization (callbacks with
+        per-example state check their table size against it), or ``None`` without ``index``.
 
     Raises:
         TypeError: wrong dtype.
@@ -57,9 +63,11 @@ def check_batch(inputs: Tensor, targets: Tensor, num_classes: int, index: Tensor
     lo, hi = torch.aminmax(inputs.detach().float())
     stats = [lo, hi, targets.min().float(), targets.max().float()]
     if index is not None:
-        stats.append(index.min().float())
+        # float64 is exact for any dataset index below 2**53 (MPS has no float64: exact below 2**24).
+        wide = torch.float32 if index.device.type == "mps" else torch.float64
+        stats = [s.to(wide) for s in (*stats, index.min(), index.max())]
     # One read for every value check: on CUDA each read is a synchronization.
-    lo, hi, y_min, y_max, *index_min = torch.stack(stats).tolist()
+    lo, hi, y_min, y_max, *index_range = torch.stack(stats).tolist()
     if lo != lo or hi != hi or abs(lo) == float("inf") or abs(hi) == float("inf"):
         raise ValueError("inputs contain NaN or inf")
     if lo < 0 or hi > 1:
@@ -69,8 +77,9 @@ def check_batch(inputs: Tensor, targets: Tensor, num_classes: int, index: Tensor
         )
     if y_min < 0 or y_max >= num_classes:
         raise ValueError(f"targets must be in [0, {num_classes}), found values in [{int(y_min)}, {int(y_max)}]")
-    if index_min and index_min[0] < 0:
-        raise ValueError(f"index must hold dataset indices >= 0, found {int(index_min[0])}")
+    if index_range and index_range[0] < 0:
+        raise ValueError(f"index must hold dataset indices >= 0, found {int(index_range[0])}")
+    return (int(index_range[0]), int(index_range[1])) if index_range else None
 
 
 def check_model_input(model: nn.Module, inputs: Tensor, num_classes: int | None = None) -> None:

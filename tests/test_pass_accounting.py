@@ -246,3 +246,12 @@ def test_input_validation_is_the_only_host_read_of_a_pgd_at_step() -> None:
     callbacks = [_attack(), AdversarialCE()]
     assert _host_reads(callbacks) == 1
     assert _host_reads(callbacks, check_inputs=False) == 0
+
+
+def test_sglr_reuses_the_index_range_of_the_input_check() -> None:
+    """SGLR's table-size check costs no host read of its own when the step validated the batch."""
+    def callbacks() -> list[Callback]:
+        return [_attack(), SGLRLabels(BATCH, NUM_CLASSES, start_epoch=0), AdversarialCE()]
+
+    assert _host_reads(callbacks()) == 1
+    assert _host_reads(callbacks(), check_inputs=False) == 1  # its own range read

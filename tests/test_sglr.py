@@ -157,6 +157,13 @@ def test_bad_index_and_arguments():
         _step(SGLRLabels(10, 3, start_epoch=0))(SmallNet(), x, y)
     with pytest.raises(IndexError, match="num_examples"):
         _step(SGLRLabels(4, 3, start_epoch=0))(SmallNet(), x, y, torch.tensor([0, 1, 2, 4]))
+    # Without the step's input check (which reads the index range for it) SGLR reads the range itself.
+    unchecked = AdversarialStep(
+        [PGDAttack(eps=0.1, step_size=0.05, steps=1), SGLRLabels(4, 3, start_epoch=0), AdversarialCE()],
+        check_inputs=False,
+    )
+    with pytest.raises(IndexError, match="num_examples"):
+        unchecked(SmallNet(), x, y, torch.tensor([0, 1, 2, 4]))
     with pytest.raises(ValueError, match="momentum"):
         SGLRLabels(4, 3, start_epoch=0, momentum=1.5)
     with pytest.raises(ValueError, match="start_epoch"):
