@@ -21,6 +21,11 @@ from robustmix.modes import BNMode, check_bn_mode
 from robustmix.weights import _check_burn_in
 
 
+def _budget(ctx: StepContext) -> float | Tensor:
+    """The attack's budget: its float when uniform (no host read to check it), else ``eps [B]``."""
+    return ctx.uniform_eps if ctx.uniform_eps is not None else ctx.eps
+
+
 def adversarys_adversary(
     model: nn.Module,
     x: Tensor,
@@ -153,7 +158,7 @@ class AdversarysAdversary(Callback):
             ctx.x_anti = ctx.x_adv
             return
         ctx.x_anti = adversarys_adversary(
-            ctx.attack_model, ctx.inputs, ctx.x_adv, ctx.targets, eps=ctx.eps, step_size=self.step_size,
+            ctx.attack_model, ctx.inputs, ctx.x_adv, ctx.targets, eps=_budget(ctx), step_size=self.step_size,
             steps=self.steps, norm=self.norm, bn_mode=self.bn_mode, loss_scale=self.loss_scale, check_values=False,
         )  # fmt: skip
 
@@ -208,7 +213,7 @@ class AntiAdversary(Callback):
         self.reads = ("eps",) if eps is None else ()
 
     def __call__(self, ctx: StepContext) -> None:
-        eps = ctx.eps if self.eps is None else self.eps
+        eps = _budget(ctx) if self.eps is None else self.eps
         ctx.x_anti = anti_adversary(
             ctx.attack_model, ctx.inputs, ctx.targets, eps=eps,
             step_size=eps * self.step_size if self.relative_step_size else self.step_size, steps=self.steps,

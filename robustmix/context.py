@@ -117,6 +117,9 @@ class StepContext:
             them (no further host synchronization needed); ``None`` otherwise.
         eps: Per-sample perturbation budget ``[B]`` in pixel units, written by the attack (or by a
             budget callback before it).
+        uniform_eps: The same budget as a float when every sample has it (the attack wrote ``eps``
+            from its scalar ``eps``); ``None`` for per-sample budgets. Callbacks after the attack pass
+            it instead of ``eps`` and so skip the host read that checks a per-sample budget.
         x_adv: Adversarial examples ``[B, ...]`` in [0, 1].
         x_anti: Anti-adversarial examples ``[B, ...]`` in [0, 1] (from ``x`` or from ``x_adv``).
         kappa: GAIRAT's geometry value ``[B]`` (int64): attack iterations still classified
@@ -148,6 +151,7 @@ class StepContext:
     index: Tensor | None = None
     index_range: tuple[int, int] | None = None
     eps: Tensor | None = None
+    uniform_eps: float | None = None
     x_adv: Tensor | None = None
     x_anti: Tensor | None = None
     kappa: Tensor | None = None

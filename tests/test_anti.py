@@ -146,6 +146,20 @@ def test_adversarys_adversary_callback_uses_the_context_budget():
     assert torch.equal(ctx.x_anti, adversarys_adversary(model, x, x_adv, y, eps=eps, step_size=EPS / 8, steps=2))
 
 
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_the_uniform_budget_gives_the_same_points_as_the_per_sample_one(norm):
+    """``uniform_eps`` only skips a host read: the float and the ``[B]`` budget give identical points."""
+    model, x, y = _trained()
+    x_adv = pgd(model, x, y, eps=EPS, step_size=EPS / 4, steps=3, norm=norm)
+    eps = torch.full((len(y),), EPS)
+    outputs = []
+    for uniform in (None, EPS):
+        ctx = _ctx(model, x, y, eps=eps, uniform_eps=uniform, x_adv=x_adv)
+        AdversarysAdversary(steps=2, norm=norm)(ctx)
+        outputs.append(ctx.x_anti)
+    assert torch.equal(*outputs)
+
+
 def test_anti_adversary_callback_budgets():
     model, x, y = _trained()
     eps = torch.linspace(0, 2 * EPS, len(y))

@@ -248,6 +248,17 @@ def test_input_validation_is_the_only_host_read_of_a_pgd_at_step() -> None:
     assert _host_reads(callbacks, check_inputs=False) == 0
 
 
+def test_adalab_passes_the_uniform_budget_on_without_reading_it_back() -> None:
+    """The adversary's adversary takes the attack's float budget: no host read to check a ``[B]`` eps."""
+    def callbacks() -> list[Callback]:
+        return [
+            _attack(), AdversarysAdversary(K_AA), ProbabilityMargin(), AdaLabLabels(), AdaLabWeights(), AdversarialCE()
+        ]  # fmt: skip
+
+    assert _host_reads(callbacks()) == 1
+    assert _host_reads(callbacks(), check_inputs=False) == 0
+
+
 def test_sglr_reuses_the_index_range_of_the_input_check() -> None:
     """SGLR's table-size check costs no host read of its own when the step validated the batch."""
     def callbacks() -> list[Callback]:

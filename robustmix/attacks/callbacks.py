@@ -88,7 +88,9 @@ class PGDAttack(Callback):
     def __call__(self, ctx: StepContext) -> None:
         if self.eps is not None:
             ctx.eps = torch.full((ctx.batch_size,), self.eps, device=ctx.inputs.device, dtype=ctx.inputs.dtype)
-        step_size: float | Tensor = ctx.eps * self.step_size if self.relative_step_size else self.step_size
+            ctx.uniform_eps = self.eps
+        budget = ctx.eps if self.eps is None else self.eps  # a float needs no host read to check it
+        step_size: float | Tensor = budget * self.step_size if self.relative_step_size else self.step_size
         observer = None
         if self.track_kappa:
             kappa = torch.zeros(ctx.batch_size, dtype=torch.int64, device=ctx.inputs.device)
@@ -100,7 +102,7 @@ class PGDAttack(Callback):
             ctx.attack_model,
             ctx.inputs,
             ctx.targets,
-            eps=ctx.eps if self.eps is None else self.eps,
+            eps=budget,
             step_size=step_size,
             steps=self.steps,
             norm=self.norm,

@@ -68,7 +68,8 @@ def project(x_new: Tensor, x: Tensor, eps: Tensor | float, norm: Norm) -> Tensor
         x_new = torch.maximum(torch.minimum(x_new, x + eps), x - eps)
     else:
         delta = x_new - x
-        delta = delta * torch.clamp(eps / (_flat_norm(delta) + 1e-12), max=1.0)
+        # reciprocal * eps (what `float / tensor` computes): a float and a [B] budget give identical points.
+        delta = delta * torch.clamp((_flat_norm(delta) + 1e-12).reciprocal() * eps, max=1.0)
         x_new = x + delta
     # Clamping to [0, 1] moves every coordinate towards x (which is in [0, 1]): the norm only shrinks.
     return x_new.clamp(0.0, 1.0)
