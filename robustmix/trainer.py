@@ -160,6 +160,13 @@ def training_forwards(step: AdversarialStep) -> set[str]:
     return {f.removeprefix("logits_") for f in fields if f.startswith("logits_")}
 
 
+#: Keys of a training row in metrics.jsonl that callbacks' ``ctx.extras`` may not take.
+_TRAIN_ROW_KEYS = frozenset(
+    {"step", "epoch", "loss", "lr", "train_adv_acc", "train_clean_acc", "forwards_per_step", "backwards_per_step",
+     "nonfinite_skipped", "elapsed_s"}
+)  # fmt: skip
+
+
 class Trainer:
     """Adversarial training with Accelerate: data, steps, evaluation, checkpoints, metrics.
 
@@ -441,6 +448,8 @@ class Trainer:
         self._start_time = time.perf_counter()
         self._window = torch.zeros(6, device=self.accelerator.device, dtype=torch.float64)
         self._window_passes: list[tuple[float, float]] = []
+        # Callbacks' ctx.extras, per name: [sum over the window's steps (device tensor), number of steps].
+        self._window_extras: dict[str, list] = {}
         self._bar = tqdm(
             total=self.total_steps, initial=self.global_step, desc="train", dynamic_ncols=True,
             disable=not (self.progress and self.accelerator.is_main_process),
@@ -539,6 +548,7 @@ class Trainer:
         if any(flags.tolist()):  # the one host read of the check
             self._reject_step(batch, loss, local_flags, flags)
         else:
+            self._add_extras(ctx.extras)
             if self.grad_clip is not None:
                 self.accelerator.clip_grad_norm_(self.model.parameters(), self.grad_clip)
             self.optimizer.step()
@@ -694,6 +704,26 @@ class Trainer:
             return {}
         return {**self.best, "selected_on": "validation", "attack": self.eval_attack}
 
+    def _add_extras(self, extras: dict[str, Tensor | float]) -> None:
+        """Add a step's ``ctx.extras`` (scalars) to the window; device tensors stay there, no host read."""
+        for name, value in extras.items():
+            if name in _TRAIN_ROW_KEYS:
+                raise ValueError(f"ctx.extras[{name!r}] would overwrite the trainer's own {name!r}: rename it")
+            if isinstance(value, Tensor):
+                if value.numel() != 1:
+                    shape = list(value.shape)
+                    raise ValueError(
+                        f"ctx.extras[{name!r}] must be a scalar to be logged, got a tensor of shape {shape}"
+                    )
+                value = value.detach().reshape(()).to(self.accelerator.device, torch.float64)
+            elif isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"ctx.extras[{name!r}] must be a number or a one-element tensor, got {value!r}")
+            entry = self._window_extras.setdefault(
+                name, [torch.zeros((), device=self.accelerator.device, dtype=torch.float64), 0]
+            )
+            entry[0] = entry[0] + value
+            entry[1] += 1
+
     def _log_train(self) -> None:
         """Log the training window (reduced over processes) and reset it; a no-op when it is empty."""
         if not self._window_passes:
@@ -709,6 +739,13 @@ class Trainer:
         row |= {"forwards_per_step": forwards, "backwards_per_step": backwards}
         if self.nonfinite == "skip":
             row["nonfinite_skipped"] = self.nonfinite_skipped
+        if self._window_extras:
+            # Every process runs the same callbacks, so the names agree; mean over steps and processes.
+            names = sorted(self._window_extras)
+            sums = self.accelerator.reduce(torch.stack([self._window_extras[k][0] for k in names]), "sum").tolist()
+            for name, total in zip(names, sums, strict=True):
+                row[name] = total / (self._window_extras[name][1] * self.accelerator.num_processes)
+            self._window_extras.clear()
         self._window.zero_()
         self._window_passes.clear()
         self._log(row)

@@ -212,6 +212,51 @@ def test_train_accuracy_uses_clean_logits_the_step_has(digits):
     assert training_forwards(AdversarialStep([PGDAttack(EPS, EPS, 1), AdversarialCE()])) == {"adv"}
 
 
+class _Extras(Callback):
+    """Logs the step number (a device tensor) every step and a float on odd steps only."""
+
+    stage, reads, writes = Stage.WEIGHTS, ("targets",), ()
+
+    def __init__(self, extras=None):
+        self.extras = extras
+
+    def __call__(self, ctx):
+        if self.extras is not None:
+            ctx.extras.update(self.extras)
+            return
+        ctx.extras["step_seen"] = torch.tensor(float(ctx.step))
+        if ctx.step % 2:
+            ctx.extras["odd_only"] = 1.5
+
+
+def test_callback_extras_are_logged_as_window_means(digits, tmp_path):
+    trainer = make_trainer(
+        digits, callbacks=[PGDAttack(EPS, EPS, 1), _Extras(), AdversarialCE()], max_steps=4, val_data=None,
+        output_dir=tmp_path, log_every=2,
+    )  # fmt: skip
+    trainer.fit()
+    rows = [r for r in load_metrics_log(tmp_path) if "loss" in r]
+    # Windows: steps 0-1, step 2 (the epoch ends after 3 batches), step 3. Each logs the mean of the values
+    # written in it, over the steps that wrote them; a name no step of the window wrote is left out.
+    logged = [(r["step"], r["step_seen"], r.get("odd_only")) for r in rows]
+    assert logged == [(2, 0.5, 1.5), (3, 2.0, None), (4, 3.0, 1.5)]
+
+
+@pytest.mark.parametrize(
+    ("extras", "error", "match"),
+    [
+        ({"loss": 1.0}, ValueError, "overwrite"),
+        ({"v": torch.ones(3)}, ValueError, "scalar"),
+        ({"v": "a"}, TypeError, "number"),
+    ],
+)  # fmt: skip
+def test_bad_callback_extras_are_named(digits, extras, error, match):
+    trainer = make_trainer(digits, callbacks=[PGDAttack(EPS, EPS, 1), _Extras(extras), AdversarialCE()], max_steps=1,
+                           val_data=None)  # fmt: skip
+    with pytest.raises(error, match=match):
+        trainer.fit()
+
+
 def test_evaluate_is_seeded_and_works_under_inference_mode(digits):
     trainer = make_trainer(digits)
     plain = trainer.evaluate(digits[1])
