@@ -637,12 +637,21 @@ def add_evaluation_flags(parser: argparse.ArgumentParser) -> None:
         default="no",
         help="autocast of the attacks; decisions stay fp32 (default: no)",
     )
-    add(
+    # Two flags, not a bare `--sweep-eps` meaning "none": reading the command must tell whether a sweep ran.
+    sweep = parser.add_mutually_exclusive_group()
+    sweep.add_argument(
         "--sweep-eps",
         type=_eps_flag,
-        nargs="*",
+        nargs="+",
         metavar="EPS",
-        help="radii of the eps sweep (default: 0, 0.5, 1, 2, 4 and 8 times eps, capped at 1; none: no sweep)",
+        help="radii of the eps sweep (default: 0, 0.5, 1, 2, 4 and 8 times eps, capped at 1)",
+    )
+    sweep.add_argument(
+        "--no-sweep",
+        dest="sweep_eps",
+        action="store_const",
+        const=[],
+        help="skip the eps sweep (and with it the sanity check at a large eps)",
     )
     add("--no-plots", dest="plots", action="store_false", help="write no PNG plots")
     add("--no-progress", dest="progress", action="store_false", help="show no progress bar")

@@ -95,7 +95,7 @@ def evaluation_markdown(report: Mapping[str, Any]) -> str:
         f"{run['recipe']} ({run['model']}, training seed {run['train_seed']}) on {run['dataset']}: "
         f"{n_text} {results['n']} examples of the {settings['split']} split, {settings['weights']} weights "
         f"(`{run['weights_file']}`, SHA-256 `{run['weights_sha256'][:16]}`...). L-inf eps {settings['eps']:.6g} "
-        f"(pixels in [0, 1]); attacks under mixed precision `{settings['mixed_precision']}`, decisions "
+        f"(pixels in [0, 1]); attacks {_precision(settings['mixed_precision'])}, decisions "
         f"{settings['decisions']}; seeds: {settings['seeds']}.",
         "",
         f"Protocol: {settings['protocol']}. Accuracy alone: against that attack only; cumulative: against it "
@@ -112,7 +112,7 @@ def evaluation_markdown(report: Mapping[str, Any]) -> str:
             f"| {percent(results['cumulative'][name])} | {results['attacked'][name]} |"
         )
     lines += [f"| **worst case** | {results['attack']} | | **{percent(results['worst_case'])}** | |", ""]
-    lines += [*_sanity_markdown(report["sanity_flags"]), ""]
+    lines += [*_sanity_markdown(report["sanity_flags"], swept=bool(report["eps_sweep"]["eps"])), ""]
 
     sweep = report["eps_sweep"]
     if sweep["eps"]:
@@ -288,14 +288,13 @@ def results_page(
             f"## {dataset}",
             "",
             f"Evaluation: {n_text} examples of the {settings['split']} split, {settings['weights']} weights, "
-            f"L-inf eps {settings['eps']:.6g} (pixels in [0, 1]), attack seed {settings['seed']}, attacks under "
-            f"mixed precision `{settings['mixed_precision']}`; decisions: {settings['decisions']}. "
+            f"L-inf eps {settings['eps']:.6g} (pixels in [0, 1]), attack seed {settings['seed']}, attacks "
+            f"{_precision(settings['mixed_precision'])}; decisions: {settings['decisions']}. "
             f"{settings['protocol'].capitalize()}. Attacks:",
             "",
             *(f"- {attack['label']}: {attack_description(attack)}" for attack in settings["attacks"]),
             "",
-            f"Eps sweep (per run, in its eval.md): {', '.join(f'{eps:.4g}' for eps in settings['eps_sweep']['eps'])} "
-            f"with cheaper budgets: {', '.join(budget(attack) for attack in settings['eps_sweep']['attacks'])}.",
+            _sweep_sentence(settings["eps_sweep"]),
             "",
             "Accuracies in %, mean ± standard deviation over the runs (training seeds) of each recipe; "
             "flags: failed sanity checks, summed over the runs.",
@@ -366,11 +365,29 @@ def plot_clean_vs_robust(tables: Mapping[str, Mapping[str, Sequence[Mapping[str,
     figure.savefig(path, dpi=120)
 
 
-def _sanity_markdown(flags: Sequence[str]) -> list[str]:
+def _precision(mixed_precision: str) -> str:
+    return "in fp32 (no autocast)" if mixed_precision == "no" else f"under {mixed_precision} autocast"
+
+
+def _sweep_sentence(sweep: Mapping[str, Any]) -> str:
+    if not sweep["eps"]:
+        return "No eps sweep (`--no-sweep`): the check that accuracy falls to ~0 at a large eps did not run."
+    return (
+        f"Eps sweep (per run, in its eval.md): {', '.join(f'{eps:.4g}' for eps in sweep['eps'])} "
+        f"with cheaper budgets: {', '.join(budget(attack) for attack in sweep['attacks'])}."
+    )
+
+
+def _sanity_markdown(flags: Sequence[str], *, swept: bool = True) -> list[str]:
     if not flags:
+        large_eps = (
+            "accuracy falls to ~0 at the largest eps of the sweep"
+            if swept
+            else "(no eps sweep: the large-eps check did not run)"
+        )
         return [
             "Sanity checks passed: clean >= PGD-20 >= PGD-100 >= worst case, no black-box attack beats the "
-            "white-box ones, accuracy falls to ~0 at the largest eps of the sweep, PGD losses rise."
+            f"white-box ones, PGD losses rise, {large_eps}."
         ]
     return [
         f"> **WARNING: {len(flags)} sanity check(s) failed; these robust accuracies may not be trustworthy.**",

@@ -184,6 +184,8 @@ def test_attacks_run_under_autocast_and_decisions_in_fp32(report, run_dir, tmp_p
         (["--eps", "2"], "must be in [0, 1]"),
         (["--n-examples", "0"], "must be >= 1"),
         (["--weights", "best"], "the run has no best weights"),
+        (["--sweep-eps"], "expected at least one argument"),  # a bare flag would hide that no sweep runs
+        (["--sweep-eps", "0.1", "--no-sweep"], "not allowed with argument"),
     ],
 )
 def test_cli_rejects_bad_input_before_work(flags, message, run_dir, tmp_path, capsys, monkeypatch):
@@ -283,7 +285,7 @@ def test_results_page_groups_runs_and_reuses_current_reports(run_dir, tmp_path, 
     first, second = (_copy_run(run_dir, tmp_path / f"pgd_at-digits-seed{seed}", seed) for seed in (0, 1))
     output = tmp_path / "docs" / "results.md"
     argv = [str(first), str(second), "--output", str(output), "--attacks", "pgd20", "cw", "--n-examples", "6"]
-    argv += ["--batch-size", "6", "--sweep-eps", "--no-progress"]  # no values: no sweep
+    argv += ["--batch-size", "6", "--no-sweep", "--no-progress"]
     results = load_recipe("results")
     attacked = []
     worst_case = evaluate.worst_case
@@ -296,6 +298,9 @@ def test_results_page_groups_runs_and_reuses_current_reports(run_dir, tmp_path, 
     assert output.read_text() == page
     assert "## digits" in page and "| pgd_at | 2 (0, 1) |" in page
     assert "- PGD-20: step_fraction 0.25, loss ce, steps 20" in page and "the first 6 examples" in page
+    assert "No eps sweep (`--no-sweep`)" in page and "attacks in fp32 (no autocast)" in page
+    eval_md = (first / "eval.md").read_text()
+    assert "the large-eps check did not run" in eval_md and "falls to ~0" not in eval_md
     assert f"python recipes/results.py {argv[0]}" in page
     assert f"python recipes/pgd_at.py --eps {EPS} --seed 1 --output-dir {second}" in page
     assert "![clean against worst-case accuracy](results_scatter.png)" in page
@@ -346,7 +351,7 @@ def test_results_takes_a_flag_an_older_run_lacks_as_its_default(run_dir, tmp_pat
     assert config["flags"].pop("on_nonfinite") == "raise"  # a run made before the flag existed
     atomic_write_json(older / "config.json", config)
     argv = [str(older), str(newer), "--output", str(tmp_path / "r.md"), "--attacks", "pgd20", "--n-examples", "2"]
-    page = load_recipe("results").main([*argv, "--sweep-eps", "--no-progress", "--no-plots"])
+    page = load_recipe("results").main([*argv, "--no-sweep", "--no-progress", "--no-plots"])
     assert "| pgd_at | 2 (0, 1) |" in page
     config["flags"]["on_nonfinite"] = "skip"  # a real difference still stops it
     atomic_write_json(older / "config.json", config)
