@@ -45,6 +45,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict[
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="training run folders")
     parser.add_argument("--output", default="docs/results.md", help="the Markdown page (default: docs/results.md)")
     parser.add_argument("--reevaluate", action="store_true", help="evaluate every run, also with a current eval.json")
+    parser.add_argument(
+        "--report-name",
+        default="eval.json",
+        help="file name of each run's report, e.g. eval_sweep.json for a second evaluation that leaves eval.json "
+        "alone (default: eval.json)",
+    )
     add_evaluation_flags(parser)
     args = parser.parse_args(argv)
 
@@ -68,6 +74,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict[
             if differ:
                 names = sorted({name for name, _ in differ})
                 parser.error(f"{first} and {run_dir} ({recipe} on {dataset}) differ in {names}, not only the seed")
+    if Path(args.report_name).name != args.report_name or not args.report_name.endswith(".json"):
+        parser.error(f"--report-name must be a file name ending in .json, got {args.report_name!r}")
     if args.eps is None:
         for dataset in {config["data"]["dataset"] for config in configs.values()}:
             eps = {config["attack"]["eps"] for config in configs.values() if config["data"]["dataset"] == dataset}
@@ -107,7 +115,9 @@ def main(argv: list[str] | None = None) -> str:
     tables: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for (dataset, recipe), group in sorted(_group(configs).items()):
         for run_dir in sorted(group, key=lambda run: configs[run]["seed"]):
-            report = evaluate_run(run_dir, reuse=not args.reevaluate, accelerator=accelerator, **kwargs)
+            report_path = Path(run_dir) / args.report_name
+            reuse = not args.reevaluate
+            report = evaluate_run(run_dir, output=report_path, reuse=reuse, accelerator=accelerator, **kwargs)
             tables.setdefault(dataset, {}).setdefault(recipe, []).append(report)
     output = Path(args.output)
     scatter = output.with_name(f"{output.stem}_scatter.png") if args.plots else None

@@ -373,7 +373,8 @@ def _sweep_sentence(sweep: Mapping[str, Any]) -> str:
     if not sweep["eps"]:
         return "No eps sweep (`--no-sweep`): the check that accuracy falls to ~0 at a large eps did not run."
     return (
-        f"Eps sweep (per run, in its eval.md): {', '.join(f'{eps:.4g}' for eps in sweep['eps'])} "
+        "Eps sweep (per run, in its Markdown report next to the JSON one): "
+        f"{', '.join(f'{eps:.4g}' for eps in sweep['eps'])} "
         f"with cheaper budgets: {', '.join(budget(attack) for attack in sweep['attacks'])}."
     )
 

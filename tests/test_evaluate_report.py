@@ -322,6 +322,19 @@ def test_results_page_groups_runs_and_reuses_current_reports(run_dir, tmp_path, 
     assert not attacked and str(moved[1]) in page
 
 
+def test_results_report_name_keeps_eval_json(run_dir, tmp_path, monkeypatch):
+    run = _copy_run(run_dir, tmp_path / "pgd_at-digits-seed0", 0)
+    before = (run / "eval.json").read_bytes() if (run / "eval.json").exists() else None
+    argv = [str(run), "--output", str(tmp_path / "sweep.md"), "--attacks", "pgd20", "--n-examples", "4"]
+    argv += ["--batch-size", "4", "--sweep-eps", "0", str(EPS), "--no-progress", "--no-plots"]
+    page = load_recipe("results").main([*argv, "--report-name", "eval_sweep.json"])
+    assert json.loads((run / "eval_sweep.json").read_text())["eps_sweep"]["eps"] == [0.0, EPS]
+    assert ((run / "eval.json").read_bytes() if (run / "eval.json").exists() else None) == before
+    assert "Eps sweep (per run, in its Markdown report next to the JSON one): 0, " in page
+    with pytest.raises(SystemExit):
+        load_recipe("results").main([*argv, "--report-name", "../eval.json"])
+
+
 def test_results_refuses_runs_that_cannot_share_a_row(run_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(evaluate, "load_model", _must_not_run)
     other = _copy_run(run_dir, tmp_path / "other", seed=0)
