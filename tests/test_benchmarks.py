@@ -1,0 +1,53 @@
+"""The benchmark script runs end to end on the CPU and reports what it measured (no timing is asserted)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def throughput():
+    sys.path.insert(0, str(BENCHMARKS))
+    threads, rng = torch.get_num_threads(), torch.get_rng_state()
+    try:
+        import throughput
+
+        yield throughput
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+        torch.set_num_threads(threads)  # main() sets its own thread count and seeds
+        torch.set_rng_state(rng)
+
+
+def test_a_tiny_run_counts_passes_and_matches_the_hand_written_loss(throughput, capsys) -> None:
+    argv = ["--methods", "pgd_at,adalab", "--repeats", "1", "--warmup", "0", "--batch-size", "4",
+            "--attack-steps", "2", "--device", "cpu"]  # fmt: skip
+    result = throughput.main(argv)
+    printed = capsys.readouterr().out
+    for name in ("pgd_at", "adalab"):
+        row = result["methods"][name]
+        assert tuple(row["passes_rm"]) == tuple(row["passes_theory"])
+        assert row["loss_abs_diff"] == 0.0
+        assert row["host_reads_rm"] == 1  # the step's input check, nothing in the attack loop
+    verdicts = {t["target"]: t["verdict"] for t in result["targets"]}
+    assert verdicts["no host read inside the attack loop (equal counts at K and 2K steps; any device)"] == "PASS"
+    gpu_only = [t for t in result["targets"] if t["measured"].startswith("not measured: GPU only")]
+    assert gpu_only and all(t["verdict"] == "-" for t in gpu_only)  # said, not claimed
+    assert "PASS  pgd_at passes counted" in printed
+
+
+def test_strict_fp32_turns_tf32_off_inside_the_block_and_restores_the_flags(throughput) -> None:
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    before = conv.fp32_precision, matmul.fp32_precision
+    with throughput.strict_fp32():
+        assert (conv.fp32_precision, matmul.fp32_precision) == ("ieee", "ieee")
+    assert (conv.fp32_precision, matmul.fp32_precision) == before
+    with pytest.raises(RuntimeError), throughput.strict_fp32():
+        raise RuntimeError("boom")
+    assert (conv.fp32_precision, matmul.fp32_precision) == before
