@@ -233,6 +233,33 @@ def results_table(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[str]:
     return lines
 
 
+def sweep_table(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[str]:
+    """Markdown lines of one dataset's eps sweep: a row per recipe, the sweep's worst case at each eps.
+
+    Empty when the reports have no sweep. Accuracies are mean ± std over each recipe's runs (seeds).
+
+    Args:
+        runs: ``{recipe: reports}``, all evaluated with the same settings.
+    """
+    sweep = next(iter(runs.values()))[0]["settings"]["eps_sweep"]
+    if not sweep["eps"]:
+        return []
+    labels = " and ".join(attack["label"] for attack in sweep["attacks"])
+    header = ["recipe", *(f"eps {eps:.4g}" for eps in sweep["eps"])]
+    lines = [
+        f"Eps sweep: robust accuracy in % at each eps, worst case over {labels} at the sweep's budgets "
+        "(mean ± std over the runs). It should fall to ~0 at the largest eps; where it does not, suspect "
+        "gradient masking.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "| --- |" + " ---: |" * (len(header) - 1),
+    ]
+    for recipe, group in runs.items():
+        cells = [mean_std([r["eps_sweep"]["worst_case"][i] for r in group]) for i in range(len(sweep["eps"]))]
+        lines.append(f"| {recipe} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def _trained_with(runs: Mapping[str, Sequence[Mapping[str, Any]]], environments: Mapping[str, str]) -> list[str]:
     known = sorted({environments[r["run"]["run_dir"]] for group in runs.values() for r in group} - {""})
     return [f"Trained with {'; '.join(known)}.", ""] if known else []
@@ -304,6 +331,7 @@ def results_page(
             *_trained_with(runs, training_environments or {}),
             *results_table(runs),
             "",
+            *sweep_table(runs),
         ]
         flagged = [(r, flag) for group in runs.values() for r in group for flag in r["sanity_flags"]]
         if flagged:
@@ -373,7 +401,7 @@ def _sweep_sentence(sweep: Mapping[str, Any]) -> str:
     if not sweep["eps"]:
         return "No eps sweep (`--no-sweep`): the check that accuracy falls to ~0 at a large eps did not run."
     return (
-        "Eps sweep (per run, in its Markdown report next to the JSON one): "
+        "Eps sweep (table below; per run in its Markdown report next to the JSON one): "
         f"{', '.join(f'{eps:.4g}' for eps in sweep['eps'])} "
         f"with cheaper budgets: {', '.join(budget(attack) for attack in sweep['attacks'])}."
     )

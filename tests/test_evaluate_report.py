@@ -299,6 +299,7 @@ def test_results_page_groups_runs_and_reuses_current_reports(run_dir, tmp_path, 
     assert "## digits" in page and "| pgd_at | 2 (0, 1) |" in page
     assert "- PGD-20: step_fraction 0.25, loss ce, steps 20" in page and "the first 6 examples" in page
     assert "No eps sweep (`--no-sweep`)" in page and "attacks in fp32 (no autocast)" in page
+    assert "| recipe | eps" not in page  # no sweep table without a sweep
     eval_md = (first / "eval.md").read_text()
     assert "the large-eps check did not run" in eval_md and "falls to ~0" not in eval_md
     assert f"python recipes/results.py {argv[0]}" in page
@@ -330,7 +331,10 @@ def test_results_report_name_keeps_eval_json(run_dir, tmp_path, monkeypatch):
     page = load_recipe("results").main([*argv, "--report-name", "eval_sweep.json"])
     assert json.loads((run / "eval_sweep.json").read_text())["eps_sweep"]["eps"] == [0.0, EPS]
     assert ((run / "eval.json").read_bytes() if (run / "eval.json").exists() else None) == before
-    assert "Eps sweep (per run, in its Markdown report next to the JSON one): 0, " in page
+    assert "Eps sweep (table below; per run in its Markdown report next to the JSON one): 0, " in page
+    sweep = json.loads((run / "eval_sweep.json").read_text())["eps_sweep"]["worst_case"]
+    row = "| pgd_at | " + " | ".join(f"{100 * acc:.2f}" for acc in sweep) + " |"
+    assert f"| recipe | eps 0 | eps {EPS:.4g} |" in page and row in page
     with pytest.raises(SystemExit):
         load_recipe("results").main([*argv, "--report-name", "../eval.json"])
 
