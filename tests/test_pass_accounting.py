@@ -250,6 +250,7 @@ def test_input_validation_is_the_only_host_read_of_a_pgd_at_step() -> None:
 
 def test_adalab_passes_the_uniform_budget_on_without_reading_it_back() -> None:
     """The adversary's adversary takes the attack's float budget: no host read to check a ``[B]`` eps."""
+
     def callbacks() -> list[Callback]:
         return [
             _attack(), AdversarysAdversary(K_AA), ProbabilityMargin(), AdaLabLabels(), AdaLabWeights(), AdversarialCE()
@@ -261,6 +262,7 @@ def test_adalab_passes_the_uniform_budget_on_without_reading_it_back() -> None:
 
 def test_sglr_reuses_the_index_range_of_the_input_check() -> None:
     """SGLR's table-size check costs no host read of its own when the step validated the batch."""
+
     def callbacks() -> list[Callback]:
         return [_attack(), SGLRLabels(BATCH, NUM_CLASSES, start_epoch=0), AdversarialCE()]
 
