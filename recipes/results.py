@@ -44,6 +44,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict[
     )
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="training run folders")
     parser.add_argument("--output", default="docs/results.md", help="the Markdown page (default: docs/results.md)")
+    parser.add_argument("--title", default="Results", help="the page's heading (default: Results)")
     parser.add_argument("--reevaluate", action="store_true", help="evaluate every run, also with a current eval.json")
     parser.add_argument(
         "--report-name",
@@ -129,6 +130,7 @@ def main(argv: list[str] | None = None) -> str:
         training_environments={str(Path(run)): training_environment(config) for run, config in configs.items()},
         scatter=None if scatter is None else scatter.name,
         date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        title=args.title,
     )
     if accelerator.is_main_process:
         output.parent.mkdir(parents=True, exist_ok=True)
