@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     add("--meta-every", type=_positive_int, default=10, help="steps between lookahead updates (default 10)")
     add("--meta-lr", type=_number, default=1e-3, help="Adam lr of the weight net (default 1e-3)")
     add("--meta-size", type=_positive_int, default=100, help="clean examples held out of training for the meta step")
-    add("--clean-meta-loss", action="store_true", help="add the clean CE of theta' to the outer loss")
+    add("--clean-meta-loss", action=argparse.BooleanOptionalAction, default=False,
+        help="add the clean CE of theta' to the outer loss (default: off)")  # fmt: skip
     args = parse_args(p, argv)
     return run_recipe(args, build_callbacks, meta_size=args.meta_size)
 

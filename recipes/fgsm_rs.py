@@ -23,6 +23,8 @@ from robustmix.recipe import RecipeInfo, base_parser, parse_args, run_recipe
 
 NAME = "fgsm_rs"
 STEP_SIZE_RATIO = 1.25  # alpha = 1.25 * eps (Wong et al., section 4)
+#: What this recipe uses instead of the preset for flags not given on the command line.
+DEFAULTS = {"step_size": lambda args: STEP_SIZE_RATIO * args.eps, "attack_steps": 1}
 
 
 def build_callbacks(args: argparse.Namespace, info: RecipeInfo) -> list[Callback]:
@@ -34,7 +36,7 @@ def build_callbacks(args: argparse.Namespace, info: RecipeInfo) -> list[Callback
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = base_parser(NAME, __doc__)
-    args = parse_args(parser, argv, {"step_size": lambda a: STEP_SIZE_RATIO * a.eps, "attack_steps": 1})
+    args = parse_args(parser, argv, recipe_defaults=DEFAULTS)
     if args.attack_steps != 1:
         parser.error(f"FGSM-RS takes exactly one attack step, got --attack-steps {args.attack_steps}")
     return run_recipe(args, build_callbacks)

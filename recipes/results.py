@@ -16,6 +16,7 @@ eps (or pass --eps): otherwise a mean over them would mix protocols, and the scr
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import shlex
 import sys
 from datetime import datetime, timezone
@@ -88,15 +89,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict[
 def training_command(config: dict[str, Any]) -> str:
     """The command that trained a run, rebuilt from its config.json.
 
-    Flags equal to the preset's value or to the default are left out; the recipe's own flags are always given.
+    Flags equal to the preset's value or to the default are left out; the recipe's own flags, and the shared
+    flags the recipe fills in itself instead of the preset (its module's ``DEFAULTS``), are always given.
     """
     flags = config["flags"]
     preset = PRESETS[flags["preset"]]
     defaults = base_parser(flags["recipe"])
+    own = _recipe_defaults(flags["recipe"])
     words = [f"recipes/{flags['recipe']}.py"]
     for name, value in flags.items():
         default = preset[name] if name in preset else defaults.get_default(name)
-        if name in ("recipe", "resume", "overwrite") or value is None or value == default:
+        if name in ("recipe", "resume", "overwrite") or value is None or (value == default and name not in own):
             continue
         option = "--" + name.replace("_", "-")
         if isinstance(value, bool):
@@ -139,6 +142,17 @@ def main(argv: list[str] | None = None) -> str:
         atomic_write_text(output, page)
         print(f"results of {len(configs)} run(s) written to {output}")
     return page
+
+
+def _recipe_defaults(recipe: str) -> set[str]:
+    """Names of the flags ``recipes/<recipe>.py`` fills in itself when not given (empty for an unknown recipe)."""
+    path = Path(__file__).resolve().with_name(f"{recipe}.py")
+    if not path.is_file():
+        return set()
+    spec = importlib.util.spec_from_file_location(f"_recipe_{recipe}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return set(getattr(module, "DEFAULTS", {}))
 
 
 def training_environment(config: dict[str, Any]) -> str:

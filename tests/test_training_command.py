@@ -1,0 +1,55 @@
+"""The training command results.py rebuilds from a run's config.json parses back to exactly that run's flags."""
+
+from __future__ import annotations
+
+import shlex
+from typing import Any
+
+import pytest
+
+from robustmix.recipe import PRESETS
+from tests.conftest import load_recipe
+
+RECIPES = ["pgd_at", "fgsm_rs", "trades", "mart", "mail", "awp", "gairat", "sglr", "caat", "bilaw", "adalab"]
+#: A shared flag given explicitly at the digits preset's value (FGSM-RS fills it in itself when not given).
+PRESET_STEP = ["--step-size", str(PRESETS["digits"]["step_size"])]
+
+
+@pytest.fixture(scope="module")
+def training_command():
+    return load_recipe("results").training_command
+
+
+def _flags(name: str, argv: list[str], monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """The namespace the recipe would train with, from its own parser (no training)."""
+    module = load_recipe(name)
+    seen = []
+    monkeypatch.setattr(module, "run_recipe", lambda args, *a, **k: seen.append(vars(args)))
+    module.main(argv)
+    (flags,) = seen
+    return flags
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_the_rebuilt_command_gives_back_the_same_flags(name, training_command, tmp_path, monkeypatch) -> None:
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    out = ["--output-dir", str(tmp_path / "run")]
+    defaults = _flags(name, out, monkeypatch)
+    flipped = [  # every on/off flag the other way round
+        f"--{key.replace('_', '-')}" if not value else f"--no-{key.replace('_', '-')}"
+        for key, value in defaults.items()
+        if isinstance(value, bool) and key not in ("overwrite", "data_on_device", "channels_last")
+    ]
+    variants = [out, [*out, *PRESET_STEP], [*out, *flipped], [*out, "--data-on-device", "--channels-last"]]
+    for argv in variants:
+        flags = _flags(name, argv, monkeypatch)
+        words = shlex.split(training_command({"flags": flags, "num_processes": 1}))
+        assert words[:2] == ["python", f"recipes/{name}.py"]
+        assert _flags(name, words[2:], monkeypatch) == flags, (argv, words)
+
+
+def test_fgsm_rs_keeps_an_explicit_step_size_equal_to_the_preset(training_command, tmp_path, monkeypatch) -> None:
+    # FGSM-RS's own default step is 1.25 * eps: leaving out a step equal to the preset's would change the run.
+    flags = _flags("fgsm_rs", ["--output-dir", str(tmp_path / "run"), *PRESET_STEP], monkeypatch)
+    assert flags["step_size"] == PRESETS["digits"]["step_size"]
+    assert shlex.join(PRESET_STEP) in training_command({"flags": flags, "num_processes": 1})
