@@ -66,6 +66,7 @@ from robustmix.attacks import perturb
 from robustmix.callbacks import Callback
 from robustmix.losses import MARTLoss, TRADESLoss
 from robustmix.models import create_model
+from robustmix.recipe import cpu_name
 from robustmix.sglr import SGLRLabels
 
 #: ``--model`` shortcuts; any other value is a timm model name.
@@ -377,21 +378,13 @@ def _graph_breaks() -> int:
     return sum(counters["graph_break"].values())
 
 
-def _cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
-
-
 def _environment(device: torch.device) -> dict[str, object]:
     env: dict[str, object] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "python " + " ".join(sys.argv),
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_average_start": os.getloadavg(),

@@ -312,8 +312,20 @@ def parse_args(
 
 
 def device_name(device: torch.device) -> str:
-    """``"cpu"``, or the GPU's name (e.g. ``"NVIDIA H100 80GB HBM3"``)."""
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    """The GPU's name (e.g. ``"NVIDIA H100 80GB HBM3"``), or the device type with the CPU's model (e.g.
+    ``"cpu (AMD EPYC)"``): the same seeded run gives other numbers on another CPU model."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} ({cpu_name()})" if device.type == "cpu" else device.type
+
+
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one), or ``"unknown CPU"``."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
 
 
 def run_recipe(args: argparse.Namespace, build_callbacks: BuildCallbacks, *, meta_size: int = 0) -> dict[str, Any]:

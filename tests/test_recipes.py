@@ -98,7 +98,7 @@ def test_recipe_writes_the_run_folder(tiny, tmp_path, name, attack_flags, passes
 
     config = json.loads((out / "config.json").read_text())
     assert config["recipe"] == name and config["robustmix_version"] == robustmix.__version__
-    assert config["device"] == "cpu" and config["versions"]["torch"] == torch.__version__
+    assert config["device"].startswith("cpu (") and config["versions"]["torch"] == torch.__version__
     assert config["model"]["name"] == PRESETS["digits"]["model"] and config["model"]["in_chans"] == 1
     assert config["data"]["sizes"] == {"train": 90, "validation": 10} and config["data"]["dataset"] == tiny
     assert config["attack"]["eps"] == PRESETS["digits"]["eps"] and config["flags"]["max_steps"] == 3
