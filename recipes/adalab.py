@@ -31,11 +31,11 @@ from robustmix.margins import KappaMargin, LogitMargin, ProbabilityMargin
 from robustmix.recipe import (
     RecipeInfo,
     _bounded,
-    _nonnegative_int,
-    _number,
-    _positive_number,
     base_parser,
+    nonnegative_int,
+    number,
     parse_args,
+    positive_number,
     run_recipe,
 )
 from robustmix.weights import AdaLabWeights
@@ -68,14 +68,14 @@ def build_callbacks(args: argparse.Namespace, info: RecipeInfo) -> list[Callback
 def parser() -> argparse.ArgumentParser:
     p = base_parser(NAME, __doc__)
     add = p.add_argument
-    add("--aa-steps", type=_nonnegative_int, default=1, help="descent steps K_aa of the adversary's adversary")
-    add("--aa-step-size", type=_positive_number, help="its step in pixels (default: eps / 2)")
+    add("--aa-steps", type=nonnegative_int, default=1, help="descent steps K_aa of the adversary's adversary")
+    add("--aa-step-size", type=positive_number, help="its step in pixels (default: eps / 2)")
     add("--margin", choices=MARGINS, default="probability", help="margin estimator (default: probability)")
-    add("--lam-max", type=_bounded(_number, 0), default=0.5, help="largest label interpolation, in [0, 1]")
-    add("--temperature", type=_positive_number, default=1.0, help="softmax temperature T of p(x_aa)")
-    add("--burn-in", type=_nonnegative_int, help="epochs of plain PGD-AT first (default: a third of --epochs)")
+    add("--lam-max", type=_bounded(number, 0), default=0.5, help="largest label interpolation, in [0, 1]")
+    add("--temperature", type=positive_number, default=1.0, help="softmax temperature T of p(x_aa)")
+    add("--burn-in", type=nonnegative_int, help="epochs of plain PGD-AT first (default: a third of --epochs)")
     add("--weighting", choices=WEIGHTINGS, default="adalab", help="importance weights (default: adalab)")
-    add("--importance-c", type=_bounded(_number, 0), default=5.0, help="sharpness c of the importance weights")
+    add("--importance-c", type=_bounded(number, 0), default=5.0, help="sharpness c of the importance weights")
     return p
 
 

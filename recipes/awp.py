@@ -25,7 +25,7 @@ from robustmix import AdversarialCE, PGDAttack
 from robustmix.awp import AWP
 from robustmix.callbacks import Callback
 from robustmix.losses import TRADESLoss
-from robustmix.recipe import RecipeInfo, _nonnegative_int, _nonnegative_number, base_parser, parse_args, run_recipe
+from robustmix.recipe import RecipeInfo, base_parser, nonnegative_int, nonnegative_number, parse_args, run_recipe
 
 NAME = "awp"
 #: The released code's settings for each base method: gamma, warm-up epochs (of 200).
@@ -55,9 +55,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = base_parser(NAME, __doc__)
     add = parser.add_argument
     add("--base", choices=sorted(RELEASED), default="at", help="base method (default: at, i.e. PGD-AT)")
-    add("--gamma", type=_nonnegative_number, help="relative weight perturbation (default: 0.01 at, 0.005 trades)")
-    add("--warmup-epochs", type=_nonnegative_int, help="unperturbed epochs (default: 0 at, 10 trades, at most half)")
-    add("--beta", type=_nonnegative_number, default=6.0, help="TRADES' KL weight, --base trades (default: 6)")
+    add("--gamma", type=nonnegative_number, help="relative weight perturbation (default: 0.01 at, 0.005 trades)")
+    add("--warmup-epochs", type=nonnegative_int, help="unperturbed epochs (default: 0 at, 10 trades, at most half)")
+    add("--beta", type=nonnegative_number, default=6.0, help="TRADES' KL weight, --base trades (default: 6)")
     args = parse_args(parser, argv, recipe_defaults=DEFAULTS)
     if args.warmup_epochs >= args.epochs:
         parser.error(f"--warmup-epochs {args.warmup_epochs} leaves no AWP epoch out of --epochs {args.epochs}")

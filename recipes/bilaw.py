@@ -24,7 +24,7 @@ from robustmix import AdversarialCE, MultiClassMargin, PGDAttack
 from robustmix.bilaw import BiLAWWeights
 from robustmix.callbacks import Callback
 from robustmix.meta import MetaBatches
-from robustmix.recipe import RecipeInfo, _number, _positive_int, base_parser, parse_args, run_recipe
+from robustmix.recipe import RecipeInfo, base_parser, number, parse_args, positive_int, run_recipe
 
 NAME = "bilaw"
 
@@ -51,9 +51,9 @@ def build_callbacks(args: argparse.Namespace, info: RecipeInfo) -> list[Callback
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = base_parser(NAME, __doc__)
     add = p.add_argument
-    add("--meta-every", type=_positive_int, default=10, help="steps between lookahead updates (default 10)")
-    add("--meta-lr", type=_number, default=1e-3, help="Adam lr of the weight net (default 1e-3)")
-    add("--meta-size", type=_positive_int, default=100, help="clean examples held out of training for the meta step")
+    add("--meta-every", type=positive_int, default=10, help="steps between lookahead updates (default 10)")
+    add("--meta-lr", type=number, default=1e-3, help="Adam lr of the weight net (default 1e-3)")
+    add("--meta-size", type=positive_int, default=100, help="clean examples held out of training for the meta step")
     add("--clean-meta-loss", action=argparse.BooleanOptionalAction, default=False,
         help="add the clean CE of theta' to the outer loss (default: off)")  # fmt: skip
     args = parse_args(p, argv)

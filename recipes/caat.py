@@ -25,7 +25,7 @@ from robustmix import AntiAdversary, PGDAttack
 from robustmix.caat import CAATLoss, ClassWiseBudget
 from robustmix.callbacks import Callback
 from robustmix.meta import MetaBatches
-from robustmix.recipe import RecipeInfo, _number, _positive_int, base_parser, parse_args, run_recipe
+from robustmix.recipe import RecipeInfo, base_parser, number, parse_args, positive_int, run_recipe
 
 NAME = "caat"
 
@@ -53,10 +53,10 @@ def build_callbacks(args: argparse.Namespace, info: RecipeInfo) -> list[Callback
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = base_parser(NAME, __doc__)
     add = p.add_argument
-    add("--beta-tr", type=_number, default=1.5, help="weight of the KL term (default 1.5)")
-    add("--meta-every", type=_positive_int, default=10, help="steps between meta updates (released code: 50)")
-    add("--meta-lr", type=_number, default=1e-4, help="Adam lr of the meta net (default 1e-4)")
-    add("--meta-size", type=_positive_int, default=100, help="clean examples held out of training for the meta step")
+    add("--beta-tr", type=number, default=1.5, help="weight of the KL term (default 1.5)")
+    add("--meta-every", type=positive_int, default=10, help="steps between meta updates (released code: 50)")
+    add("--meta-lr", type=number, default=1e-4, help="Adam lr of the meta net (default 1e-4)")
+    add("--meta-size", type=positive_int, default=100, help="clean examples held out of training for the meta step")
     args = parse_args(p, argv)
     if args.eps <= 0:
         p.error("CAAT needs --eps > 0 (its step sizes are fractions of each sample's eps)")

@@ -23,7 +23,7 @@ from typing import Any
 from robustmix import AdversarialCE, PGDAttack
 from robustmix.callbacks import Callback
 from robustmix.gairat import LAMBDA_SCHEDULES, ScheduledGAIRATWeights
-from robustmix.recipe import RecipeInfo, _nonnegative_int, _number, base_parser, parse_args, run_recipe
+from robustmix.recipe import RecipeInfo, base_parser, nonnegative_int, number, parse_args, run_recipe
 from robustmix.weights import GAIRAT_KINDS
 
 NAME = "gairat"
@@ -43,11 +43,11 @@ def build_callbacks(args: argparse.Namespace, info: RecipeInfo) -> list[Callback
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = base_parser(NAME, __doc__)
     add = p.add_argument
-    add("--lam", type=_number, default=-1.0, help="lambda after the burn-in (default -1)")
+    add("--lam", type=number, default=-1.0, help="lambda after the burn-in (default -1)")
     add("--weight-kind", choices=GAIRAT_KINDS, default="tanh", help="weight curve (default tanh)")
     add("--lam-schedule", choices=LAMBDA_SCHEDULES, default="fixed", help="lambda after the burn-in")
-    add("--lam-max", type=_number, default=math.inf, help="start of the linear lambda schedule")
-    add("--burn-in", type=_nonnegative_int, help="epochs of plain PGD-AT first (default: half of --epochs)")
+    add("--lam-max", type=number, default=math.inf, help="start of the linear lambda schedule")
+    add("--burn-in", type=nonnegative_int, help="epochs of plain PGD-AT first (default: half of --epochs)")
     args = parse_args(p, argv)
     if args.attack_steps < 1:
         p.error("GAIRAT needs --attack-steps >= 1 (kappa counts attack iterations)")

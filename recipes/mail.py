@@ -27,10 +27,10 @@ from robustmix.callbacks import Callback
 from robustmix.losses import MARTLoss, TRADESLoss
 from robustmix.recipe import (
     RecipeInfo,
-    _nonnegative_int,
-    _nonnegative_number,
-    _number,
     base_parser,
+    nonnegative_int,
+    nonnegative_number,
+    number,
     parse_args,
     run_recipe,
 )
@@ -66,10 +66,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = base_parser(NAME, __doc__)
     add = p.add_argument
     add("--base", choices=BASES, default="at", help="the method MAIL reweights (default: at)")
-    add("--beta", type=_nonnegative_number, help="TRADES/MART term weight (default: 6 for trades, 5 for mart)")
-    add("--bias", type=_number, default=-1.5, help="sigmoid bias b (default -1.5)")
-    add("--slope", type=_nonnegative_number, default=1.0, help="sigmoid slope s (default 1)")
-    add("--burn-in", type=_nonnegative_int, help="epochs of uniform weights first (default: 5/8 of --epochs)")
+    add("--beta", type=nonnegative_number, help="TRADES/MART term weight (default: 6 for trades, 5 for mart)")
+    add("--bias", type=number, default=-1.5, help="sigmoid bias b (default -1.5)")
+    add("--slope", type=nonnegative_number, default=1.0, help="sigmoid slope s (default 1)")
+    add("--burn-in", type=nonnegative_int, help="epochs of uniform weights first (default: 5/8 of --epochs)")
     args = parse_args(p, argv)
     if args.base == "at":
         if args.beta is not None:

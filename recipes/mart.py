@@ -21,7 +21,7 @@ from typing import Any
 from robustmix import PGDAttack
 from robustmix.callbacks import Callback
 from robustmix.losses import MARTLoss
-from robustmix.recipe import RecipeInfo, _nonnegative_number, base_parser, parse_args, run_recipe
+from robustmix.recipe import RecipeInfo, base_parser, nonnegative_number, parse_args, run_recipe
 
 NAME = "mart"
 
@@ -35,7 +35,7 @@ def build_callbacks(args: argparse.Namespace, info: RecipeInfo) -> list[Callback
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = base_parser(NAME, __doc__)
-    parser.add_argument("--beta", type=_nonnegative_number, default=5.0, help="weight of the KL term (default: 5)")
+    parser.add_argument("--beta", type=nonnegative_number, default=5.0, help="weight of the KL term (default: 5)")
     args = parse_args(parser, argv)
     return run_recipe(args, build_callbacks)
 

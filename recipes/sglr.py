@@ -22,7 +22,7 @@ from typing import Any
 
 from robustmix import AdversarialCE, PGDAttack
 from robustmix.callbacks import Callback
-from robustmix.recipe import RecipeInfo, _nonnegative_int, _number, base_parser, parse_args, run_recipe
+from robustmix.recipe import RecipeInfo, base_parser, nonnegative_int, number, parse_args, run_recipe
 from robustmix.sglr import SGLRLabels
 
 NAME = "sglr"
@@ -48,10 +48,10 @@ def build_callbacks(args: argparse.Namespace, info: RecipeInfo) -> list[Callback
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = base_parser(NAME, __doc__)
     add = p.add_argument
-    add("--start-epoch", type=_nonnegative_int, help="first epoch of refined labels (default: 45%% of --epochs)")
-    add("--momentum-sglr", type=_number, default=0.9, help="EMA momentum m of the soft-label table")
-    add("--clean-weight", type=_number, default=0.2, help="share of p(x) in the table update")
-    add("--r", type=_number, default=1.0, help="weight of the table row in the target (1: released code)")
+    add("--start-epoch", type=nonnegative_int, help="first epoch of refined labels (default: 45%% of --epochs)")
+    add("--momentum-sglr", type=number, default=0.9, help="EMA momentum m of the soft-label table")
+    add("--clean-weight", type=number, default=0.2, help="share of p(x) in the table update")
+    add("--r", type=number, default=1.0, help="weight of the table row in the target (1: released code)")
     args = parse_args(p, argv)
     for flag, value in (
         ("--momentum-sglr", args.momentum_sglr),

@@ -20,7 +20,7 @@ from typing import Any
 from robustmix import PGDAttack
 from robustmix.callbacks import Callback
 from robustmix.losses import TRADESLoss
-from robustmix.recipe import RecipeInfo, _nonnegative_number, base_parser, parse_args, run_recipe
+from robustmix.recipe import RecipeInfo, base_parser, nonnegative_number, parse_args, run_recipe
 
 NAME = "trades"
 
@@ -34,7 +34,7 @@ def build_callbacks(args: argparse.Namespace, info: RecipeInfo) -> list[Callback
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = base_parser(NAME, __doc__)
-    parser.add_argument("--beta", type=_nonnegative_number, default=6.0, help="weight of the KL term (default: 6)")
+    parser.add_argument("--beta", type=nonnegative_number, default=6.0, help="weight of the KL term (default: 6)")
     args = parse_args(parser, argv)
     return run_recipe(args, build_callbacks)
 

@@ -49,7 +49,7 @@ from robustmix.checkpoint import atomic_write_json, atomic_write_text
 from robustmix.data import SPLITS, load_dataset
 from robustmix.margins import probability_margin
 from robustmix.modes import BNMode, model_mode
-from robustmix.recipe import _nonnegative_int, _nonnegative_number, _positive_int, device_name
+from robustmix.recipe import device_name, nonnegative_int, nonnegative_number, positive_int
 from robustmix.runs import BEST_DIR, CONFIG_FILE, MODEL_FILE, load_config, load_model, read_json
 from robustmix.step import MIXED_PRECISION
 from robustmix.validation import check_batch, check_model_input
@@ -626,11 +626,11 @@ def add_evaluation_flags(parser: argparse.ArgumentParser) -> None:
         help=f"attacks in order (default: {' '.join(DEFAULT_ATTACKS)}; choices: {', '.join(sorted(ATTACKS))})",
     )
     add("--eps", type=_eps_flag, help="L-inf radius in pixels in [0, 1], e.g. 8/255 (default: the run's)")
-    add("--n-examples", type=_positive_int, help="evaluate the first N examples of the split (default: all)")
+    add("--n-examples", type=positive_int, help="evaluate the first N examples of the split (default: all)")
     add("--split", choices=SPLITS, default="test", help="data split, made as in training (default: test)")
     add("--weights", choices=("final", "best"), default="final", help="final weights or the best checkpoint")
-    add("--batch-size", type=_positive_int, default=256, help="examples per chunk and attack call (default: 256)")
-    add("--seed", type=_nonnegative_int, default=0, help="seed of the attacks (default: 0)")
+    add("--batch-size", type=positive_int, default=256, help="examples per chunk and attack call (default: 256)")
+    add("--seed", type=nonnegative_int, default=0, help="seed of the attacks (default: 0)")
     add(
         "--mixed-precision",
         choices=MIXED_PRECISION,
@@ -733,7 +733,7 @@ SWEEP_ATTACKS: tuple[AttackSpec, ...] = (
 
 
 def _eps_flag(text: str) -> float:
-    eps = _nonnegative_number(text)
+    eps = nonnegative_number(text)
     if eps > 1:
         raise argparse.ArgumentTypeError(f"must be in [0, 1] (pixels), got {text}; for 8/255 write 8/255")
     return eps

@@ -12,6 +12,12 @@ A recipe is a short script: its own flags (if any), the callbacks of its method,
 ``run_recipe`` loads the data, builds the model, optimizer and lr schedule, trains with
 ``Trainer``, evaluates the final (and best) weights on the test split and writes
 the run folder described in ``robustmix.runs``.
+
+A recipe's own flags take the same argparse types as the shared ones, so a bad value is a one-line error
+before any work: ``number`` (``0.1`` or ``8/255``, never NaN), ``positive_number``, ``nonnegative_number``,
+``positive_int`` and ``nonnegative_int``::
+
+    parser.add_argument("--beta", type=nonnegative_number, default=6.0)
 """
 
 from __future__ import annotations
@@ -140,7 +146,7 @@ BuildCallbacks = Callable[[argparse.Namespace, RecipeInfo], Sequence[Callback]]
 # ---------------------------------------------------------------------- command line
 
 
-def _number(text: str) -> float:
+def number(text: str) -> float:
     """A float or a fraction such as ``8/255``; not NaN (it fails every comparison, so no range check sees it)."""
     try:
         value = float(Fraction(text)) if "/" in text else float(text)
@@ -165,10 +171,14 @@ def _bounded(kind: Callable[[str], float | int], low: float, *, strict: bool = F
     return parse
 
 
-_positive_int = _bounded(int, 1)
-_nonnegative_int = _bounded(int, 0)
-_positive_number = _bounded(_number, 0, strict=True)
-_nonnegative_number = _bounded(_number, 0)
+#: argparse type: an integer >= 1.
+positive_int = _bounded(int, 1)
+#: argparse type: an integer >= 0.
+nonnegative_int = _bounded(int, 0)
+#: argparse type: a finite number > 0 (``number``'s forms).
+positive_number = _bounded(number, 0, strict=True)
+#: argparse type: a finite number >= 0 (``number``'s forms).
+nonnegative_number = _bounded(number, 0)
 
 
 def base_parser(name: str, description: str | None = None) -> argparse.ArgumentParser:
@@ -190,30 +200,30 @@ def base_parser(name: str, description: str | None = None) -> argparse.ArgumentP
     add("--data-path", help="local copy of a registry dataset (load_from_disk folder or parquet)")
     add("--model", help="timm model name")
     add("--cifar-stem", action=argparse.BooleanOptionalAction, help="3x3 stride-1 stem, no max-pool (ResNets)")
-    add("--epochs", type=_positive_int)
-    add("--max-steps", type=_positive_int, help="stop after this many optimizer steps")
-    add("--batch-size", type=_positive_int, help="examples per process per step")
+    add("--epochs", type=positive_int)
+    add("--max-steps", type=positive_int, help="stop after this many optimizer steps")
+    add("--batch-size", type=positive_int, help="examples per process per step")
     add("--optimizer", choices=OPTIMIZERS)
-    add("--lr", type=_positive_number, help="peak learning rate")
-    add("--momentum", type=_nonnegative_number, help="SGD momentum")
-    add("--weight-decay", type=_nonnegative_number)
+    add("--lr", type=positive_number, help="peak learning rate")
+    add("--momentum", type=nonnegative_number, help="SGD momentum")
+    add("--weight-decay", type=nonnegative_number)
     add("--schedule", choices=SCHEDULES, help="lr schedule over the optimizer steps")
-    add("--milestones", type=_positive_int, nargs="*", help="epochs where multistep multiplies the lr by 0.1")
+    add("--milestones", type=positive_int, nargs="*", help="epochs where multistep multiplies the lr by 0.1")
     add("--augment", action=argparse.BooleanOptionalAction, help="random crop (pad 4) + horizontal flip")
-    add("--eps", type=_nonnegative_number, help="L-inf budget in pixels in [0, 1], e.g. 8/255")
-    add("--step-size", type=_nonnegative_number, help="attack step in pixels")
-    add("--attack-steps", type=_nonnegative_int, help="attack iterations K")
-    add("--seed", type=_nonnegative_int, default=0)
+    add("--eps", type=nonnegative_number, help="L-inf budget in pixels in [0, 1], e.g. 8/255")
+    add("--step-size", type=nonnegative_number, help="attack step in pixels")
+    add("--attack-steps", type=nonnegative_int, help="attack iterations K")
+    add("--seed", type=nonnegative_int, default=0)
     add("--output-dir", help="run folder (default: runs/<recipe>-<dataset>-seed<seed>)")
     add("--resume", help="'latest' or a checkpoint folder to continue exactly")
     add("--overwrite", action="store_true", help="replace the run already in --output-dir")
     add("--mixed-precision", choices=MIXED_PRECISION, help="default: accelerate launch's setting, else no")
-    add("--grad-clip", type=_positive_number, help="clip the gradient norm to this value")
-    add("--eval-every", type=_positive_int, default=1, help="validate every this many epochs")
-    add("--checkpoint-every", type=_positive_int, default=1, help="checkpoint every this many epochs")
-    add("--checkpoint-every-steps", type=_positive_int, help="also checkpoint every this many steps")
-    add("--keep-checkpoints", type=_positive_int, default=2, help="most recent checkpoints to keep")
-    add("--num-workers", type=_nonnegative_int, default=0, help="DataLoader worker processes")
+    add("--grad-clip", type=positive_number, help="clip the gradient norm to this value")
+    add("--eval-every", type=positive_int, default=1, help="validate every this many epochs")
+    add("--checkpoint-every", type=positive_int, default=1, help="checkpoint every this many epochs")
+    add("--checkpoint-every-steps", type=positive_int, help="also checkpoint every this many steps")
+    add("--keep-checkpoints", type=positive_int, default=2, help="most recent checkpoints to keep")
+    add("--num-workers", type=nonnegative_int, default=0, help="DataLoader worker processes")
     add(
         "--data-on-device", action="store_true",
         help="keep the whole dataset on the accelerator (small datasets: no per-batch host-to-device copy; "
@@ -224,7 +234,7 @@ def base_parser(name: str, description: str | None = None) -> argparse.ArgumentP
         "--compile", nargs="?", const="inductor", metavar="BACKEND",
         help="torch.compile the model in place (default backend: inductor); attacks and training share it",
     )  # fmt: skip
-    add("--threads", type=_nonnegative_int, help="intra-op CPU threads of torch (0: torch's default)")
+    add("--threads", type=nonnegative_int, help="intra-op CPU threads of torch (0: torch's default)")
     add(
         "--on-nonfinite", choices=NONFINITE_POLICIES, default="raise",
         help="a step with a NaN/inf loss or gradient: stop with an error naming the step and the batch's dataset "
