@@ -22,7 +22,7 @@ import argparse
 from typing import Any
 
 from robustmix import AntiAdversary, PGDAttack
-from robustmix.caat import CAATLoss, ClassWiseBudget
+from robustmix.caat import META_INITS, CAATLoss, CAATMetaNet, ClassWiseBudget
 from robustmix.callbacks import Callback
 from robustmix.meta import MetaBatches
 from robustmix.recipe import RecipeInfo, base_parser, number, parse_args, positive_int, run_recipe
@@ -46,6 +46,7 @@ def build_callbacks(args: argparse.Namespace, info: RecipeInfo) -> list[Callback
             meta_every=args.meta_every,
             meta_lr=args.meta_lr,
             class_proportions=proportions / proportions.sum(),
+            net=CAATMetaNet(init=args.meta_init),
         ),
     ]
 
@@ -57,6 +58,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     add("--meta-every", type=positive_int, default=10, help="steps between meta updates (released code: 50)")
     add("--meta-lr", type=number, default=1e-4, help="Adam lr of the meta net (default 1e-4)")
     add("--meta-size", type=positive_int, default=100, help="clean examples held out of training for the meta step")
+    add("--meta-init", choices=META_INITS, default="default",
+        help="weight net's output layer: default (PyTorch's init, as released) or even (zero: alpha = 1/2 for "
+        "every example at the start; robustmix's option)")  # fmt: skip
     args = parse_args(p, argv)
     if args.eps <= 0:
         p.error("CAAT needs --eps > 0 (its step sizes are fractions of each sample's eps)")

@@ -42,6 +42,8 @@ from robustmix.modes import model_mode
 
 #: Number of CAAT's per-sample features (see ``caat_features``).
 NUM_FEATURES = 6
+#: ``CAATMetaNet`` initializations.
+META_INITS = ("default", "even")
 #: Bounds of ReMargin's class-wise eps multipliers.
 REMARGIN_BOUNDS = (0.98, 2.5)
 
@@ -105,19 +107,32 @@ class CAATMetaNet(nn.Module):
     net is only ever run on whole training batches, and running statistics would differ between
     DDP processes for nothing.
 
+    At temperature 0.001 a randomly initialized net already gives nearly every example an almost
+    hard weight (about 99% of rows have ``alpha`` below 0.01 or above 0.99), where the softmax's
+    gradient, and with it the meta gradient, vanishes: the random output layer then decides the
+    split for the whole run. ``init="even"`` (robustmix's option, not the paper's) zeroes the output
+    layer, so every example starts at ``alpha = beta = 1/2`` with an unsaturated gradient.
+
     Args:
         hidden: Width of the hidden layer, 100 by default.
         temperature: Softmax temperature of the combination weights, 0.001 by default (nearly a
             hard choice between adversary and anti-adversary).
+        init: ``"default"`` (PyTorch's initialization, as in the released code) or ``"even"``
+            (zero output layer). The random draws are the same for both.
     """
 
-    def __init__(self, hidden: int = 100, temperature: float = 1e-3) -> None:
+    def __init__(self, hidden: int = 100, temperature: float = 1e-3, init: str = "default") -> None:
         super().__init__()
         if not (0 < temperature < math.inf):
             raise ValueError(f"temperature must be a positive number, got {temperature}")
+        if init not in META_INITS:
+            raise ValueError(f"init must be one of {META_INITS}, got {init!r}")
         self.temperature = temperature
         self.norm = nn.BatchNorm1d(NUM_FEATURES, track_running_stats=False)
         self.mlp = nn.Sequential(nn.Linear(NUM_FEATURES, hidden), nn.ReLU(), nn.Linear(hidden, 2))
+        if init == "even":
+            nn.init.zeros_(self.mlp[2].weight)
+            nn.init.zeros_(self.mlp[2].bias)
 
     def forward(self, features: Tensor) -> Tensor:
         """Combination weights ``[B, 2]`` = ``(alpha, beta)`` per row, each in [0, 1], summing to 1."""

@@ -126,10 +126,10 @@ def _batch(b: int = 8, seed: int = 0):
     return torch.rand(b, 1, 4, 4, generator=g), torch.arange(b) % 3
 
 
-def _caat(model: nn.Module, *, steps: int = 2, meta_every: int = 2, multipliers=(1.0, 1.5, 0.5)):
+def _caat(model: nn.Module, *, steps: int = 2, meta_every: int = 2, multipliers=(1.0, 1.5, 0.5), net=None):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     meta = MetaBatches(*_batch(12, seed=5), batch_size=8, seed=0)
-    loss = CAATLoss(3, meta, meta_every=meta_every, optimizer=optimizer)
+    loss = CAATLoss(3, meta, meta_every=meta_every, optimizer=optimizer, net=net)
     callbacks = [
         ClassWiseBudget(0.1, multipliers),
         PGDAttack(None, 0.25, steps, loss="kl", start="normal", relative_step_size=True),
@@ -271,3 +271,27 @@ def test_boundary_errors_and_remargin_update():
     restored = ReMarginBudget(0.1, 2, x, y)
     restored.load_state_dict(join_state(*split_state(budget.state_dict())))
     assert torch.equal(restored.lam2, budget.lam2) and torch.equal(restored.multipliers, budget.multipliers)
+
+
+def test_a_random_net_saturates_and_the_even_init_starts_every_example_at_one_half():
+    features = torch.randn(256, 6, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    default = CAATMetaNet()
+    alpha = default(features)[:, 0]
+    assert ((alpha < 0.01) | (alpha > 0.99)).float().mean() > 0.9  # the softmax's gradient vanishes there
+    torch.manual_seed(0)
+    even = CAATMetaNet(init="even")
+    assert torch.equal(even(features), torch.full((256, 2), 0.5))
+    assert torch.equal(even.mlp[0].weight, default.mlp[0].weight)  # the same random draws
+    with pytest.raises(ValueError, match="init must be one of"):
+        CAATMetaNet(init="zeros")
+
+
+def test_the_meta_step_moves_the_even_net():
+    model = SmallNet()
+    step, callback, _ = _caat(model, meta_every=1, net=CAATMetaNet(init="even"))
+    x, y = _batch()
+    step(model, x, y, step=0)  # a lookahead step: one Adam step of the net
+    assert callback.net.mlp[2].weight.abs().sum() > 0
+    alpha = callback.net(torch.randn(8, 6))[:, 0]
+    assert not torch.equal(alpha, torch.full((8,), 0.5))
