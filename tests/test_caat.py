@@ -48,7 +48,9 @@ def test_combination_weights_are_in_unit_interval_sum_to_one_and_are_equivariant
     assert torch.all(weights >= 0) and torch.all(weights <= 1)
     torch.testing.assert_close(weights.sum(dim=1), torch.ones(len(features)))
     perm = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed))
-    torch.testing.assert_close(net(features[perm]), weights[perm])
+    # The batch's statistics sum in another order; at temperature 0.001 a float32 rounding difference of the
+    # logits grows by up to 1 / (4 * 0.001) = 250x in the weights (seen: 2e-5). A wrong row would be off by O(1).
+    torch.testing.assert_close(net(features[perm]), weights[perm], atol=1e-3, rtol=0)
 
 
 @st.composite
