@@ -16,6 +16,7 @@ eps (or pass --eps): otherwise a mean over them would mix protocols, and the scr
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import shlex
 import sys
@@ -144,15 +145,16 @@ def main(argv: list[str] | None = None) -> str:
     return page
 
 
-def _recipe_defaults(recipe: str) -> set[str]:
+@functools.cache
+def _recipe_defaults(recipe: str) -> frozenset[str]:
     """Names of the flags ``recipes/<recipe>.py`` fills in itself when not given (empty for an unknown recipe)."""
     path = Path(__file__).resolve().with_name(f"{recipe}.py")
     if not path.is_file():
-        return set()
+        return frozenset()
     spec = importlib.util.spec_from_file_location(f"_recipe_{recipe}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return set(getattr(module, "DEFAULTS", {}))
+    return frozenset(getattr(module, "DEFAULTS", {}))
 
 
 def training_environment(config: dict[str, Any]) -> str:
