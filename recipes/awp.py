@@ -51,16 +51,22 @@ def build_callbacks(args: argparse.Namespace, info: RecipeInfo) -> list[Callback
     ]
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = base_parser(NAME, __doc__)
-    add = parser.add_argument
+def parser() -> argparse.ArgumentParser:
+    """The recipe's command line: the shared flags and its own."""
+    p = base_parser(NAME, __doc__)
+    add = p.add_argument
     add("--base", choices=sorted(RELEASED), default="at", help="base method (default: at, i.e. PGD-AT)")
     add("--gamma", type=nonnegative_number, help="relative weight perturbation (default: 0.01 at, 0.005 trades)")
     add("--warmup-epochs", type=nonnegative_int, help="unperturbed epochs (default: 0 at, 10 trades, at most half)")
     add("--beta", type=nonnegative_number, default=6.0, help="TRADES' KL weight, --base trades (default: 6)")
-    args = parse_args(parser, argv, recipe_defaults=DEFAULTS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = parser()
+    args = parse_args(p, argv, recipe_defaults=DEFAULTS)
     if args.warmup_epochs >= args.epochs:
-        parser.error(f"--warmup-epochs {args.warmup_epochs} leaves no AWP epoch out of --epochs {args.epochs}")
+        p.error(f"--warmup-epochs {args.warmup_epochs} leaves no AWP epoch out of --epochs {args.epochs}")
     return run_recipe(args, build_callbacks)
 
 

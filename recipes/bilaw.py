@@ -48,7 +48,8 @@ def build_callbacks(args: argparse.Namespace, info: RecipeInfo) -> list[Callback
     ]
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def parser() -> argparse.ArgumentParser:
+    """The recipe's command line: the shared flags and its own."""
     p = base_parser(NAME, __doc__)
     add = p.add_argument
     add("--meta-every", type=positive_int, default=10, help="steps between lookahead updates (default 10)")
@@ -56,6 +57,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     add("--meta-size", type=positive_int, default=100, help="clean examples held out of training for the meta step")
     add("--clean-meta-loss", action=argparse.BooleanOptionalAction, default=False,
         help="add the clean CE of theta' to the outer loss (default: off)")  # fmt: skip
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = parser()
     args = parse_args(p, argv)
     return run_recipe(args, build_callbacks, meta_size=args.meta_size)
 

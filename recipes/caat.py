@@ -51,7 +51,8 @@ def build_callbacks(args: argparse.Namespace, info: RecipeInfo) -> list[Callback
     ]
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def parser() -> argparse.ArgumentParser:
+    """The recipe's command line: the shared flags and its own."""
     p = base_parser(NAME, __doc__)
     add = p.add_argument
     add("--beta-tr", type=number, default=1.5, help="weight of the KL term (default 1.5)")
@@ -61,6 +62,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     add("--meta-init", choices=META_INITS, default="default",
         help="weight net's output layer: default (PyTorch's init, as released) or even (zero: alpha = 1/2 for "
         "every example at the start; robustmix's option)")  # fmt: skip
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = parser()
     args = parse_args(p, argv)
     if args.eps <= 0:
         p.error("CAAT needs --eps > 0 (its step sizes are fractions of each sample's eps)")

@@ -34,11 +34,17 @@ def build_callbacks(args: argparse.Namespace, info: RecipeInfo) -> list[Callback
     ]
 
 
+def parser() -> argparse.ArgumentParser:
+    """The recipe's command line: the shared flags and its own."""
+    p = base_parser(NAME, __doc__)
+    return p
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = base_parser(NAME, __doc__)
-    args = parse_args(parser, argv, recipe_defaults=DEFAULTS)
+    p = parser()
+    args = parse_args(p, argv, recipe_defaults=DEFAULTS)
     if args.attack_steps != 1:
-        parser.error(f"FGSM-RS takes exactly one attack step, got --attack-steps {args.attack_steps}")
+        p.error(f"FGSM-RS takes exactly one attack step, got --attack-steps {args.attack_steps}")
     return run_recipe(args, build_callbacks)
 
 

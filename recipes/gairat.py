@@ -40,7 +40,8 @@ def build_callbacks(args: argparse.Namespace, info: RecipeInfo) -> list[Callback
     ]
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def parser() -> argparse.ArgumentParser:
+    """The recipe's command line: the shared flags and its own."""
     p = base_parser(NAME, __doc__)
     add = p.add_argument
     add("--lam", type=number, default=-1.0, help="lambda after the burn-in (default -1)")
@@ -48,6 +49,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     add("--lam-schedule", choices=LAMBDA_SCHEDULES, default="fixed", help="lambda after the burn-in")
     add("--lam-max", type=number, default=math.inf, help="start of the linear lambda schedule")
     add("--burn-in", type=nonnegative_int, help="epochs of plain PGD-AT first (default: half of --epochs)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = parser()
     args = parse_args(p, argv)
     if args.attack_steps < 1:
         p.error("GAIRAT needs --attack-steps >= 1 (kappa counts attack iterations)")

@@ -62,7 +62,8 @@ def build_callbacks(args: argparse.Namespace, info: RecipeInfo) -> list[Callback
     ]
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def parser() -> argparse.ArgumentParser:
+    """The recipe's command line: the shared flags and its own."""
     p = base_parser(NAME, __doc__)
     add = p.add_argument
     add("--base", choices=BASES, default="at", help="the method MAIL reweights (default: at)")
@@ -70,6 +71,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     add("--bias", type=number, default=-1.5, help="sigmoid bias b (default -1.5)")
     add("--slope", type=nonnegative_number, default=1.0, help="sigmoid slope s (default 1)")
     add("--burn-in", type=nonnegative_int, help="epochs of uniform weights first (default: 5/8 of --epochs)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = parser()
     args = parse_args(p, argv)
     if args.base == "at":
         if args.beta is not None:

@@ -30,8 +30,13 @@ def build_callbacks(args: argparse.Namespace, info: RecipeInfo) -> list[Callback
     ]
 
 
+def parser() -> argparse.ArgumentParser:
+    """The recipe's command line: the shared flags and its own."""
+    return base_parser(NAME, __doc__)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(base_parser(NAME, __doc__), argv)
+    args = parse_args(parser(), argv)
     return run_recipe(args, build_callbacks)
 
 

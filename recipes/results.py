@@ -22,6 +22,7 @@ import shlex
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from accelerate import Accelerator
@@ -95,7 +96,7 @@ def training_command(config: dict[str, Any]) -> str:
     """
     flags = config["flags"]
     preset = PRESETS[flags["preset"]]
-    defaults = base_parser(flags["recipe"])
+    defaults = base_parser(flags["recipe"])  # not the recipe's parser: its own flags are always written out
     own = _recipe_defaults(flags["recipe"])
     words = [f"recipes/{flags['recipe']}.py"]
     for name, value in flags.items():
@@ -146,15 +147,26 @@ def main(argv: list[str] | None = None) -> str:
 
 
 @functools.cache
-def _recipe_defaults(recipe: str) -> frozenset[str]:
-    """Names of the flags ``recipes/<recipe>.py`` fills in itself when not given (empty for an unknown recipe)."""
+def _recipe_module(recipe: str) -> ModuleType | None:
+    """``recipes/<recipe>.py`` next to this script, imported once; None for a recipe that is not there."""
     path = Path(__file__).resolve().with_name(f"{recipe}.py")
     if not path.is_file():
-        return frozenset()
+        return None
     spec = importlib.util.spec_from_file_location(f"_recipe_{recipe}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return frozenset(getattr(module, "DEFAULTS", {}))
+    return module
+
+
+def _recipe_parser(recipe: str) -> argparse.ArgumentParser:
+    """The recipe's own command line (its ``parser()``), else the shared flags alone."""
+    module = _recipe_module(recipe)
+    return module.parser() if hasattr(module, "parser") else base_parser(recipe)
+
+
+def _recipe_defaults(recipe: str) -> frozenset[str]:
+    """Names of the shared flags the recipe fills in itself when not given (its module's ``DEFAULTS``)."""
+    return frozenset(getattr(_recipe_module(recipe), "DEFAULTS", {}))
 
 
 def training_environment(config: dict[str, Any]) -> str:
@@ -181,7 +193,7 @@ def _training_flags(config: dict[str, Any], names: set[str] = frozenset()) -> di
     A flag of ``names`` that the run's config lacks (the run predates the flag) takes the flag's default.
     """
     flags = config["flags"]
-    parser = base_parser(flags["recipe"])
+    parser = _recipe_parser(flags["recipe"])
     missing = {name: parser.get_default(name) for name in names if name not in flags}
     return {k: str(v) for k, v in {**missing, **flags}.items() if k not in _PER_RUN_FLAGS}
 

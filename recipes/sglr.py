@@ -45,13 +45,19 @@ def build_callbacks(args: argparse.Namespace, info: RecipeInfo) -> list[Callback
     ]
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def parser() -> argparse.ArgumentParser:
+    """The recipe's command line: the shared flags and its own."""
     p = base_parser(NAME, __doc__)
     add = p.add_argument
     add("--start-epoch", type=nonnegative_int, help="first epoch of refined labels (default: 45%% of --epochs)")
     add("--momentum-sglr", type=number, default=0.9, help="EMA momentum m of the soft-label table")
     add("--clean-weight", type=number, default=0.2, help="share of p(x) in the table update")
     add("--r", type=number, default=1.0, help="weight of the table row in the target (1: released code)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = parser()
     args = parse_args(p, argv)
     for flag, value in (
         ("--momentum-sglr", args.momentum_sglr),

@@ -32,10 +32,16 @@ def build_callbacks(args: argparse.Namespace, info: RecipeInfo) -> list[Callback
     ]
 
 
+def parser() -> argparse.ArgumentParser:
+    """The recipe's command line: the shared flags and its own."""
+    p = base_parser(NAME, __doc__)
+    p.add_argument("--beta", type=nonnegative_number, default=6.0, help="weight of the KL term (default: 6)")
+    return p
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = base_parser(NAME, __doc__)
-    parser.add_argument("--beta", type=nonnegative_number, default=6.0, help="weight of the KL term (default: 6)")
-    args = parse_args(parser, argv)
+    p = parser()
+    args = parse_args(p, argv)
     return run_recipe(args, build_callbacks)
 
 

@@ -53,3 +53,13 @@ def test_fgsm_rs_keeps_an_explicit_step_size_equal_to_the_preset(training_comman
     flags = _flags("fgsm_rs", ["--output-dir", str(tmp_path / "run"), *PRESET_STEP], monkeypatch)
     assert flags["step_size"] == PRESETS["digits"]["step_size"]
     assert shlex.join(PRESET_STEP) in training_command({"flags": flags, "num_processes": 1})
+
+
+def test_a_run_that_predates_a_recipe_flag_compares_at_its_default(tmp_path, monkeypatch) -> None:
+    results = load_recipe("results")
+    newer = _flags("caat", ["--output-dir", str(tmp_path / "run")], monkeypatch)
+    older = {k: v for k, v in newer.items() if k != "meta_init"}  # trained before --meta-init existed
+    names = set(newer)
+    assert results._training_flags({"flags": older}, names) == results._training_flags({"flags": newer}, names)
+    other = {**newer, "meta_init": "even"}
+    assert results._training_flags({"flags": older}, names) != results._training_flags({"flags": other}, names)
