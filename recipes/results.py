@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> str:
         scatter=None if scatter is None else scatter.name,
         date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         title=args.title,
+        report_name=args.report_name,
     )
     if accelerator.is_main_process:
         output.parent.mkdir(parents=True, exist_ok=True)

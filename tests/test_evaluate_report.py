@@ -329,7 +329,7 @@ def test_results_report_name_keeps_eval_json(run_dir, tmp_path, monkeypatch):
     argv = [str(run), "--output", str(tmp_path / "sweep.md"), "--attacks", "pgd20", "--n-examples", "4"]
     argv += ["--batch-size", "4", "--sweep-eps", "0", str(EPS), "--no-progress", "--no-plots"]
     page = load_recipe("results").main([*argv, "--report-name", "eval_sweep.json", "--title", "Results: eps sweep"])
-    assert page.startswith("# Results: eps sweep\n")
+    assert page.startswith("# Results: eps sweep\n") and "their eval_sweep.json; do not edit" in page
     assert json.loads((run / "eval_sweep.json").read_text())["eps_sweep"]["eps"] == [0.0, EPS]
     assert ((run / "eval.json").read_bytes() if (run / "eval.json").exists() else None) == before
     assert "Eps sweep (table below; per run in its Markdown report next to the JSON one): 0, " in page
