@@ -628,20 +628,18 @@ def _cuda_checks(
 def strict_fp32() -> Iterator[None]:
     """fp32 convolutions and matmuls in IEEE fp32 (no TF32) inside the block; the flags are restored after."""
     conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
-    if not hasattr(conv, "fp32_precision"):  # torch before 2.9: the older flags
-        saved = torch.backends.cudnn.allow_tf32, matmul.allow_tf32
-        torch.backends.cudnn.allow_tf32 = matmul.allow_tf32 = False
-        try:
-            yield
-        finally:
-            torch.backends.cudnn.allow_tf32, matmul.allow_tf32 = saved
-        return
-    saved = conv.fp32_precision, matmul.fp32_precision
-    conv.fp32_precision = matmul.fp32_precision = "ieee"
+    if hasattr(conv, "fp32_precision"):
+        flags = [(conv, "fp32_precision", "ieee"), (matmul, "fp32_precision", "ieee")]
+    else:  # torch before 2.9: the older flags
+        flags = [(torch.backends.cudnn, "allow_tf32", False), (matmul, "allow_tf32", False)]
+    saved = [getattr(owner, name) for owner, name, _ in flags]
+    for owner, name, value in flags:
+        setattr(owner, name, value)
     try:
         yield
     finally:
-        conv.fp32_precision, matmul.fp32_precision = saved
+        for (owner, name, _), value in zip(flags, saved):
+            setattr(owner, name, value)
 
 
 def _fmt_passes(passes: tuple[float, float]) -> str:

@@ -51,3 +51,19 @@ def test_strict_fp32_turns_tf32_off_inside_the_block_and_restores_the_flags(thro
     with pytest.raises(RuntimeError), throughput.strict_fp32():
         raise RuntimeError("boom")
     assert (conv.fp32_precision, matmul.fp32_precision) == before
+
+
+def test_strict_fp32_uses_the_older_flags_where_torch_lacks_fp32_precision(throughput, monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    new_api = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    saved = [flags.fp32_precision for flags in new_api]
+    monkeypatch.setattr(torch.backends.cudnn, "conv", SimpleNamespace())  # as before torch 2.9
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    with throughput.strict_fp32():
+        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (False, False)
+    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == before
+    monkeypatch.undo()
+    for flags, value in zip(new_api, saved):  # the legacy setters rewrite the new flags: leave them as found
+        flags.fp32_precision = value
+    assert [flags.fp32_precision for flags in new_api] == saved
