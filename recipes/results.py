@@ -6,8 +6,17 @@ Every run folder is evaluated with recipes/evaluate.py's protocol (by default th
 split at the run's own eps) unless its eval.json is up to date: made with the same settings, from the same
 weights file and the same robustmix version. The page then gives, per dataset, the evaluation settings and a
 table with one row per recipe (config.json's recipe name): clean, every attack and the worst case as mean ± std
-over the recipe's runs (seeds), with the number of failed sanity checks; then the exact training commands and
-a clean-vs-robust scatter plot written next to the page (results_scatter.png for results.md).
+over the recipe's runs (seeds), with the number of failed sanity checks; then, per recipe and metric, the
+difference to the --reference recipe paired by training seed (mean with a 95% Student-t interval, McNemar's
+exact test on the per-example results, pooled over seeds) and whether it is beyond noise; then the exact
+training commands and a clean-vs-robust scatter plot written next to the page (results_scatter.png for
+results.md). Every number of the page is also in a JSON file next to it (results.json for results.md).
+
+--full-split-attacks adds a second evaluation of every run (eval_full_split.json for eval.json): those attacks
+on the whole split, no eps sweep, the other settings as given; its accuracies are more columns of the table,
+with their own paired differences. E.g. the full suite on the first 2,000 test images and PGD-20 on all of them:
+
+    python recipes/results.py RUN_DIR... --n-examples 2000 --full-split-attacks pgd20 --output docs/results.md
 
 Runs of one recipe must differ only in their seed (and folder), and the runs of one dataset must share their
 eps (or pass --eps): otherwise a mean over them would mix protocols, and the script stops before any work.
@@ -27,10 +36,11 @@ from typing import Any
 
 from accelerate import Accelerator
 
-from robustmix.checkpoint import atomic_write_text
-from robustmix.evaluate import add_evaluation_flags, check_run, evaluate_run, evaluation_kwargs
+from robustmix import stats
+from robustmix.checkpoint import atomic_write_json, atomic_write_text
+from robustmix.evaluate import ATTACKS, add_evaluation_flags, check_run, evaluate_run, evaluation_kwargs
 from robustmix.recipe import PRESETS, base_parser
-from robustmix.report import plot_clean_vs_robust, results_page
+from robustmix.report import plot_clean_vs_robust, results_page, results_statistics
 
 #: Training flags that runs of one recipe may differ in: they change where a run is written or how it is
 #: checkpointed and logged, not what it computes (a resumed run continues exactly).
@@ -54,6 +64,19 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict[
         default="eval.json",
         help="file name of each run's report, e.g. eval_sweep.json for a second evaluation that leaves eval.json "
         "alone (default: eval.json)",
+    )
+    parser.add_argument(
+        "--reference",
+        default="pgd_at",
+        help="the recipe every other one is compared with, run by run of the same seed (default: pgd_at)",
+    )
+    parser.add_argument(
+        "--full-split-attacks",
+        nargs="+",
+        choices=sorted(ATTACKS),
+        metavar="ATTACK",
+        help="also evaluate every run against these attacks on the whole split, without eps sweep, into "
+        "<report name>_full_split.json, and add its columns to the table (default: no second evaluation)",
     )
     add_evaluation_flags(parser)
     args = parser.parse_args(argv)
@@ -80,6 +103,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict[
                 parser.error(f"{first} and {run_dir} ({recipe} on {dataset}) differ in {names}, not only the seed")
     if Path(args.report_name).name != args.report_name or not args.report_name.endswith(".json"):
         parser.error(f"--report-name must be a file name ending in .json, got {args.report_name!r}")
+    if Path(args.output).suffix != ".md":
+        parser.error(
+            f"--output must be a Markdown file (.md; its numbers go to a .json next to it), got {args.output}"
+        )
+    if args.reference not in {config["recipe"] for config in configs.values()}:
+        parser.error(f"no run of the --reference recipe {args.reference!r}; name one of the runs' recipes")
     if args.eps is None:
         for dataset in {config["data"]["dataset"] for config in configs.values()}:
             eps = {config["attack"]["eps"] for config in configs.values() if config["data"]["dataset"] == dataset}
@@ -114,37 +143,98 @@ def training_command(config: dict[str, Any]) -> str:
     return shlex.join(launcher + words)
 
 
+def full_split_report_name(report_name: str) -> str:
+    """File name of the second evaluation's report (``--full-split-attacks``): eval.json -> eval_full_split.json."""
+    return f"{Path(report_name).stem}_full_split.json"
+
+
 def main(argv: list[str] | None = None) -> str:
     args, configs = parse_args(argv)
     accelerator = Accelerator()
     kwargs = evaluation_kwargs(args)
+    # The whole split and no eps sweep: the numbers a benchmark quotes, on every test image.
+    full_kwargs = kwargs | {"attacks": args.full_split_attacks, "n_examples": None, "sweep_eps": []}
+    full_name = full_split_report_name(args.report_name)
     tables: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    full_tables: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    reuse = not args.reevaluate
     for (dataset, recipe), group in sorted(_group(configs).items()):
         for run_dir in sorted(group, key=lambda run: configs[run]["seed"]):
-            report_path = Path(run_dir) / args.report_name
-            reuse = not args.reevaluate
-            report = evaluate_run(run_dir, output=report_path, reuse=reuse, accelerator=accelerator, **kwargs)
+            report = evaluate_run(
+                run_dir, output=Path(run_dir) / args.report_name, reuse=reuse, accelerator=accelerator, **kwargs
+            )
             tables.setdefault(dataset, {}).setdefault(recipe, []).append(report)
+            if args.full_split_attacks:
+                full = evaluate_run(
+                    run_dir, output=Path(run_dir) / full_name, reuse=reuse, accelerator=accelerator, **full_kwargs
+                )
+                full_tables.setdefault(dataset, {}).setdefault(recipe, []).append(full)
+    full_split = full_tables if args.full_split_attacks else None
+    devices = {str(Path(run)): config.get("device") for run, config in configs.items()}
+    comparisons = {
+        dataset: results_statistics(
+            runs, reference=args.reference, full_split=(full_split or {}).get(dataset), devices=devices
+        )
+        for dataset, runs in tables.items()
+    }
     output = Path(args.output)
     scatter = output.with_name(f"{output.stem}_scatter.png") if args.plots else None
     command = shlex.join(["python", "recipes/results.py", *(sys.argv[1:] if argv is None else argv)])
+    date = datetime.now(timezone.utc).isoformat(timespec="seconds")
     page = results_page(
         tables,
         command=command,
         training_commands={str(Path(run)): training_command(config) for run, config in configs.items()},
         training_environments={str(Path(run)): training_environment(config) for run, config in configs.items()},
         scatter=None if scatter is None else scatter.name,
-        date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        date=date,
         title=args.title,
         report_name=args.report_name,
+        full_split=full_split,
+        full_split_report_name=full_name,
+        comparisons=comparisons,
     )
+    numbers = {
+        "title": args.title,
+        "command": command,
+        "date": date,
+        "units": "accuracies, their standard deviations and differences in percent (points)",
+        "reference": args.reference,
+        "confidence": stats.CONFIDENCE,
+        "alpha": stats.ALPHA,
+        "rule": stats.RULE,
+        "report_names": {"main": args.report_name, **({"full_split": full_name} if full_split else {})},
+        "datasets": {
+            dataset: {"evaluations": _evaluations(runs, (full_split or {}).get(dataset)), **comparisons[dataset]}
+            for dataset, runs in tables.items()
+        },
+    }
     if accelerator.is_main_process:
         output.parent.mkdir(parents=True, exist_ok=True)
         if scatter is not None:
             plot_clean_vs_robust(tables, scatter)
+        atomic_write_json(output.with_suffix(".json"), numbers)
         atomic_write_text(output, page)
-        print(f"results of {len(configs)} run(s) written to {output}")
+        print(f"results of {len(configs)} run(s) written to {output} and {output.with_suffix('.json')}")
     return page
+
+
+def _evaluations(
+    runs: dict[str, list[dict[str, Any]]], full_split: dict[str, list[dict[str, Any]]] | None
+) -> dict[str, Any]:
+    """A dataset's evaluations: the examples they ran on and their settings, from their first reports."""
+    firsts = {"main": next(iter(runs.values()))[0]}
+    if full_split:
+        firsts["full_split"] = next(iter(full_split.values()))[0]
+    return {
+        name: {
+            "n": r["results"]["n"],
+            "examples": f"{'all' if r['settings']['n_examples'] is None else 'the first'} {r['results']['n']} of "
+            f"the {r['settings']['split']} split",
+            "settings": r["settings"],
+        }
+        for name, r in firsts.items()
+    }
 
 
 @functools.cache

@@ -160,14 +160,17 @@ def evaluate_run(
         output: Path of the JSON report; defaults to ``eval.json`` in ``run_dir``.
         plots: Write the PNG plots (needs matplotlib).
         reuse: Return the report already at ``output``, without evaluating, when it is up to date: the same
-            settings, the same weights file (SHA-256) and the same robustmix version.
+            settings, the same weights file (SHA-256) and the same robustmix version. A report written before
+            per-example results were recorded is up to date too (its numbers are the same); it only lacks
+            them.
         progress: Show a progress bar on the main process.
         accelerator: Gives the device, the processes and the gather; by default one is created. Its own
             mixed precision setting is not used (``mixed_precision`` is).
 
     Returns:
         The report as written to ``output``: ``"settings"`` (what was run), ``"run"`` (what was evaluated),
-        ``"results"`` (as ``worst_case`` returns them, without per-example tensors), ``"eps_sweep"``
+        ``"results"`` (as ``worst_case`` returns them; the per-example results packed, clean, worst case and
+        each attack alone: see ``robustmix.report.per_example_results``), ``"eps_sweep"``
         (``"eps"``, per-attack ``"standalone"`` and ``"worst_case"`` accuracies, one per eps),
         ``"margins"`` (histograms), ``"sanity_flags"``, ``"environment"`` (versions, device, processes,
         date) and ``"files"`` (names of the table and plots next to ``output``).
@@ -821,17 +824,27 @@ def _combine(records: list[dict[str, Any]], specs: list[AttackSpec], eps: float)
     """The ``worst_case`` numbers of all chunks together, from their per-example results."""
     names = [spec.name for spec in specs]
     correct = _cat(records, "per_example", "correct")
+    standalone = {name: _cat(records, "per_example", "standalone", name) for name in names}
+    robust = _cat(records, "per_example", "cumulative", names[-1])
     results: dict[str, Any] = {
         "attack": _combination_name(specs),
         "attacks": names,
         "eps": float(eps),
         "n": len(correct),
         "clean": _accuracy(correct),
-        "standalone": {name: _accuracy(_cat(records, "per_example", "standalone", name)) for name in names},
+        "standalone": {name: _accuracy(standalone[name]) for name in names},
         "cumulative": {name: _accuracy(_cat(records, "per_example", "cumulative", name)) for name in names},
-        "worst_case": _accuracy(_cat(records, "per_example", "cumulative", names[-1])),
+        "worst_case": _accuracy(robust),
         "attacked": {name: sum(record["attacked"][name] for record in records) for name in names},
         "loss_trace": {},
+        # The first n examples of the split, decoded by robustmix.report.per_example_results.
+        "per_example": {
+            "n": len(correct),
+            "indices": {"start": 0, "stop": len(correct)},
+            "clean": reports.pack_bools(correct),
+            "worst_case": reports.pack_bools(robust),
+            "standalone": {name: reports.pack_bools(standalone[name]) for name in names},
+        },
     }
     for name in names:
         # A chunk's trace is the mean over the examples it attacked: weight it by their number.

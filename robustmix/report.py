@@ -8,10 +8,15 @@ needs it.
 
 from __future__ import annotations
 
+import base64
 import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+
+from robustmix import stats
 
 #: Settings every attack of the suite shares with the others; left out of tables to keep them readable
 #: (they are in eval.json).
@@ -35,6 +40,40 @@ def report_files(output: str | Path, *, plots: bool, sweep: bool) -> dict[str, s
     if plots:
         files["margins_plot"] = f"{stem}_margins.png"
     return files
+
+
+def pack_bools(values: Any) -> str:
+    """Bool ``[N]`` (array, tensor or list) as text for JSON: base64 of ``numpy.packbits`` (8 examples a byte)."""
+    return base64.b64encode(np.packbits(np.asarray(values, dtype=bool)).tobytes()).decode("ascii")
+
+
+def unpack_bools(text: str, n: int) -> np.ndarray:
+    """The bool ``[n]`` array ``pack_bools`` made ``text`` from."""
+    bits = np.unpackbits(np.frombuffer(base64.b64decode(text, validate=True), dtype=np.uint8), count=n)
+    return bits.astype(bool)
+
+
+def per_example_results(report: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The per-example results of an evaluation report, decoded; None for a report that has none.
+
+    A report keeps them in ``report["results"]["per_example"]``: ``"n"``, ``"indices"`` (``{"start", "stop"}``:
+    the examples ``range(start, stop)`` of the split, in order) and, each as ``pack_bools`` text, ``"clean"``
+    (classified correctly), ``"worst_case"`` (robust against every attack) and ``"standalone"`` (per attack
+    name: robust against that attack alone). Reports written before robustmix recorded them lack the entry.
+
+    Returns:
+        ``{"indices": int [n], "clean": bool [n], "worst_case": bool [n], "standalone": {name: bool [n]}}``.
+    """
+    stored = report["results"].get("per_example")
+    if stored is None:
+        return None
+    n = stored["n"]
+    return {
+        "indices": np.arange(stored["indices"]["start"], stored["indices"]["stop"]),
+        "clean": unpack_bools(stored["clean"], n),
+        "worst_case": unpack_bools(stored["worst_case"], n),
+        "standalone": {name: unpack_bools(text, n) for name, text in stored["standalone"].items()},
+    }
 
 
 def percent(accuracy: float) -> str:
@@ -210,24 +249,36 @@ def mean_std(values: Sequence[float]) -> str:
     return f"{mean:.2f} ± {100 * statistics.stdev(values):.2f}"
 
 
-def results_table(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[str]:
+def results_table(
+    runs: Mapping[str, Sequence[Mapping[str, Any]]],
+    full_split: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+) -> list[str]:
     """Markdown lines of one dataset's table: a row per recipe, accuracies as mean ± std over its runs (seeds).
 
     Args:
         runs: ``{recipe: reports}``, all evaluated with the same settings.
+        full_split: ``{recipe: reports}`` of a second evaluation of the same runs (in the same order) on the
+            whole split; its accuracies follow as columns marked with its number of examples.
     """
     attacks = next(iter(runs.values()))[0]["settings"]["attacks"]
-    header = ["recipe", "seeds", "clean", *(attack["label"] for attack in attacks), "worst case", "flags"]
+    header = ["recipe", "seeds", "clean", *(attack["label"] for attack in attacks), "worst case"]
+    extra: list[str] = []
+    if full_split:
+        extra = metrics(next(iter(full_split.values()))[0])
+        header += [metric_label(next(iter(full_split.values()))[0], metric, whole_split=True) for metric in extra]
+    header.append("flags")
     lines = ["| " + " | ".join(header) + " |", "| --- | --- |" + " ---: |" * (len(header) - 2)]
     for recipe, group in runs.items():
         results = [r["results"] for r in group]
+        second = list(full_split[recipe]) if full_split else []
         cells = [
             recipe,
             f"{len(group)} ({', '.join(str(r['run']['train_seed']) for r in group)})",
             mean_std([r["clean"] for r in results]),
             *(mean_std([r["standalone"][attack["name"]] for r in results]) for attack in attacks),
             mean_std([r["worst_case"] for r in results]),
-            str(sum(len(r["sanity_flags"]) for r in group)),
+            *(mean_std([accuracy(r, metric) for r in second]) for metric in extra),
+            str(sum(len(r["sanity_flags"]) for r in [*group, *second])),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -260,8 +311,201 @@ def sweep_table(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[str]:
     return [*lines, ""]
 
 
+def metrics(report: Mapping[str, Any]) -> list[str]:
+    """The accuracies an evaluation compares recipes on: ``"clean"``, each attack's name, ``"worst_case"``.
+
+    The worst case is left out when there is a single attack (it is that attack's accuracy).
+    """
+    names = [attack["name"] for attack in report["settings"]["attacks"]]
+    return ["clean", *names, *(["worst_case"] if len(names) > 1 else [])]
+
+
+def metric_label(report: Mapping[str, Any], metric: str, *, whole_split: bool = False) -> str:
+    """A metric of ``metrics`` as a page names it, e.g. ``"PGD-20"``; ``"PGD-20 (all 10,000)"`` for ``whole_split``."""
+    labels = {attack["name"]: attack["label"] for attack in report["settings"]["attacks"]}
+    label = {"clean": "clean", "worst_case": "worst case", **labels}[metric]
+    return f"{label} (all {report['results']['n']:,})" if whole_split else label
+
+
+def accuracy(report: Mapping[str, Any], metric: str) -> float:
+    """A report's accuracy in [0, 1] for a metric of ``metrics``."""
+    results = report["results"]
+    return results["standalone"][metric] if metric in results["standalone"] else results[metric]
+
+
+def results_statistics(
+    runs: Mapping[str, Sequence[Mapping[str, Any]]],
+    *,
+    reference: str,
+    full_split: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+    devices: Mapping[str, str | None] | None = None,
+) -> dict[str, Any]:
+    """One dataset's statistics over seeds, and every recipe's paired differences to the ``reference`` recipe.
+
+    A recipe's run is paired with the reference's run of the same training seed. For every metric of
+    ``metrics`` (accuracies in percent): per run the accuracy; per recipe the mean and the sample standard
+    deviation over its runs; against the reference the per-seed differences (points), their mean with its
+    ``stats.CONFIDENCE`` Student-t interval, McNemar's exact test per seed and pooled over the seeds (their
+    discordant counts summed) when every paired report holds per-example results on the same examples, and the
+    verdict of ``stats.verdict``.
+
+    Args:
+        runs: ``{recipe: reports}`` of one dataset, evaluated with the same settings.
+        reference: The recipe the others are compared with; when it has no runs here, there are no differences.
+        full_split: ``{recipe: reports}`` of a second evaluation of the same runs, as ``"full_split"``.
+        devices: ``{run_dir: device it trained on}`` (from its config.json; None when it did not record it).
+
+    Returns:
+        ``{"reference": name or None, "recipes": {recipe: {"runs": [...], "mean": ..., "std": ...,
+        "difference": ...}}}``; ``"mean"``, ``"std"`` and ``"difference"`` hold one entry per evaluation
+        (``"main"``, ``"full_split"``), each ``{metric: ...}``. ``"difference"`` is absent for the reference and
+        None for a recipe without a seed in common with it. A difference is ``{"seeds", "per_seed", "mean",
+        "low", "high", "mcnemar", "verdict"}``; ``"mcnemar"`` is ``{"per_seed": [{"seed", "b", "c", "p"}],
+        "pooled": {"b", "c", "p"}}`` (``b``: examples only the reference gets right) or None.
+    """
+    evaluations = {"main": runs, **({"full_split": full_split} if full_split else {})}
+    devices = devices or {}
+    recipes: dict[str, Any] = {}
+    for recipe, group in runs.items():
+        entry: dict[str, Any] = {"runs": [], "mean": {}, "std": {}}
+        for i, report in enumerate(group):
+            matched = {name: _same_run(reports[recipe][i], report) for name, reports in evaluations.items()}
+            entry["runs"].append(
+                {
+                    "run_dir": report["run"]["run_dir"],
+                    "seed": report["run"]["train_seed"],
+                    "device": devices.get(report["run"]["run_dir"]),
+                    "evaluated_on": {name: r["environment"]["device"] for name, r in matched.items()},
+                    "accuracy": {name: {m: 100 * accuracy(r, m) for m in metrics(r)} for name, r in matched.items()},
+                }
+            )
+        for name in evaluations:
+            values = [run["accuracy"][name] for run in entry["runs"]]
+            entry["mean"][name] = {m: statistics.fmean(v[m] for v in values) for m in values[0]}
+            entry["std"][name] = {
+                m: statistics.stdev(v[m] for v in values) if len(values) > 1 else None for m in values[0]
+            }
+        recipes[recipe] = entry
+    if reference in runs:
+        for recipe in runs:
+            if recipe != reference:
+                recipes[recipe]["difference"] = {
+                    name: _differences(reports[reference], reports[recipe]) for name, reports in evaluations.items()
+                }
+    return {"reference": reference if reference in runs else None, "recipes": recipes}
+
+
+def differences_lines(
+    comparison: Mapping[str, Any],
+    runs: Mapping[str, Sequence[Mapping[str, Any]]],
+    full_split: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+) -> list[str]:
+    """Markdown lines saying, per recipe and metric, the paired difference to the reference and its verdict.
+
+    Args:
+        comparison: What ``results_statistics`` returned for these runs.
+        runs: ``{recipe: reports}`` as given to ``results_statistics``.
+        full_split: The second evaluation as given to ``results_statistics``.
+    """
+    reference = comparison["reference"]
+    if reference is None or len(runs) < 2:
+        return []
+    first = {"main": next(iter(runs.values()))[0]}
+    if full_split:
+        first["full_split"] = next(iter(full_split.values()))[0]
+    lines = [
+        f"### Differences to {reference}",
+        "",
+        f"Paired by training seed: a recipe's accuracy minus {reference}'s of the same seed, in percentage points; "
+        f"the mean over the paired seeds with its {stats.CONFIDENCE:.0%} Student-t interval (n - 1 degrees of "
+        "freedom), then the p of McNemar's exact test (two-sided binomial test on the examples exactly one of "
+        "the two models gets right), pooled over the seeds: their discordant counts are summed before the test, "
+        "so it measures the noise of the test examples, not that between seeds (the interval does). The tests "
+        f"per seed are in the JSON file next to this page. Rule: {stats.RULE}.",
+        "",
+    ]
+    for recipe, entry in comparison["recipes"].items():
+        if recipe == reference:
+            continue
+        if entry["difference"]["main"] is None:
+            lines.append(f"- {recipe}: no training seed in common with {reference}, no paired difference.")
+            continue
+        seeds = ", ".join(map(str, next(iter(entry["difference"]["main"].values()))["seeds"]))
+        parts = [
+            f"{metric_label(first[name], metric, whole_split=name == 'full_split')} {_difference_words(d)}"
+            for name, differences in entry["difference"].items()
+            for metric, d in differences.items()
+        ]
+        lines.append(f"- {recipe} (seeds {seeds}): " + "; ".join(parts) + ".")
+    return [*lines, ""]
+
+
+def _same_run(report: Mapping[str, Any], like: Mapping[str, Any]) -> Mapping[str, Any]:
+    if report["run"]["run_dir"] != like["run"]["run_dir"]:
+        raise ValueError(
+            f"the evaluations list {report['run']['run_dir']} where {like['run']['run_dir']} was expected"
+        )
+    return report
+
+
+def _differences(reference: Sequence[Mapping[str, Any]], other: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """Paired differences of ``other``'s runs to ``reference``'s of the same seed (see ``results_statistics``)."""
+    by_seed = {r["run"]["train_seed"]: r for r in reference}
+    pairs = [(by_seed[o["run"]["train_seed"]], o) for o in other if o["run"]["train_seed"] in by_seed]
+    if not pairs:
+        return None
+    examples = [(per_example_results(r), per_example_results(o)) for r, o in pairs]
+    same_examples = all(
+        r is not None and o is not None and np.array_equal(r["indices"], o["indices"]) for r, o in examples
+    )
+    differences = {}
+    for metric in metrics(pairs[0][1]):
+        per_seed = [100 * (accuracy(o, metric) - accuracy(r, metric)) for r, o in pairs]
+        mean, low, high = stats.mean_interval(per_seed)
+        mcnemar = None
+        if same_examples:
+            counts = [stats.discordant_pairs(_examples(r, metric), _examples(o, metric)) for r, o in examples]
+            b, c = (sum(column) for column in zip(*counts))
+            mcnemar = {
+                "per_seed": [
+                    {"seed": o["run"]["train_seed"], "b": bs, "c": cs, "p": stats.mcnemar_exact(bs, cs)}
+                    for (_, o), (bs, cs) in zip(pairs, counts)
+                ],
+                "pooled": {"b": b, "c": c, "p": stats.mcnemar_exact(b, c)},
+            }
+        differences[metric] = {
+            "seeds": [o["run"]["train_seed"] for _, o in pairs],
+            "per_seed": per_seed,
+            "mean": mean,
+            "low": low,
+            "high": high,
+            "mcnemar": mcnemar,
+            "verdict": stats.verdict(mean, low, high, None if mcnemar is None else mcnemar["pooled"]["p"]),
+        }
+    return differences
+
+
+def _examples(per_example: Mapping[str, Any], metric: str) -> np.ndarray:
+    return per_example["standalone"][metric] if metric in per_example["standalone"] else per_example[metric]
+
+
+def _difference_words(difference: Mapping[str, Any]) -> str:
+    """E.g. ``"-2.31 [-3.10, -1.52] points, p 0.0004, beyond noise (worse)"``."""
+    words = f"{difference['mean']:+.2f}"
+    if difference["low"] is not None:
+        words += f" [{difference['low']:.2f}, {difference['high']:.2f}]"
+    words += " points, "
+    mcnemar = difference["mcnemar"]
+    if mcnemar is None:
+        words += "no per-example test, "
+    else:
+        p = mcnemar["pooled"]["p"]
+        words += "p < 0.0001, " if p < 1e-4 else f"p {p:.2g}, "
+    return words + difference["verdict"]
+
+
 def _trained_with(runs: Mapping[str, Sequence[Mapping[str, Any]]], environments: Mapping[str, str]) -> list[str]:
-    known = sorted({environments[r["run"]["run_dir"]] for group in runs.values() for r in group} - {""})
+    known = sorted({environments.get(r["run"]["run_dir"], "") for group in runs.values() for r in group} - {""})
     return [f"Trained with {'; '.join(known)}.", ""] if known else []
 
 
@@ -275,6 +519,9 @@ def results_page(
     training_environments: Mapping[str, str] | None = None,
     title: str = "Results",
     report_name: str = "eval.json",
+    full_split: Mapping[str, Mapping[str, Sequence[Mapping[str, Any]]]] | None = None,
+    full_split_report_name: str | None = None,
+    comparisons: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> str:
     """The Markdown results page: how it was made, then per dataset the evaluation settings and the table.
 
@@ -287,12 +534,18 @@ def results_page(
         training_environments: ``{run_dir: software and processes it trained with}`` (from its config.json).
         title: The page's heading.
         report_name: File name of the runs' reports the page was made from.
+        full_split: A second evaluation of the same runs on the whole split, shaped as ``tables``; its
+            accuracies are more columns of the table.
+        full_split_report_name: File name of the second evaluation's reports.
+        comparisons: ``{dataset: results_statistics(...)}``: the paired differences to a reference recipe,
+            said in words under each table.
     """
     reports = [r for runs in tables.values() for group in runs.values() for r in group]
+    names = report_name if full_split is None else f"{report_name} and {full_split_report_name}"
     lines = [
         f"# {title}",
         "",
-        f"<!-- Generated by recipes/results.py from run folders and their {report_name}; do not edit by hand. -->",
+        f"<!-- Generated by recipes/results.py from run folders and their {names}; do not edit by hand. -->",
         "",
         f"Generated {date} from {len(reports)} run folder(s) by",
         "",
@@ -312,32 +565,30 @@ def results_page(
             "",
         ]
     for dataset, runs in tables.items():
-        first = next(iter(runs.values()))[0]
-        settings, results = first["settings"], first["results"]
-        n_text = f"all {results['n']}" if settings["n_examples"] is None else f"the first {results['n']}"
+        second = full_split[dataset] if full_split is not None else None
+        evaluated = [r for group in runs.values() for r in group]
+        lines += [f"## {dataset}", "", *_evaluation_lines(evaluated[0], "Evaluation"), ""]
+        if second is not None:
+            first = next(iter(second.values()))[0]
+            heading = (
+                f'Second evaluation (`{full_split_report_name}`, the columns marked "all {first["results"]["n"]:,}")'
+            )
+            lines += [*_evaluation_lines(first, heading, sweep=False), ""]
+            evaluated += [r for group in second.values() for r in group]
         lines += [
-            f"## {dataset}",
-            "",
-            f"Evaluation: {n_text} examples of the {settings['split']} split, {settings['weights']} weights, "
-            f"L-inf eps {settings['eps']:.6g} (pixels in [0, 1]), attack seed {settings['seed']}, attacks "
-            f"{_precision(settings['mixed_precision'])}; decisions: {settings['decisions']}. "
-            f"{settings['protocol'].capitalize()}. Attacks:",
-            "",
-            *(f"- {attack['label']}: {attack_description(attack)}" for attack in settings["attacks"]),
-            "",
-            _sweep_sentence(settings["eps_sweep"]),
-            "",
             "Accuracies in %, mean ± standard deviation over the runs (training seeds) of each recipe; "
             "flags: failed sanity checks, summed over the runs.",
             "",
-            f"Evaluated with {_environments(r['environment'] for group in runs.values() for r in group)}.",
+            f"Evaluated with {_environments(r['environment'] for r in evaluated)}.",
             "",
             *_trained_with(runs, training_environments or {}),
-            *results_table(runs),
+            *results_table(runs, second),
             "",
-            *sweep_table(runs),
         ]
-        flagged = [(r, flag) for group in runs.values() for r in group for flag in r["sanity_flags"]]
+        if comparisons is not None:
+            lines += differences_lines(comparisons[dataset], runs, second)
+        lines += sweep_table(runs)
+        flagged = [(r, flag) for r in evaluated for flag in r["sanity_flags"]]
         if flagged:
             lines += ["Sanity checks that failed:", ""]
             lines += [f"- `{r['run']['run_dir']}`: {flag}" for r, flag in flagged]
@@ -350,6 +601,22 @@ def results_page(
     if scatter is not None:
         lines += ["## Clean against worst-case accuracy", "", f"![clean against worst-case accuracy]({scatter})", ""]
     return "\n".join(lines)
+
+
+def _evaluation_lines(report: Mapping[str, Any], heading: str, *, sweep: bool = True) -> list[str]:
+    """The settings of an evaluation, from one of its reports: examples, eps, seeds, precision, attacks."""
+    settings, n = report["settings"], report["results"]["n"]
+    n_text = f"all {n:,}" if settings["n_examples"] is None else f"the first {n:,}"
+    return [
+        f"{heading}: {n_text} examples of the {settings['split']} split, {settings['weights']} weights, "
+        f"L-inf eps {settings['eps']:.6g} (pixels in [0, 1]), attack seed {settings['seed']}, attacks "
+        f"{_precision(settings['mixed_precision'])}; decisions: {settings['decisions']}. "
+        f"{settings['protocol'].capitalize()}. Attacks:",
+        "",
+        *(f"- {attack['label']}: {attack_description(attack)}" for attack in settings["attacks"]),
+        "",
+        _sweep_sentence(settings["eps_sweep"]) if sweep else "No eps sweep in this evaluation.",
+    ]
 
 
 def plot_clean_vs_robust(tables: Mapping[str, Mapping[str, Sequence[Mapping[str, Any]]]], path: str | Path) -> None:

@@ -15,6 +15,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -27,7 +28,9 @@ from robustmix.data import load_dataset
 from robustmix.evaluate import evaluate_run, sanity_flags, with_budget
 from robustmix.models import create_model, model_config
 from robustmix.recipe import base_parser, parse_args
+from robustmix.report import per_example_results
 from robustmix.runs import load_model
+from robustmix.stats import discordant_pairs, mcnemar_exact
 from tests.conftest import launch_two_processes, load_recipe
 
 EPS = 0.02
@@ -135,6 +138,26 @@ def test_report_records_every_setting_and_number(report, run_dir):
     assert "![robust accuracy against eps](eval_eps_sweep.png)" in table
     for name in ("eval_eps_sweep.png", "eval_margins.png"):
         assert (run_dir / name).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_report_keeps_the_per_example_results_behind_its_accuracies(report):
+    examples, results = per_example_results(report), report["results"]
+    assert examples["indices"].tolist() == list(range(12))
+    assert examples["clean"].sum() == round(12 * results["clean"])
+    assert examples["worst_case"].sum() == round(12 * results["worst_case"]) < examples["clean"].sum()
+    for name, robust in examples["standalone"].items():
+        assert robust.sum() == round(12 * results["standalone"][name])
+        assert not (robust & ~examples["clean"]).any()  # never robust when misclassified clean
+    assert (examples["worst_case"] == np.logical_and.reduce(list(examples["standalone"].values()))).all()
+
+
+def test_a_report_from_before_per_example_results_is_still_current(report, run_dir, tmp_path, monkeypatch):
+    old = json.loads(json.dumps(report))
+    del old["results"]["per_example"]
+    atomic_write_json(tmp_path / "eval.json", old)
+    monkeypatch.setattr(evaluate, "worst_case", _must_not_run)
+    stored = evaluate_run(run_dir, output=tmp_path / "eval.json", reuse=True, progress=False, **SMALL)
+    assert stored["results"] == old["results"] and per_example_results(stored) is None
 
 
 def test_evaluation_is_seeded_and_works_under_no_grad(report, run_dir, tmp_path):
@@ -352,6 +375,94 @@ def test_results_refuses_runs_that_cannot_share_a_row(run_dir, tmp_path, capsys,
     with pytest.raises(SystemExit):
         load_recipe("results").main([str(run_dir), str(tmp_path / "seed1"), "--output", str(tmp_path / "r.md")])
     assert "differ in ['lr'], not only the seed" in capsys.readouterr().err
+
+
+def _as_recipe(folder: Path, recipe: str, seed: int, device: str | None = None) -> Path:
+    """The run folder relabelled as a run of another recipe and seed (the flags stay pgd_at's)."""
+    config = json.loads((folder / "config.json").read_text())
+    config["recipe"] = config["flags"]["recipe"] = recipe
+    config["seed"] = config["flags"]["seed"] = seed
+    if device is not None:
+        config["device"] = device
+    atomic_write_json(folder / "config.json", config)
+    return folder
+
+
+def test_results_full_split_evaluation_and_paired_statistics(run_dir, tmp_path, monkeypatch):
+    reference = [_copy_run(run_dir, tmp_path / f"pgd_at-seed{seed}", seed) for seed in (0, 1)]
+    other = [
+        _as_recipe(_make_run(tmp_path / f"trades-seed{seed}", seed=10 + seed, steps=40), "trades", seed, "cpu (test)")
+        for seed in (0, 1)
+    ]
+    for attack in CHEAP[:3]:  # PGD-20 with 5 steps: the whole split in a few seconds
+        monkeypatch.setitem(evaluate.ATTACKS, attack.name, attack)
+    output = tmp_path / "docs" / "results.md"
+    argv = [*map(str, reference + other), "--output", str(output), "--attacks", "pgd20", "cw", "--n-examples", "12"]
+    argv += ["--batch-size", "120", "--no-sweep", "--no-progress", "--no-plots", "--full-split-attacks", "pgd20"]
+    page = load_recipe("results").main(argv)
+
+    main = {run.name: json.loads((run / "eval.json").read_text()) for run in reference + other}
+    full = {run.name: json.loads((run / "eval_full_split.json").read_text()) for run in reference + other}
+    settings = full["trades-seed1"]["settings"]
+    assert [attack["name"] for attack in settings["attacks"]] == ["pgd20"]
+    assert (settings["n_examples"], settings["eps_sweep"]["eps"], settings["batch_size"]) == (None, [], 120)
+    assert full["trades-seed1"]["results"]["n"] == 360 and main["trades-seed1"]["results"]["n"] == 12
+    assert "Evaluation: the first 12 examples of the test split" in page
+    assert (
+        'Second evaluation (`eval_full_split.json`, the columns marked "all 360"): all 360 examples of the test'
+        in page
+    )
+    assert "| worst case | clean (all 360) | PGD-20 (all 360) | flags |" in page
+
+    numbers = json.loads(output.with_suffix(".json").read_text())
+    assert numbers["reference"] == "pgd_at"
+    assert numbers["report_names"] == {"main": "eval.json", "full_split": "eval_full_split.json"}
+    digits = numbers["datasets"]["digits"]
+    assert (digits["evaluations"]["main"]["n"], digits["evaluations"]["full_split"]["n"]) == (12, 360)
+    trades = digits["recipes"]["trades"]
+    assert [(run["seed"], run["device"]) for run in trades["runs"]] == [(0, "cpu (test)"), (1, "cpu (test)")]
+    assert trades["runs"][1]["run_dir"] == str(other[1])
+    assert trades["runs"][1]["accuracy"]["full_split"]["pgd20"] == 100 * full["trades-seed1"]["results"]["worst_case"]
+    difference = trades["difference"]["full_split"]["pgd20"]
+    expected = [
+        100 * (full[f"trades-seed{s}"]["results"]["worst_case"] - full[f"pgd_at-seed{s}"]["results"]["worst_case"])
+        for s in (0, 1)
+    ]
+    assert difference["per_seed"] == pytest.approx(expected)
+    counts = [
+        discordant_pairs(
+            *(per_example_results(full[f"{r}-seed{s}"])["standalone"]["pgd20"] for r in ("pgd_at", "trades"))
+        )
+        for s in (0, 1)
+    ]
+    b, c = counts[0][0] + counts[1][0], counts[0][1] + counts[1][1]
+    assert difference["mcnemar"]["pooled"] == {"b": b, "c": c, "p": mcnemar_exact(b, c)}
+    assert b + c > 0  # two differently trained models disagree somewhere on 360 images
+    words = f"PGD-20 (all 360) {difference['mean']:+.2f} [{difference['low']:.2f}, {difference['high']:.2f}] points"
+    line = next(line for line in page.splitlines() if line.startswith("- trades (seeds 0, 1): clean "))
+    assert words in line and difference["verdict"] in line
+
+    # Both reports of every run are current: nothing is evaluated again.
+    monkeypatch.setattr(evaluate, "worst_case", _must_not_run)
+    again = load_recipe("results").main(argv)
+    assert [line for line in again.splitlines() if not line.startswith("Generated")] == [
+        line for line in page.splitlines() if not line.startswith("Generated")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--reference", "trades"], "no run of the --reference recipe 'trades'"),
+        (["--output", "results.json"], "--output must be a Markdown file"),
+        (["--full-split-attacks", "fgsm"], "invalid choice: 'fgsm'"),
+    ],
+)
+def test_results_rejects_bad_statistics_flags(flags, message, run_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(evaluate, "load_model", _must_not_run)
+    with pytest.raises(SystemExit):
+        load_recipe("results").main([str(run_dir), "--output", str(tmp_path / "r.md"), *flags])
+    assert message in capsys.readouterr().err
 
 
 def test_results_page_says_what_the_runs_trained_with():
