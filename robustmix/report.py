@@ -566,20 +566,20 @@ def results_page(
         ]
     for dataset, runs in tables.items():
         second = full_split[dataset] if full_split is not None else None
-        evaluated = [r for group in runs.values() for r in group]
-        lines += [f"## {dataset}", "", *_evaluation_lines(evaluated[0], "Evaluation"), ""]
+        evaluated = [(r, report_name) for group in runs.values() for r in group]
+        lines += [f"## {dataset}", "", *_evaluation_lines(evaluated[0][0], "Evaluation"), ""]
         if second is not None:
             first = next(iter(second.values()))[0]
             heading = (
                 f'Second evaluation (`{full_split_report_name}`, the columns marked "all {first["results"]["n"]:,}")'
             )
             lines += [*_evaluation_lines(first, heading, sweep=False), ""]
-            evaluated += [r for group in second.values() for r in group]
+            evaluated += [(r, full_split_report_name) for group in second.values() for r in group]
         lines += [
             "Accuracies in %, mean ± standard deviation over the runs (training seeds) of each recipe; "
             "flags: failed sanity checks, summed over the runs.",
             "",
-            f"Evaluated with {_environments(r['environment'] for r in evaluated)}.",
+            f"Evaluated with {_environments(r['environment'] for r, _ in evaluated)}.",
             "",
             *_trained_with(runs, training_environments or {}),
             *results_table(runs, second),
@@ -588,10 +588,10 @@ def results_page(
         if comparisons is not None:
             lines += differences_lines(comparisons[dataset], runs, second)
         lines += sweep_table(runs)
-        flagged = [(r, flag) for r in evaluated for flag in r["sanity_flags"]]
+        flagged = [(r, name, flag) for r, name in evaluated for flag in r["sanity_flags"]]
         if flagged:
             lines += ["Sanity checks that failed:", ""]
-            lines += [f"- `{r['run']['run_dir']}`: {flag}" for r, flag in flagged]
+            lines += [f"- `{r['run']['run_dir']}` ({name}): {flag}" for r, name, flag in flagged]
             lines.append("")
         lines += ["Runs (training command reconstructed from config.json; evaluation date):", "", "```bash"]
         for group in runs.values():

@@ -324,6 +324,11 @@ def test_a_second_evaluation_adds_columns_and_differences():
     heading = 'Second evaluation (`eval_full_split.json`, the columns marked "all 100"): all 100 examples of the'
     assert heading in page
     assert "their eval.json and eval_full_split.json; do not edit" in page
+    full["trades"][2]["sanity_flags"] = ["ordering: made up"]
+    page = _page(runs, comparison, full_split={"digits": full}, full_split_report_name="eval_full_split.json")
+    assert "Sanity checks that failed:\n\n- `runs/trades-seed2` (eval_full_split.json): ordering: made up\n" in page
+    row = next(line for line in page.splitlines() if line.startswith("| trades |"))
+    assert row.endswith(" | 51.00 ± 0.00 | 1 |")  # the flags column counts it
     assert "; clean (all 100) +0.00 [0.00, 0.00] points, p 1, within noise; PGD-20 (all 100) +1.00 [1.00, " in page
 
 
