@@ -24,6 +24,7 @@ _PROVIDERS = {
     "x_anti": "an anti-adversary generator (e.g. AdversarysAdversary or AntiAdversary)",
     "eps": "an attack generator with a scalar eps, or a budget callback",
     "kappa": "PGDAttack(track_kappa=True)",
+    "aa_steps": "AdversarysAdversary(until_recovered=True)",
     "margin": "a margin estimator (e.g. ProbabilityMargin)",
     "margin_vector": "MultiClassMargin",
     "soft_targets": "a label refiner (e.g. OneHotLabels)",

@@ -47,6 +47,7 @@ FIELDS = (
     "x_adv",
     "x_anti",
     "kappa",
+    "aa_steps",
     "margin",
     "margin_vector",
     "soft_targets",
@@ -124,6 +125,8 @@ class StepContext:
         x_anti: Anti-adversarial examples ``[B, ...]`` in [0, 1] (from ``x`` or from ``x_adv``).
         kappa: GAIRAT's geometry value ``[B]`` (int64): attack iterations still classified
             correctly.
+        aa_steps: Descent steps the adversary's adversary needed to bring each example back to its
+            label ``[B]`` (int64 in ``{0..K_aa + 1}``, ``K_aa + 1``: still misclassified).
         margin: Per-sample margin ``[B]`` (larger is farther from the decision boundary).
         margin_vector: Multi-class margin ``[B, C]``.
         soft_targets: Target distributions ``[B, C]``, rows sum to 1, detached.
@@ -155,6 +158,7 @@ class StepContext:
     x_adv: Tensor | None = None
     x_anti: Tensor | None = None
     kappa: Tensor | None = None
+    aa_steps: Tensor | None = None
     margin: Tensor | None = None
     margin_vector: Tensor | None = None
     soft_targets: Tensor | None = None
