@@ -7,15 +7,19 @@ from __future__ import annotations
 
 import math
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from robustmix.callbacks import Callback
-from robustmix.context import Stage, StepContext
+from robustmix.context import INPUT_FIELDS, Stage, StepContext
 from robustmix.weights import _check_burn_in, boundary_importance
 
 #: Shapes ``s(m)`` of ADA-Lab's interpolation ``lam = lam_max * s(m)``, both non-increasing from 1 to 0.
 SCHEDULES = ("linear", "tanh")
+#: ADA-Lab's target forms (``AdaLabLabels(target=...)``): ``adalab_targets``, ``floor_targets``,
+#: ``keep_true_targets`` and ``direction_targets``.
+TARGETS = ("interpolate", "floor", "keep-true", "direction")
 
 
 def one_hot(y: Tensor, num_classes: int) -> Tensor:
@@ -62,10 +66,98 @@ def adalab_targets(onehot: Tensor, p_aa: Tensor, lam: Tensor | float) -> Tensor:
         their argmax is the label.
     """
     onehot, p_aa = onehot.float(), p_aa.float()
-    if isinstance(lam, Tensor):
-        lam = lam.float()[:, None]
     # Written as onehot + lam * (p_aa - onehot): exactly onehot when lam = 0 or p_aa = onehot.
-    return onehot + lam * (p_aa - onehot)
+    return onehot + _column(lam) * (p_aa - onehot)
+
+
+def floor_targets(onehot: Tensor, p: Tensor, lam: Tensor | float) -> Tensor:
+    """Targets whose true-class mass is exactly ``max(1 - lam, p_y)``, the rest spread like ``p`` over ``k != y``.
+
+    ``y~_y = max(1 - lam, p_y)`` and ``y~_k = (1 - y~_y) * p_k / sum_{j != y} p_j``: ``lam`` is the
+    largest drop of the true class, the source decides where the dropped mass goes and lifts the
+    true class above the floor where it is surer (there ``y~ = p``). The softest targets with
+    ``y~_y >= max(1 - lam, p_y)``; ``adalab_targets`` keeps ``1 - lam * (1 - p_y)``, never less.
+
+    Args:
+        onehot: One-hot labels ``[B, C]``.
+        p: Source distributions ``[B, C]`` (e.g. ``p(x_aa)``; rows sum to 1).
+        lam: Interpolation in [0, 1], per sample ``[B]`` or one number.
+
+    Returns:
+        Distributions ``[B, C]`` in float32, elementwise between ``onehot`` and ``p``; with
+        ``lam < 0.5`` their argmax is the label.
+    """
+    onehot, p, lam = onehot.float(), p.float(), _column(lam)
+    p_true = (p * onehot).sum(dim=1, keepdim=True)
+    rest = p * (1 - onehot)
+    rest_mass = rest.sum(dim=1, keepdim=True)
+    true = torch.maximum(p_true, 1 - lam) if isinstance(lam, Tensor) else p_true.clamp(min=1 - lam)
+    # rest_mass is 0 only where p is the one-hot row; then the true class keeps everything.
+    share = torch.where(rest_mass > 0, (1 - true) / rest_mass.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+    return true * onehot + share * rest
+
+
+def keep_true_targets(onehot: Tensor, p: Tensor, lam: Tensor | float) -> Tensor:
+    """``adalab_targets`` with ``lam`` scaled by the source's true-class probability: ``lam * p_y``.
+
+    The target moves towards ``p`` only as far as ``p`` itself shows the true class: a source that
+    is still misclassified (``p_y`` near 0) leaves the one-hot label. ``y~_y = 1 - lam p_y (1 - p_y)``,
+    at least ``1 - lam / 4``, ``1 - lam`` and ``p_y``.
+
+    Args:
+        onehot: One-hot labels ``[B, C]``.
+        p: Source distributions ``[B, C]`` (e.g. ``p(x_aa)``; rows sum to 1).
+        lam: Interpolation in [0, 1], per sample ``[B]`` or one number.
+
+    Returns:
+        Distributions ``[B, C]`` in float32, elementwise between ``onehot`` and ``p``; their argmax is
+        the label for every ``lam`` in [0, 1].
+    """
+    onehot, p = onehot.float(), p.float()
+    return adalab_targets(onehot, p, lam * (p * onehot).sum(dim=1))
+
+
+def direction_targets(onehot: Tensor, p: Tensor, p_adv: Tensor, lam: Tensor | float) -> Tensor:
+    """The descent direction as the target: ``y~ = Proj_simplex(onehot + lam * (p - p_adv))``.
+
+    ``p - p_adv`` is how the prediction changes from ``x_adv`` to the source (``x_aa``: along the
+    gradient-descent direction); the rows of ``onehot + lam * (p - p_adv)`` already sum to 1, and
+    the projection (``simplex_projection``) clips them to a distribution. ``y~ = onehot`` when
+    ``lam = 0`` or ``p = p_adv``.
+
+    Args:
+        onehot: One-hot labels ``[B, C]``.
+        p: Source distributions ``[B, C]`` (``p(x_aa)``, or ``p(x)``).
+        p_adv: Distributions at ``x_adv`` ``[B, C]``.
+        lam: Interpolation in [0, 1], per sample ``[B]`` or one number.
+
+    Returns:
+        Distributions ``[B, C]`` in float32; with ``lam < 0.5`` their argmax is the label.
+    """
+    onehot = onehot.float()
+    return simplex_projection(onehot + _column(lam) * (p.float() - p_adv.float()))
+
+
+def simplex_projection(v: Tensor) -> Tensor:
+    """Euclidean projection of every row of ``v [B, C]`` onto the probability simplex, in float32.
+
+    ``argmin_{q >= 0, sum q = 1} ||q - v||_2 = max(v - theta, 0)`` with ``theta`` found by sorting
+    (Held, Wolfe & Crowder 1974; Duchi et al. 2008): ``O(C log C)`` per row, no iteration. Order
+    preserving: ``v_i >= v_j`` gives ``q_i >= q_j``.
+    """
+    v = v.float()
+    u = v.sort(dim=1, descending=True).values
+    excess = u.cumsum(dim=1) - 1
+    j = torch.arange(1, v.shape[1] + 1, device=v.device)
+    # rho = the largest j with u_j > excess_j / j (j = 1 always qualifies); theta = excess_rho / rho.
+    rho = torch.where(u - excess / j > 0, j, 0).amax(dim=1, keepdim=True)
+    theta = excess.gather(1, rho - 1) / rho
+    return (v - theta).clamp_min(0)
+
+
+def _column(lam: Tensor | float) -> Tensor | float:
+    """``lam [B]`` as a float32 column ``[B, 1]``; a number stays a number."""
+    return lam.float()[:, None] if isinstance(lam, Tensor) else lam
 
 
 def _check_unit(name: str, value: float) -> None:
@@ -110,7 +202,7 @@ class LabelSmoothing(Callback):
 
 
 class AdaLabLabels(Callback):
-    """Writes ``soft_targets``: ADA-Lab's ``y~ = (1 - lam) * onehot(y) + lam * softmax(f(x_aa) / T)``.
+    """Writes ``soft_targets``: ADA-Lab's ``y~ = (1 - lam) * onehot(y) + lam * softmax(f(x_aa) / T)``, or another form.
 
     ``lam = lam_max * s(margin)`` per sample (``adalab_lambda``); ``f(x_aa)`` is the eval-mode,
     no-grad forward of ``x_anti`` (one forward per step, memoized). Before ``burn_in_epochs`` it
@@ -122,22 +214,41 @@ class AdaLabLabels(Callback):
         temperature: Softmax temperature ``T`` > 0 of ``p(x_aa)``; 1 by default.
         burn_in_epochs: Epochs of one-hot labels at the start, 0 by default (a recipe chooses).
         schedule: ``"linear"`` (the default) or ``"tanh"``; see ``adalab_lambda``.
+        target: The form of ``y~`` (``TARGETS``): ``"interpolate"`` (the default, ``adalab_targets``),
+            ``"floor"`` (``floor_targets``), ``"keep-true"`` (``keep_true_targets``) or ``"direction"``
+            (``direction_targets``, which also reads the eval-mode forward of ``x_adv``: one more forward).
+        source: The input whose eval-mode prediction the target is built from: ``"anti"`` (``x_aa``, the
+            default), ``"adv"`` or ``"clean"``; one forward each, memoized with any other reader.
     """
 
     stage = Stage.LABELS
-    reads = ("margin", "eval_logits_anti")
     writes = ("soft_targets",)
 
     def __init__(
-        self, lam_max: float = 0.5, temperature: float = 1.0, burn_in_epochs: int = 0, schedule: str = "linear"
+        self,
+        lam_max: float = 0.5,
+        temperature: float = 1.0,
+        burn_in_epochs: int = 0,
+        schedule: str = "linear",
+        *,
+        target: str = "interpolate",
+        source: str = "anti",
     ) -> None:
         _check_unit("lam_max", lam_max)
         if not (0 < temperature < math.inf):
             raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
         _check_burn_in(burn_in_epochs)
         _check_schedule(schedule)
+        if target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+        if source not in INPUT_FIELDS:
+            raise ValueError(f"source must be one of {sorted(INPUT_FIELDS)}, got {source!r}")
+        if target == "direction" and source == "adv":
+            raise ValueError("target='direction' with source='adv' is the one-hot label: p(x_adv) - p(x_adv) = 0")
         self.lam_max, self.temperature = lam_max, temperature
         self.burn_in_epochs, self.schedule = burn_in_epochs, schedule
+        self.target, self.source = target, source
+        self.reads = ("margin", f"eval_logits_{source}") + (("eval_logits_adv",) if target == "direction" else ())
 
     def __call__(self, ctx: StepContext) -> None:
         onehot = one_hot(ctx.targets, ctx.num_classes)
@@ -145,14 +256,26 @@ class AdaLabLabels(Callback):
             lam = onehot.new_zeros(ctx.batch_size)
             ctx.soft_targets = onehot
         else:
-            # p_aa is detached already (no-grad eval forward); detaching the margin detaches the targets.
+            # The eval logits are detached already (no-grad forwards); detaching the margin detaches the targets.
             lam = adalab_lambda(ctx.margin.detach(), self.lam_max, self.schedule)
-            p_aa = (ctx.get_eval_logits("anti").float() / self.temperature).softmax(dim=1)
-            ctx.soft_targets = adalab_targets(onehot, p_aa, lam)
+            p = self._softmax(ctx, self.source)
+            if self.target == "direction":
+                ctx.soft_targets = direction_targets(onehot, p, self._softmax(ctx, "adv"), lam)
+            else:
+                ctx.soft_targets = _INTERPOLATIONS[self.target](onehot, p, lam)
         ctx.extras["lam_mean"] = lam.mean()
+
+    def _softmax(self, ctx: StepContext, name: str) -> Tensor:
+        return (ctx.get_eval_logits(name).float() / self.temperature).softmax(dim=1)
 
     def __repr__(self) -> str:
         return (
             f"AdaLabLabels(lam_max={self.lam_max}, temperature={self.temperature}, "
-            f"burn_in_epochs={self.burn_in_epochs}, schedule={self.schedule!r})"
+            f"burn_in_epochs={self.burn_in_epochs}, schedule={self.schedule!r}"
+            + (f", target={self.target!r}" if self.target != "interpolate" else "")
+            + (f", source={self.source!r}" if self.source != "anti" else "")
+            + ")"
         )
+
+
+_INTERPOLATIONS = {"interpolate": adalab_targets, "floor": floor_targets, "keep-true": keep_true_targets}
