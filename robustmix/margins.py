@@ -2,13 +2,17 @@
 
 Larger is safer: a positive margin means correctly classified. The callbacks read the logits
 the step already computed (the memoized training forward, detached), so a margin costs no
-forward or backward pass. Every estimator computes in float32 whatever the autocast dtype.
+forward or backward pass; read from the eval-mode logits of an input (``eval_mode=True``, e.g.
+the clean batch) it costs that input's eval forward unless another callback runs it too. Every
+estimator computes in float32 whatever the autocast dtype.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
+import torch
 from torch import Tensor
 
 from robustmix.attacks.objectives import cw_margin
@@ -16,9 +20,18 @@ from robustmix.callbacks import Callback
 from robustmix.context import INPUT_FIELDS, Stage, StepContext
 
 
-def logit_margin(logits: Tensor, y: Tensor) -> Tensor:
-    """Logit margin ``z_y - max_{k != y} z_k`` ``[B]`` of ``logits [B, C]``; unbounded, in logit units."""
-    return -cw_margin(logits, y)
+def logit_margin(logits: Tensor, y: Tensor, scale: float | None = None) -> Tensor:
+    """Logit margin ``z_y - max_{k != y} z_k`` ``[B]`` of ``logits [B, C]``; unbounded, in logit units.
+
+    With ``scale`` it is squashed to ``tanh(m / scale)`` in [-1, 1]: schedules and weight curves made
+    for [-1, 1] (``(1 - m) / 2``) then vary over a few ``scale`` units of logit margin instead of
+    saturating after one.
+    """
+    margin = -cw_margin(logits, y)
+    if scale is None:
+        return margin
+    _check_scale(scale)
+    return torch.tanh(margin / scale)
 
 
 def probability_margin(logits: Tensor, y: Tensor) -> Tensor:
@@ -50,42 +63,94 @@ def kappa_margin(kappa: Tensor, steps: int) -> Tensor:
     return 2 * kappa.float() / steps - 1
 
 
+def recovery_margin(aa_steps: Tensor, steps: int) -> Tensor:
+    """The descent steps the adversary's adversary needed, as a margin ``1 - 2 n / (K_aa + 1)`` ``[B]`` in [-1, 1].
+
+    ``n = 0`` (``x_adv`` is still classified correctly) is the safest, +1; ``n = K_aa + 1`` (not
+    recovered within ``K_aa`` steps) the hardest, -1. Non-increasing in ``n``, so ADA-Lab's
+    ``lam = lam_max * (1 - m) / 2`` is ``lam_max * n / (K_aa + 1)``.
+
+    Args:
+        aa_steps: Steps needed, integers in ``{0..steps + 1}`` ``[B]`` (``AdversarysAdversary(until_recovered=True)``).
+        steps: The most descent steps ``K_aa`` (>= 1).
+    """
+    _check_steps(steps)
+    return 1 - 2 * aa_steps.float() / (steps + 1)
+
+
+def _check_scale(scale: float) -> None:
+    if not (0 < scale < math.inf):
+        raise ValueError(f"scale must be a finite number > 0 (logit units) or None, got {scale}")
+
+
 def _check_steps(steps: int) -> None:
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be the attack's number of steps, an integer >= 1, got {steps!r}")
 
 
 class _LogitsMargin(Callback):
-    """Writes ``fn(logits, y)`` of one input's detached training logits: no extra pass."""
+    """Writes ``fn(logits, y)`` of one input's detached training logits (no extra pass), or of its eval-mode logits."""
 
     stage = Stage.MARGIN
     writes = ("margin",)
     fn: Callable[[Tensor, Tensor], Tensor]
 
-    def __init__(self, source: str = "adv") -> None:
+    def __init__(self, source: str = "adv", *, eval_mode: bool = False) -> None:
         if source not in INPUT_FIELDS:
             raise ValueError(f"source must be one of {sorted(INPUT_FIELDS)}, got {source!r}")
-        self.source = source
-        self.reads = (f"logits_{source}",)
+        self.source, self.eval_mode = source, eval_mode
+        self.reads = (f"{'eval_' if eval_mode else ''}logits_{source}",)
 
     def __call__(self, ctx: StepContext) -> None:
-        # The training forward is memoized: the loss reuses these logits, the margin only reads them.
-        setattr(ctx, self.writes[0], self.fn(ctx.get_logits(self.source).detach(), ctx.targets))
+        # The forwards are memoized: the loss (or the labels) reuse these logits, the margin only reads them.
+        logits = ctx.get_eval_logits(self.source) if self.eval_mode else ctx.get_logits(self.source).detach()
+        setattr(ctx, self.writes[0], self._margin(logits, ctx.targets))
+
+    def _margin(self, logits: Tensor, y: Tensor) -> Tensor:
+        return self.fn(logits, y)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(source={self.source!r})"
+        return f"{type(self).__name__}(source={self.source!r}{', eval_mode=True' if self.eval_mode else ''})"
 
 
 class ProbabilityMargin(_LogitsMargin):
-    """Writes ``margin [B]``: ``probability_margin`` of the logits of ``source`` (``"adv"`` by default)."""
+    """Writes ``margin [B]``: ``probability_margin`` of the logits of ``source`` (``"adv"`` by default).
+
+    Args:
+        source: ``"adv"`` (the default), ``"clean"`` or ``"anti"``.
+        eval_mode: Read the eval-mode logits of ``source`` (one forward, memoized) instead of the training ones.
+    """
 
     fn = staticmethod(probability_margin)
 
 
 class LogitMargin(_LogitsMargin):
-    """Writes ``margin [B]``: ``logit_margin`` of the logits of ``source`` (``"adv"`` by default)."""
+    """Writes ``margin [B]``: ``logit_margin`` of the logits of ``source`` (``"adv"`` by default).
+
+    Args:
+        source: ``"adv"`` (the default), ``"clean"`` or ``"anti"``.
+        scale: Squash the margin to ``tanh(m / scale)`` in [-1, 1]; raw logit units when ``None`` (the default).
+        eval_mode: Read the eval-mode logits of ``source`` (one forward, memoized) instead of the training ones.
+    """
 
     fn = staticmethod(logit_margin)
+
+    def __init__(self, source: str = "adv", *, scale: float | None = None, eval_mode: bool = False) -> None:
+        if scale is not None:
+            _check_scale(scale)
+        super().__init__(source, eval_mode=eval_mode)
+        self.scale = scale
+
+    def _margin(self, logits: Tensor, y: Tensor) -> Tensor:
+        return logit_margin(logits, y, self.scale)
+
+    def __repr__(self) -> str:
+        return (
+            f"LogitMargin(source={self.source!r}"
+            + (", eval_mode=True" if self.eval_mode else "")
+            + (f", scale={self.scale}" if self.scale is not None else "")
+            + ")"
+        )
 
 
 class MultiClassMargin(_LogitsMargin):
@@ -115,3 +180,27 @@ class KappaMargin(Callback):
 
     def __repr__(self) -> str:
         return f"KappaMargin(steps={self.steps})"
+
+
+class RecoveryMargin(Callback):
+    """Writes ``margin [B]``: ``recovery_margin`` of ``aa_steps`` (``AdversarysAdversary(until_recovered=True)``).
+
+    No pass of its own: the steps are counted by the descent and its last check.
+
+    Args:
+        steps: The most descent steps ``K_aa`` of the adversary's adversary.
+    """
+
+    stage = Stage.MARGIN
+    reads = ("aa_steps",)
+    writes = ("margin",)
+
+    def __init__(self, steps: int) -> None:
+        _check_steps(steps)
+        self.steps = steps
+
+    def __call__(self, ctx: StepContext) -> None:
+        ctx.margin = recovery_margin(ctx.aa_steps, self.steps)
+
+    def __repr__(self) -> str:
+        return f"RecoveryMargin(steps={self.steps})"

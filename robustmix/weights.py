@@ -41,7 +41,8 @@ def boundary_importance(margin: Tensor, c: float = 5.0) -> Tensor:
     """GAIRAT-shaped importance of a margin: ``1 + tanh(c * (0.5 - (1 + m) / 2))`` ``[B]`` in [0, 2].
 
     Non-increasing in the margin ``m [B]`` (in [-1, 1], e.g. the probability margin): examples
-    near or across the decision boundary matter more. ``c`` (>= 0, 5 by default) sets how sharply.
+    near or across the decision boundary matter more. ``c`` (>= 0, 5 by default) sets how sharply:
+    the weights at ``m = -1`` and ``m = +1`` are in the ratio ``e^c`` (about 148:1 at ``c = 5``).
     """
     _check_finite_non_negative("c", c)
     # 1 + tanh(z) == 2 * sigmoid(2 z), without the cancellation of 1 + tanh(z) when z << 0.
@@ -199,8 +200,9 @@ class GAIRATWeights(MarginWeights):
 class MAILWeights(MarginWeights):
     """Multiplies ``weights`` by MAIL's ``mail_weights``; reads the probability ``margin``.
 
-    ``margin`` must be ``ProbabilityMargin``'s ``p_y - max_{k != y} p_k``;
-    MAIL's ``PM`` is its negative.
+    ``margin`` must be ``ProbabilityMargin``'s ``p_y - max_{k != y} p_k`` (or another margin in
+    [-1, 1]); MAIL's ``PM`` is its negative. With the defaults the weights at ``m = -1`` and
+    ``m = +1`` are in the ratio ``sigmoid(-0.5) / sigmoid(-2.5)``, about 4.97:1.
 
     Args:
         bias: Shift, -1.5 by default.
