@@ -41,6 +41,7 @@ from robustmix.checkpoint import atomic_write_json, atomic_write_text
 from robustmix.evaluate import ATTACKS, add_evaluation_flags, check_run, evaluate_run, evaluation_kwargs
 from robustmix.recipe import PRESETS, base_parser
 from robustmix.report import plot_clean_vs_robust, results_page, results_statistics
+from robustmix.runs import load_config
 
 #: Training flags that runs of one recipe may differ in: they change where a run is written or how it is
 #: checkpointed and logged, not what it computes (a resumed run continues exactly).
@@ -78,13 +79,21 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict[
         help="also evaluate every run against these attacks on the whole split, without eps sweep, into "
         "<report name>_full_split.json, and add its columns to the table (default: no second evaluation)",
     )
+    parser.add_argument(
+        "--stored",
+        action="store_true",
+        help="build the page from the reports stored in each run folder, without weights and without evaluating "
+        "(archived runs: config.json and reports); a report made with other settings is an error",
+    )
     add_evaluation_flags(parser)
     args = parser.parse_args(argv)
+    if args.stored and args.reevaluate:
+        parser.error("--stored and --reevaluate contradict each other")
 
     configs = {}
     for run_dir in args.run_dirs:
         try:
-            configs[run_dir] = check_run(run_dir, args.weights)[0]
+            configs[run_dir] = load_config(run_dir) if args.stored else check_run(run_dir, args.weights)[0]
         except (FileNotFoundError, ValueError) as err:
             parser.error(str(err))
     seen: dict[tuple[str, str, int], str] = {}
@@ -143,6 +152,14 @@ def training_command(config: dict[str, Any]) -> str:
     return shlex.join(launcher + words)
 
 
+def _stored_or_exit(run_dir: str, **kwargs: Any) -> dict[str, Any]:
+    try:
+        return evaluate_run(run_dir, **kwargs)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"results.py: error: --stored: {err}", file=sys.stderr)
+        raise SystemExit(2) from err
+
+
 def full_split_report_name(report_name: str) -> str:
     """File name of the second evaluation's report (``--full-split-attacks``): eval.json -> eval_full_split.json."""
     return f"{Path(report_name).stem}_full_split.json"
@@ -158,16 +175,20 @@ def main(argv: list[str] | None = None) -> str:
     tables: dict[str, dict[str, list[dict[str, Any]]]] = {}
     full_tables: dict[str, dict[str, list[dict[str, Any]]]] = {}
     reuse = not args.reevaluate
+    # With --stored nothing is evaluated: a missing or different stored report is a bad command line.
+    evaluate = _stored_or_exit if args.stored else evaluate_run
     for (dataset, recipe), group in sorted(_group(configs).items()):
         for run_dir in sorted(group, key=lambda run: configs[run]["seed"]):
-            report = evaluate_run(
-                run_dir, output=Path(run_dir) / args.report_name, reuse=reuse, accelerator=accelerator, **kwargs
-            )
+            report = evaluate(
+                run_dir, output=Path(run_dir) / args.report_name, reuse=reuse, accelerator=accelerator,
+                stored=args.stored, **kwargs,
+            )  # fmt: skip
             tables.setdefault(dataset, {}).setdefault(recipe, []).append(report)
             if args.full_split_attacks:
-                full = evaluate_run(
-                    run_dir, output=Path(run_dir) / full_name, reuse=reuse, accelerator=accelerator, **full_kwargs
-                )
+                full = evaluate(
+                    run_dir, output=Path(run_dir) / full_name, reuse=reuse, accelerator=accelerator,
+                    stored=args.stored, **full_kwargs,
+                )  # fmt: skip
                 full_tables.setdefault(dataset, {}).setdefault(recipe, []).append(full)
     full_split = full_tables if args.full_split_attacks else None
     devices = {str(Path(run)): config.get("device") for run, config in configs.items()}

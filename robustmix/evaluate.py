@@ -122,6 +122,7 @@ def evaluate_run(
     reuse: bool = False,
     progress: bool = True,
     accelerator: Accelerator | None = None,
+    stored: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a training run's model on exactly its data split and write the report; call it on every process.
 
@@ -166,6 +167,10 @@ def evaluate_run(
         progress: Show a progress bar on the main process.
         accelerator: Gives the device, the processes and the gather; by default one is created. Its own
             mixed precision setting is not used (``mixed_precision`` is).
+        stored: Return the report at ``output`` without the weights and without evaluating: for the archived
+            record of a run (config.json and its reports, weights not kept). The report must have been made
+            with these settings and this robustmix version; which weights it evaluated is the SHA-256 it
+            records.
 
     Returns:
         The report as written to ``output``: ``"settings"`` (what was run), ``"run"`` (what was evaluated),
@@ -182,7 +187,11 @@ def evaluate_run(
     """
     started = time.perf_counter()
     run_dir = Path(run_dir)
-    config, weights_file = check_run(run_dir, weights)
+    if stored:
+        config = load_config(run_dir)
+        _check_run_config(config, run_dir / CONFIG_FILE)
+    else:
+        config, weights_file = check_run(run_dir, weights)
     specs = _resolve(attacks, "attacks")
     sweep_specs = _resolve(SWEEP_ATTACKS if sweep_attacks is None else sweep_attacks, "sweep_attacks")
     eps = float(config["attack"]["eps"]) if eps is None else eps
@@ -208,6 +217,9 @@ def evaluate_run(
         "batch_size": batch_size,
         "mixed_precision": mixed_precision,
     }
+    output = run_dir / EVAL_FILE if output is None else Path(output)
+    if stored:
+        return _stored_report(output, settings, run_dir)
     run = {
         "run_dir": str(run_dir),
         "recipe": config.get("recipe"),
@@ -225,7 +237,6 @@ def evaluate_run(
         "weights_file": weights_file.relative_to(run_dir).as_posix(),
         "weights_sha256": _sha256(weights_file),
     }
-    output = run_dir / EVAL_FILE if output is None else Path(output)
     accelerator = accelerator or Accelerator()
     if reuse:
         stored = _current_report(output, settings, run["weights_sha256"])
@@ -238,7 +249,10 @@ def evaluate_run(
 
     device = accelerator.device
     with accelerator.main_process_first():  # one process fills the dataset cache, the others read it
-        data = load_dataset(config["data"]["dataset"], split, path=config["data"]["path"], seed=run["split_seed"])
+        data = load_dataset(
+            config["data"]["dataset"], split, path=config["data"]["path"], val_size=config["data"].get("val_size"),
+            seed=run["split_seed"],
+        )  # fmt: skip
     n = len(data) if n_examples is None else n_examples
     if n > len(data):
         raise ValueError(f"n_examples is {n_examples} but the {split} split of {run['dataset']} has {len(data)}")
@@ -798,6 +812,18 @@ def _current_report(path: Path, settings: dict[str, Any], weights_sha256: str) -
         and stored.get("environment", {}).get("robustmix") == robustmix.__version__
     )
     return stored if current else None
+
+
+def _stored_report(path: Path, settings: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """The report at ``path`` when it was made with ``settings`` and this robustmix version; else a clear error."""
+    stored = read_json(path)  # names the file when it is missing or corrupted
+    if not isinstance(stored, dict) or stored.get("settings") != json.loads(json.dumps(settings)):
+        raise ValueError(f"{path} was made with other evaluation settings than the ones asked for")
+    version = stored.get("environment", {}).get("robustmix")
+    if version != robustmix.__version__:
+        raise ValueError(f"{path} was made by robustmix {version}, not {robustmix.__version__}")
+    stored["run"]["run_dir"] = str(run_dir)
+    return stored
 
 
 def _autocast(device: torch.device, mixed_precision: str) -> contextlib.AbstractContextManager:

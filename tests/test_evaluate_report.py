@@ -450,6 +450,35 @@ def test_results_full_split_evaluation_and_paired_statistics(run_dir, tmp_path, 
     ]
 
 
+def test_results_from_archived_runs_without_weights(run_dir, tmp_path, monkeypatch):
+    runs = [_copy_run(run_dir, tmp_path / "runs" / f"pgd_at-seed{seed}", seed) for seed in (0, 1)]
+    monkeypatch.setitem(evaluate.ATTACKS, CHEAP[0].name, CHEAP[0])
+    flags = ["--attacks", "pgd20", "--n-examples", "12", "--batch-size", "120", "--no-sweep", "--no-progress"]
+    flags += ["--no-plots", "--full-split-attacks", "pgd20"]
+    page = load_recipe("results").main([*map(str, runs), "--output", str(tmp_path / "a.md"), *flags])
+    archived = []
+    for run in runs:  # what compare.py --archive keeps: no weights, no checkpoints
+        target = tmp_path / "archive" / run.name
+        target.mkdir(parents=True)
+        for name in ("config.json", "metrics.json", "eval.json", "eval_full_split.json"):
+            if (run / name).exists():
+                shutil.copy2(run / name, target / name)
+        archived.append(target)
+    monkeypatch.setattr(evaluate, "worst_case", _must_not_run)
+    rebuilt = load_recipe("results").main(
+        [*map(str, archived), "--output", str(tmp_path / "b.md"), "--stored", *flags]
+    )
+    def same(text):
+        return [
+            line for line in text.splitlines() if not line.startswith(("Generated", "python recipes/results"))
+        ]
+    assert same(rebuilt) == same(page)
+    with pytest.raises(SystemExit):  # other settings than the stored report's: an error, never a silent mix
+        load_recipe("results").main(
+            [*map(str, archived), "--output", str(tmp_path / "c.md"), "--stored", *flags[:3], "24", *flags[4:]]
+        )
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [

@@ -1,0 +1,119 @@
+"""Train many recipes x seeds, a few at a time, each resumable, and keep each finished run's small files.
+
+    python recipes/compare.py --preset fashion-mnist --seeds 0 1 2 --jobs 2
+    python recipes/compare.py --preset fashion-mnist --recipes pgd_at adalab --seeds 0 --jobs 2 -- --epochs 3
+
+Every (recipe, seed) trains as its own process, ``python recipes/<recipe>.py --preset P --seed S --output-dir
+<runs-dir>/<recipe>-seed<S> [extra flags after --]``, its console output in ``<run>.log`` beside the folder. A
+run whose ``metrics.json`` exists is finished and skipped; a run with checkpoints continues with ``--resume
+latest``, so the same command picks up where an interrupted session stopped. With ``--archive DIR`` each
+finished run's small files (``config.json``, ``metrics.json``, ``metrics.jsonl`` and any evaluation reports) are
+copied to ``DIR/<run name>/``, the record that goes into the repository; the weights stay in the run folder.
+
+Each process runs with one intra-op thread unless the extra flags say otherwise: on an N-core machine ``--jobs
+N`` keeps every core busy without two runs spin-waiting on the same core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from robustmix.checkpoint import list_checkpoints
+from robustmix.recipe import PRESETS, nonnegative_int, positive_int
+from robustmix.runs import CHECKPOINTS_DIR, CONFIG_FILE, METRICS_FILE, METRICS_LOG
+
+RECIPES = ("pgd_at", "fgsm_rs", "trades", "mart", "mail", "awp", "gairat", "sglr", "caat", "bilaw", "adalab")
+HERE = Path(__file__).resolve().parent
+#: The files of a finished run kept in the archive: everything but weights and checkpoints.
+ARCHIVED = (CONFIG_FILE, METRICS_FILE, METRICS_LOG)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="compare.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", choices=sorted(PRESETS), required=True)
+    parser.add_argument("--recipes", nargs="+", choices=RECIPES, default=list(RECIPES), metavar="RECIPE")
+    parser.add_argument("--seeds", nargs="+", type=nonnegative_int, default=[0, 1, 2])
+    parser.add_argument("--jobs", type=positive_int, default=2, help="runs at once (default: 2)")
+    parser.add_argument("--runs-dir", help="parent of the run folders (default: runs/<preset>)")
+    parser.add_argument("--suffix", default="", help="added to every run folder's name, e.g. -lam0.25")
+    parser.add_argument("--archive", help="copy each finished run's small files to ARCHIVE/<run name>/")
+    parser.add_argument("extra", nargs="*", help="flags passed to every recipe (after --)")
+    args = parser.parse_args(argv)
+    args.runs_dir = Path(args.runs_dir or f"runs/{args.preset}")
+    return args
+
+
+def run_name(recipe: str, seed: int, suffix: str = "") -> str:
+    return f"{recipe}{suffix}-seed{seed}"
+
+
+def command(args: argparse.Namespace, recipe: str, seed: int) -> list[str] | None:
+    """The training command of one run, or None when the run is finished."""
+    out = args.runs_dir / run_name(recipe, seed, args.suffix)
+    if (out / METRICS_FILE).exists():
+        return None
+    words = [sys.executable, str(HERE / f"{recipe}.py"), "--preset", args.preset, "--seed", str(seed)]
+    words += ["--output-dir", str(out), *args.extra]
+    if list_checkpoints(out / CHECKPOINTS_DIR):
+        words += ["--resume", "latest"]
+    elif (out / CONFIG_FILE).exists():
+        words.append("--overwrite")  # started but never checkpointed: nothing to keep
+    return words
+
+
+def archive(run_dir: Path, target: Path) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    for path in sorted(run_dir.iterdir()):
+        if path.is_file() and (
+            path.name in ARCHIVED or (path.name.startswith("eval") and path.suffix in (".json", ".md"))
+        ):
+            shutil.copy2(path, target / path.name)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.runs_dir.mkdir(parents=True, exist_ok=True)
+    todo = [(recipe, seed) for seed in args.seeds for recipe in args.recipes]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    running: dict[tuple[str, int], tuple[subprocess.Popen, float]] = {}
+    failed = []
+    while todo or running:
+        while todo and len(running) < args.jobs:
+            recipe, seed = todo.pop(0)
+            words = command(args, recipe, seed)
+            if words is None:
+                print(f"{run_name(recipe, seed, args.suffix)}: finished before, skipped", flush=True)
+                continue
+            log = open(args.runs_dir / f"{run_name(recipe, seed, args.suffix)}.log", "a")  # noqa: SIM115
+            print(f"start {' '.join(words[1:])}", flush=True)
+            running[recipe, seed] = (
+                subprocess.Popen(words, stdout=log, stderr=subprocess.STDOUT, env=env),
+                time.time(),
+            )
+        time.sleep(2)
+        for key, (process, started) in list(running.items()):
+            if process.poll() is None:
+                continue
+            del running[key]
+            name = run_name(*key, args.suffix)
+            print(f"{name}: exit {process.returncode} after {time.time() - started:.0f} s", flush=True)
+            if process.returncode:
+                failed.append(name)
+            elif args.archive:
+                archive(args.runs_dir / name, Path(args.archive) / name)
+    if failed:
+        print(f"failed: {' '.join(failed)} (logs in {args.runs_dir})", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
