@@ -1,17 +1,18 @@
 """Train many recipes x seeds, a few at a time, each resumable, and keep each finished run's small files.
 
     python recipes/compare.py --preset fashion-mnist --seeds 0 1 2 --jobs 2
-    python recipes/compare.py --preset fashion-mnist --recipes pgd_at adalab --seeds 0 --jobs 2 -- --epochs 3
+    python recipes/compare.py --preset fashion-mnist --recipes adalab --seeds 0 --variant floor -- --target floor
 
 Every (recipe, seed) trains as its own process, ``python recipes/<recipe>.py --preset P --seed S --output-dir
-<runs-dir>/<recipe>-seed<S> [extra flags after --]``, its console output in ``<run>.log`` beside the folder. A
-run whose ``metrics.json`` exists is finished and skipped; a run with checkpoints continues with ``--resume
-latest``, so the same command picks up where an interrupted session stopped. With ``--archive DIR`` each
-finished run's small files (``config.json``, ``metrics.json``, ``metrics.jsonl`` and any evaluation reports) are
-copied to ``DIR/<run name>/``, the record that goes into the repository; the weights stay in the run folder.
+<runs-dir>/<recipe>-seed<S> [flags after --]``; with ``--variant V`` the folder is ``<recipe>-V-seed<S>``. Its
+console output goes to ``<run>.log`` beside the folder. A run whose ``metrics.json`` exists is finished and
+skipped; a run with checkpoints continues with ``--resume latest``, so the same command picks up where an
+interrupted session stopped. With ``--archive DIR`` each finished run's small files (``config.json``,
+``metrics.json``, ``metrics.jsonl`` and any evaluation reports) are copied to ``DIR/<run name>/``, the record
+that goes into the repository; the weights stay in the run folder.
 
-Each process runs with one intra-op thread unless the extra flags say otherwise: on an N-core machine ``--jobs
-N`` keeps every core busy without two runs spin-waiting on the same core.
+Each process runs with one intra-op thread unless the flags say otherwise: on an N-core machine ``--jobs N``
+keeps every core busy without two runs spin-waiting on the same core.
 """
 
 from __future__ import annotations
@@ -44,7 +45,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", nargs="+", type=nonnegative_int, default=[0, 1, 2])
     parser.add_argument("--jobs", type=positive_int, default=2, help="runs at once (default: 2)")
     parser.add_argument("--runs-dir", help="parent of the run folders (default: runs/<preset>)")
-    parser.add_argument("--suffix", default="", help="added to every run folder's name, e.g. -lam0.25")
+    parser.add_argument(
+        "--variant",
+        default="",
+        help="name of the flag set after --, in every run folder's name: <recipe>-<variant>-seed<S>",
+    )
     parser.add_argument("--archive", help="copy each finished run's small files to ARCHIVE/<run name>/")
     parser.add_argument("extra", nargs="*", help="flags passed to every recipe (after --)")
     args = parser.parse_args(argv)
@@ -52,13 +57,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def run_name(recipe: str, seed: int, suffix: str = "") -> str:
-    return f"{recipe}{suffix}-seed{seed}"
+def run_name(recipe: str, seed: int, variant: str = "") -> str:
+    return f"{recipe}-{variant}-seed{seed}" if variant else f"{recipe}-seed{seed}"
 
 
 def command(args: argparse.Namespace, recipe: str, seed: int) -> list[str] | None:
     """The training command of one run, or None when the run is finished."""
-    out = args.runs_dir / run_name(recipe, seed, args.suffix)
+    out = args.runs_dir / run_name(recipe, seed, args.variant)
     if (out / METRICS_FILE).exists():
         return None
     words = [sys.executable, str(HERE / f"{recipe}.py"), "--preset", args.preset, "--seed", str(seed)]
@@ -91,9 +96,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             recipe, seed = todo.pop(0)
             words = command(args, recipe, seed)
             if words is None:
-                print(f"{run_name(recipe, seed, args.suffix)}: finished before, skipped", flush=True)
+                print(f"{run_name(recipe, seed, args.variant)}: finished before, skipped", flush=True)
                 continue
-            log = open(args.runs_dir / f"{run_name(recipe, seed, args.suffix)}.log", "a")  # noqa: SIM115
+            log = open(args.runs_dir / f"{run_name(recipe, seed, args.variant)}.log", "a")  # noqa: SIM115
             print(f"start {' '.join(words[1:])}", flush=True)
             running[recipe, seed] = (
                 subprocess.Popen(words, stdout=log, stderr=subprocess.STDOUT, env=env),
@@ -104,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if process.poll() is None:
                 continue
             del running[key]
-            name = run_name(*key, args.suffix)
+            name = run_name(*key, args.variant)
             print(f"{name}: exit {process.returncode} after {time.time() - started:.0f} s", flush=True)
             if process.returncode:
                 failed.append(name)

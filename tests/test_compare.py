@@ -1,0 +1,56 @@
+"""compare.py: which command each (recipe, seed) gets, and what the archive keeps; one real two-run comparison."""
+
+from __future__ import annotations
+
+import json
+
+from robustmix.checkpoint import TRAINER_STATE
+from tests.conftest import load_recipe
+
+compare = load_recipe("compare")
+
+
+def test_command_starts_resumes_or_skips(tmp_path):
+    args = compare.parse_args(["--preset", "digits", "--runs-dir", str(tmp_path), "--", "--epochs", "2"])
+    run = tmp_path / "trades-seed1"
+    fresh = compare.command(args, "trades", 1)
+    assert fresh[1].endswith("recipes/trades.py") and fresh[2:] == [
+        "--preset", "digits", "--seed", "1", "--output-dir", str(run), "--epochs", "2",
+    ]  # fmt: skip
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    assert compare.command(args, "trades", 1)[-1] == "--overwrite"  # started, never checkpointed
+    (run / "checkpoints" / "step_4").mkdir(parents=True)
+    (run / "checkpoints" / "step_4" / TRAINER_STATE).write_text("{}")
+    assert compare.command(args, "trades", 1)[-2:] == ["--resume", "latest"]
+    (run / "metrics.json").write_text("{}")
+    assert compare.command(args, "trades", 1) is None
+
+
+def test_variant_names_the_folder():
+    assert compare.run_name("adalab", 2, "floor") == "adalab-floor-seed2"
+    assert compare.run_name("adalab", 2) == "adalab-seed2"
+
+
+def test_archive_keeps_the_small_files_only(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_1").mkdir(parents=True)
+    (run / "best").mkdir()
+    for name in ("config.json", "metrics.json", "metrics.jsonl", "eval.json", "eval.md", "model.safetensors"):
+        (run / name).write_text(name)
+    compare.archive(run, tmp_path / "archive" / "run")
+    kept = sorted(p.name for p in (tmp_path / "archive" / "run").iterdir())
+    assert kept == ["config.json", "eval.json", "eval.md", "metrics.json", "metrics.jsonl"]
+
+
+def test_two_runs_one_job_at_a_time(tiny, tmp_path):
+    flags = ["--dataset", tiny, "--batch-size", "16", "--max-steps", "1", "--attack-steps", "1"]
+    argv = ["--preset", "digits", "--recipes", "pgd_at", "fgsm_rs", "--seeds", "0", "--jobs", "2"]
+    argv += ["--runs-dir", str(tmp_path / "runs"), "--archive", str(tmp_path / "archive"), "--", *flags]
+    assert compare.main(argv) == 0
+    for name in ("pgd_at-seed0", "fgsm_rs-seed0"):
+        config = json.loads((tmp_path / "archive" / name / "config.json").read_text())
+        assert config["seed"] == 0 and config["total_steps"] == 1
+        assert (tmp_path / "runs" / name / "model.safetensors").exists()
+        assert not (tmp_path / "archive" / name / "model.safetensors").exists()
+    assert compare.main(argv) == 0  # finished: skipped, nothing trains again
