@@ -98,7 +98,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict[
             parser.error(str(err))
     seen: dict[tuple[str, str, int], str] = {}
     for run_dir, config in configs.items():
-        key = (config["data"]["dataset"], config["recipe"], config["seed"])
+        key = (config["data"]["dataset"], row_name(config), config["seed"])
         if key in seen:
             parser.error(f"{seen[key]} and {run_dir} are both {key[1]} on {key[0]} with seed {key[2]}")
         seen[key] = run_dir
@@ -116,8 +116,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict[
         parser.error(
             f"--output must be a Markdown file (.md; its numbers go to a .json next to it), got {args.output}"
         )
-    if args.reference not in {config["recipe"] for config in configs.values()}:
-        parser.error(f"no run of the --reference recipe {args.reference!r}; name one of the runs' recipes")
+    rows = {row_name(config) for config in configs.values()}
+    if args.reference not in rows:
+        parser.error(f"no run of the --reference recipe {args.reference!r}; name one of the rows {sorted(rows)}")
     if args.eps is None:
         for dataset in {config["data"]["dataset"] for config in configs.values()}:
             eps = {config["attack"]["eps"] for config in configs.values() if config["data"]["dataset"] == dataset}
@@ -291,11 +292,31 @@ def training_environment(config: dict[str, Any]) -> str:
     return ", ".join(parts) + f" on {config.get('num_processes', 1)} process(es){device}" if parts else ""
 
 
+def row_name(config: dict[str, Any]) -> str:
+    """A run's row in the table: its recipe, followed by the recipe's own flags it sets to other values than the
+    recipe's defaults (e.g. ``adalab --target floor``), so readings of one method get rows of their own."""
+    flags = config["flags"]
+    recipe = flags["recipe"]
+    parser = _recipe_parser(recipe)
+    shared = vars(base_parser(recipe).parse_args([]))
+    words = [recipe]
+    for action in parser._actions:
+        name = action.dest
+        if name in shared or name == "help" or name not in flags or flags[name] == action.default:
+            continue
+        value = flags[name]
+        if isinstance(value, bool):
+            words.append(action.option_strings[0] if value else f"--no-{name.replace('_', '-')}")
+        else:
+            words += [action.option_strings[0], *map(str, value if isinstance(value, list) else [value])]
+    return " ".join(words)
+
+
 def _group(configs: dict[str, dict[str, Any]]) -> dict[tuple[str, str], list[str]]:
-    """Run folders by (dataset, recipe), in the order given."""
+    """Run folders by (dataset, row: recipe and its own non-default flags), in the order given."""
     groups: dict[tuple[str, str], list[str]] = {}
     for run_dir, config in configs.items():
-        groups.setdefault((config["data"]["dataset"], config["recipe"]), []).append(run_dir)
+        groups.setdefault((config["data"]["dataset"], row_name(config)), []).append(run_dir)
     return groups
 
 

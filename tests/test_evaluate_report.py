@@ -468,10 +468,10 @@ def test_results_from_archived_runs_without_weights(run_dir, tmp_path, monkeypat
     rebuilt = load_recipe("results").main(
         [*map(str, archived), "--output", str(tmp_path / "b.md"), "--stored", *flags]
     )
+
     def same(text):
-        return [
-            line for line in text.splitlines() if not line.startswith(("Generated", "python recipes/results"))
-        ]
+        return [line for line in text.splitlines() if not line.startswith(("Generated", "python recipes/results"))]
+
     assert same(rebuilt) == same(page)
     with pytest.raises(SystemExit):  # other settings than the stored report's: an error, never a silent mix
         load_recipe("results").main(
@@ -524,3 +524,16 @@ def test_a_real_recipe_run_evaluates_with_the_full_suite(tmp_path):
     report = load_recipe("evaluate").main(["--run-dir", str(folder), "--n-examples", "32", "--no-progress"])
     assert report["settings"]["attacks"][4]["settings"]["n_target_classes"] == 9
     assert report["results"]["n"] == 32 and (folder / "eval.md").is_file()
+
+
+def test_readings_of_one_recipe_get_rows_of_their_own():
+    results = load_recipe("results")
+    parser = results._recipe_parser("adalab")
+    default = {"flags": vars(parser.parse_args([]))}
+    floor = {"flags": vars(parser.parse_args(["--target", "floor", "--no-aa-project", "--aa-steps", "5"]))}
+    assert results.row_name(default) == "adalab"
+    assert results.row_name(floor) == "adalab --aa-steps 5 --no-aa-project --target floor"
+    older = {"flags": {k: v for k, v in default["flags"].items() if k != "target"}}  # predates --target
+    assert results.row_name(older) == "adalab"
+    shared = {"flags": vars(parser.parse_args(["--lr", "0.5"]))}  # shared flags never name a row: they must agree
+    assert results.row_name(shared) == "adalab"
