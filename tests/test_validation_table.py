@@ -1,0 +1,45 @@
+"""benchmarks/validation_table.py on archived run records: the numbers, the differences, the refusal."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from tests.conftest import REPO
+
+spec = importlib.util.spec_from_file_location("validation_table", REPO / "benchmarks" / "validation_table.py")
+table = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(table)
+
+
+def _run(folder, recipe, seed, clean, pgd, flags=()):
+    parser = table._results_module()._recipe_parser(recipe)
+    folder.mkdir(parents=True)
+    config = {"recipe": recipe, "seed": seed, "flags": vars(parser.parse_args(list(flags)))}
+    (folder / "config.json").write_text(json.dumps(config))
+    metrics = {"last_val": {"val_clean_acc": clean, "val_pgd_acc": pgd, "val_n": 5000}}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    (folder / "metrics.jsonl").write_text(json.dumps({"step": 1, "forwards_per_step": 8, "backwards_per_step": 7}))
+    return str(folder)
+
+
+def test_rows_sorted_by_pgd_with_differences_to_the_reference(tmp_path, capsys):
+    runs = [
+        _run(tmp_path / "a", "pgd_at", 0, 0.86, 0.78),
+        _run(tmp_path / "b", "adalab", 0, 0.87, 0.775, ["--target", "floor"]),
+        _run(tmp_path / "c", "adalab", 1, 0.80, 0.79),
+    ]
+    lines = table.main(runs).splitlines()[2:]
+    assert lines[0].startswith("| `adalab` | 1 | 80.00 ± 1.11 | 79.00 ± 1.13 | - | - | 8 / 7 |")
+    assert lines[1] == "| `pgd_at` | 0 | 86.00 ± 0.96 | 78.00 ± 1.15 | +0.00 | +0.00 | 8 / 7 |"
+    assert lines[2].startswith("| `adalab --target floor` | 0 | 87.00 ± 0.93 | 77.50 ± 1.16 | +1.00 | -0.50 |")
+    assert table.half_width(0.5, 100) == pytest.approx(9.8)
+
+
+def test_two_reference_runs_of_one_seed_are_refused(tmp_path, capsys):
+    runs = [_run(tmp_path / name, "pgd_at", 0, 0.8, 0.7) for name in ("a", "b")]
+    with pytest.raises(SystemExit):
+        table.main(runs)
+    assert "two pgd_at runs of seed 0" in capsys.readouterr().err
