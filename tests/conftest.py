@@ -89,3 +89,22 @@ def launch_two_processes(script: str | Path, *args: str, timeout: int = 300) -> 
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+def crash_then_resume(recipe, argv: list[str], crash_at_step: int, monkeypatch) -> None:
+    """Run ``recipe.main(argv)`` until a KeyboardInterrupt ("power cut") before step ``crash_at_step + 1``, then
+    once more with ``--resume latest``: what a user does after a crash."""
+    from robustmix.trainer import Trainer
+
+    real_step = Trainer._train_step
+
+    def crash(self, batch):
+        if self.global_step == crash_at_step:
+            raise KeyboardInterrupt("power cut")
+        real_step(self, batch)
+
+    monkeypatch.setattr(Trainer, "_train_step", crash)
+    with pytest.raises(KeyboardInterrupt):
+        recipe.main(argv)
+    monkeypatch.undo()
+    recipe.main([*argv, "--resume", "latest"])

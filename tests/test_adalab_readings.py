@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -31,6 +30,7 @@ from robustmix.modes import model_mode
 from robustmix.runs import load_metrics_log
 from robustmix.weights import adalab_importance, boundary_importance, mail_weights
 from tests.conftest import load_recipe, quick_flags
+from tests.test_anti import _trained
 from tests.test_pass_accounting import HostReads, TallyNet, documented_cost
 
 seeds = st.integers(0, 2**16)
@@ -295,36 +295,6 @@ def test_weight_curves_span_the_documented_ratios():
 
 
 # ---------------------------------------------------------------------- the recovering descent
-
-
-class PatternNet(nn.Module):
-    """A small MLP with BatchNorm for 8x8 images, 4 classes."""
-
-    num_classes = 4
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 4))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
-@functools.cache
-def _trained() -> tuple[PatternNet, torch.Tensor, torch.Tensor]:
-    """PatternNet fit to 4 classes of noisy random 8x8 patterns, seeded."""
-    torch.manual_seed(0)
-    prototypes = torch.rand(4, 1, 8, 8)
-    y = torch.arange(4).repeat(8)
-    x = (prototypes[y] + 0.15 * torch.randn(len(y), 1, 8, 8)).clamp(0, 1)
-    model = PatternNet()
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
-    for _ in range(60):
-        optimizer.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        optimizer.step()
-    model.zero_grad(set_to_none=True)
-    return model.train(), x, y
 
 
 def _predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

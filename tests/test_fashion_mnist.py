@@ -16,8 +16,7 @@ from robustmix import data as data_module
 from robustmix.data import DEBIAN_FASHION_MNIST, get_split, load_dataset
 from robustmix.idx import IDX_FILES, read_idx, read_idx_split
 from robustmix.recipe import PRESETS, base_parser, parse_args
-from robustmix.trainer import Trainer
-from tests.conftest import REPO, launch_two_processes, load_recipe
+from tests.conftest import REPO, crash_then_resume, launch_two_processes, load_recipe
 
 REAL = Path(DEBIAN_FASHION_MNIST)
 
@@ -267,18 +266,7 @@ def test_resume_after_a_crash_on_fashion_mnist_is_exact(fashion_folder, tmp_path
     recipe = load_recipe("pgd_at")
     common = ("--train-size", "40", "--epochs", "2", "--checkpoint-every-steps", "2")
     recipe.main(_flags(fashion_folder, tmp_path / "straight", *common))
-    real_step = Trainer._train_step
-
-    def crash_at_step_4(self, batch):
-        if self.global_step == 3:
-            raise KeyboardInterrupt("power cut")
-        real_step(self, batch)
-
-    monkeypatch.setattr(Trainer, "_train_step", crash_at_step_4)
-    with pytest.raises(KeyboardInterrupt):
-        recipe.main(_flags(fashion_folder, tmp_path / "resumed", *common))
-    monkeypatch.undo()
-    recipe.main(_flags(fashion_folder, tmp_path / "resumed", *common, "--resume", "latest"))
+    crash_then_resume(recipe, _flags(fashion_folder, tmp_path / "resumed", *common), 3, monkeypatch)
     a, b = (load_file(tmp_path / run / "model.safetensors") for run in ("straight", "resumed"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 

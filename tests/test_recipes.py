@@ -16,8 +16,7 @@ import robustmix
 from robustmix.data import load_dataset
 from robustmix.recipe import PRESETS, base_parser, parse_args
 from robustmix.runs import load_metrics_log, load_model
-from robustmix.trainer import Trainer
-from tests.conftest import launch_two_processes, load_recipe, quick_flags
+from tests.conftest import crash_then_resume, launch_two_processes, load_recipe, quick_flags
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -168,18 +167,7 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tiny, tmp_path, monke
     flags = ["--max-steps", "4", "--attack-steps", "1", "--checkpoint-every-steps", "2", "--augment"]
     recipe.main(quick_flags(tiny, tmp_path / "straight", *flags))
 
-    real_step = Trainer._train_step
-
-    def crash_at_step_3(self, batch):
-        if self.global_step == 2:
-            raise KeyboardInterrupt("power cut")
-        real_step(self, batch)
-
-    monkeypatch.setattr(Trainer, "_train_step", crash_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        recipe.main(quick_flags(tiny, tmp_path / "crashed", *flags))
-    monkeypatch.undo()
-    recipe.main(quick_flags(tiny, tmp_path / "crashed", *flags, "--resume", "latest"))
+    crash_then_resume(recipe, quick_flags(tiny, tmp_path / "crashed", *flags), 2, monkeypatch)
 
     straight, resumed = (load_file(tmp_path / run / "model.safetensors") for run in ("straight", "crashed"))
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
