@@ -51,8 +51,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="name of the flag set after --, in every run folder's name: <recipe>-<variant>-seed<S>",
     )
     parser.add_argument("--archive", help="copy each finished run's small files to ARCHIVE/<run name>/")
+    parser.add_argument(
+        "--archive-only",
+        action="store_true",
+        help="train nothing: archive every finished run of these recipes and seeds (e.g. after evaluating them)",
+    )
     parser.add_argument("extra", nargs="*", help="flags passed to every recipe (after --)")
     args = parser.parse_args(argv)
+    if args.archive_only and not args.archive:
+        parser.error("--archive-only needs --archive DIR")
     args.runs_dir = Path(args.runs_dir or f"runs/{args.preset}")
     return args
 
@@ -86,8 +93,15 @@ def archive(run_dir: Path, target: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    args.runs_dir.mkdir(parents=True, exist_ok=True)
     todo = [(recipe, seed) for seed in args.seeds for recipe in args.recipes]
+    if args.archive_only:
+        for recipe, seed in todo:
+            name = run_name(recipe, seed, args.variant)
+            if (args.runs_dir / name / METRICS_FILE).exists():
+                archive(args.runs_dir / name, Path(args.archive) / name)
+                print(f"{name}: archived", flush=True)
+        return 0
+    args.runs_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     running: dict[tuple[str, int], tuple[subprocess.Popen, float]] = {}
     failed = []

@@ -54,3 +54,6 @@ def test_two_runs_one_job_at_a_time(tiny, tmp_path):
         assert (tmp_path / "runs" / name / "model.safetensors").exists()
         assert not (tmp_path / "archive" / name / "model.safetensors").exists()
     assert compare.main(argv) == 0  # finished: skipped, nothing trains again
+    (tmp_path / "runs" / "pgd_at-seed0" / "eval.json").write_text("{}")  # evaluated later
+    assert compare.main([*argv[: -len(flags) - 1], "--archive-only"]) == 0
+    assert (tmp_path / "archive" / "pgd_at-seed0" / "eval.json").exists()

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The Fashion-MNIST comparison: every recipe x seeds 0, 1, 2 on the fashion-mnist preset with its defaults,
+# final weights; then the results page. Resumable at every stage: rerun the same command after an interruption.
+#   bash benchmarks/fashion_mnist.sh train      # 33 runs, JOBS at a time (default 2, one CPU core each)
+#   bash benchmarks/fashion_mnist.sh evaluate   # every finished run: the two evaluations below, then archive
+#   bash benchmarks/fashion_mnist.sh page       # docs/results_fashion_mnist.md (+ .json, scatter) from the archive
+# Evaluation: clean and PGD-20 on all 10,000 test images; the full suite's per-example worst case (PGD-20,
+# CW-inf, APGD-CE, APGD-T, Square) on the first 2,000 test images, no eps sweep. About 30 CPU-minutes a run for
+# the suite (one core), a minute or two on a GPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+archive=benchmarks/runs/fashion-mnist
+recipes=(pgd_at fgsm_rs trades mart mail awp gairat sglr caat bilaw adalab)
+evaluation=(--n-examples 2000 --attacks pgd20 cw apgd-ce apgd-t square --full-split-attacks pgd20 --no-sweep)
+page=(--output docs/results_fashion_mnist.md --title "Results: Fashion-MNIST")
+case "${1:-}" in
+  train)
+    python recipes/compare.py --preset fashion-mnist --recipes "${recipes[@]}" --seeds 0 1 2 --jobs "${JOBS:-2}" \
+        --archive "$archive" ;;
+  evaluate)
+    runs=()
+    for recipe in "${recipes[@]}"; do for seed in 0 1 2; do
+      [[ -f runs/fashion-mnist/$recipe-seed$seed/metrics.json ]] && runs+=("runs/fashion-mnist/$recipe-seed$seed")
+    done; done
+    python recipes/results.py "${runs[@]}" "${evaluation[@]}" "${page[@]}"
+    python recipes/compare.py --preset fashion-mnist --recipes "${recipes[@]}" --seeds 0 1 2 --archive "$archive" \
+        --archive-only ;;
+  page)
+    runs=()
+    for recipe in "${recipes[@]}"; do for seed in 0 1 2; do
+      [[ -f $archive/$recipe-seed$seed/eval.json ]] && runs+=("$archive/$recipe-seed$seed")
+    done; done
+    python recipes/results.py "${runs[@]}" "${evaluation[@]}" "${page[@]}" --stored ;;
+  *) echo "usage: bash benchmarks/fashion_mnist.sh train|evaluate|page" >&2; exit 2 ;;
+esac
