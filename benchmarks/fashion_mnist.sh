@@ -22,6 +22,13 @@ case "${1:-}" in
     for recipe in "${recipes[@]}"; do for seed in 0 1 2; do
       [[ -f runs/fashion-mnist/$recipe-seed$seed/metrics.json ]] && runs+=("runs/fashion-mnist/$recipe-seed$seed")
     done; done
+    # JOBS runs at a time, one thread each; results.py then finds every report up to date and only writes the page.
+    export OMP_NUM_THREADS=1
+    printf '%s\n' "${runs[@]}" | xargs -P "${JOBS:-2}" -I RUN sh -c '
+      [ -f RUN/eval.json ] || python recipes/evaluate.py --run-dir RUN --n-examples 2000 \
+          --attacks pgd20 cw apgd-ce apgd-t square --no-sweep --no-progress > RUN/eval.log 2>&1
+      [ -f RUN/eval_full_split.json ] || python recipes/evaluate.py --run-dir RUN --attacks pgd20 --no-sweep \
+          --output RUN/eval_full_split.json --no-progress > RUN/eval_full_split.log 2>&1'
     python recipes/results.py "${runs[@]}" "${evaluation[@]}" "${page[@]}"
     python recipes/compare.py --preset fashion-mnist --recipes "${recipes[@]}" --seeds 0 1 2 --archive "$archive" \
         --archive-only ;;
