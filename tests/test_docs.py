@@ -65,6 +65,36 @@ def test_mkdocs_build_is_strict_and_clean(tmp_path):
     assert result.returncode == 0 and not warnings, "\n".join(warnings) or log[-3000:]
     for page in ("index.html", "quickstart/index.html", "api/step/index.html", "search/search_index.json"):
         assert (tmp_path / "site" / page).is_file(), page
+    broken = {}
+    for page in sorted((tmp_path / "site").rglob("*.html")):
+        article = re.search(r"<article.*?</article>", page.read_text(), flags=re.DOTALL)
+        if article and (stray := _stray_math(article.group(0))):
+            broken[page.relative_to(tmp_path / "site").as_posix()] = stray
+    assert not broken, f"unrendered math (a $ outside code) on the built pages: {broken}"
+    assert 'display="block"' in (tmp_path / "site" / "methods" / "trades" / "index.html").read_text()
+
+
+def _stray_math(html_text: str) -> list[str]:
+    """Text around every ``$`` left in rendered HTML outside code: math that was not turned into MathML."""
+    text = re.sub(r"<pre.*?</pre>|<code.*?</code>|<math.*?</math>", "", html_text, flags=re.DOTALL)
+    text = re.sub(r"<[^>]+>", "", text)
+    return [text[max(0, i - 40) : i + 40] for i in (m.start() for m in re.finditer(r"\$", text))]
+
+
+@pytest.mark.parametrize("page", sorted(p.relative_to(DOCS).as_posix() for p in DOCS.rglob("*.md")))
+def test_every_formula_renders(page):
+    """The site's Markdown pipeline (arithmatex, then the MathML hook) leaves no ``$`` outside code: a display
+    formula inside a list item indented by 3 spaces instead of 4, for example, comes out as text."""
+    import markdown
+
+    from docs._hooks.mathml import on_page_content
+
+    extensions = ["admonition", "attr_list", "tables", "pymdownx.details", "pymdownx.superfences"]
+    converter = markdown.Markdown(
+        extensions=[*extensions, "pymdownx.arithmatex"], extension_configs={"pymdownx.arithmatex": {"generic": True}}
+    )
+    rendered = on_page_content(converter.convert((DOCS / page).read_text()))
+    assert not _stray_math(rendered), _stray_math(rendered)
 
 
 # ---------------------------------------------------------------------- navigation and API coverage
