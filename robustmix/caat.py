@@ -1,7 +1,7 @@
 """CAAT, Combining Adversaries with Anti-adversaries in Training (Zhou et al., AAAI 2023).
 
 Per sample, a meta-learned pair ``(alpha_i, beta_i)`` (summing to 1) splits the loss between a
-TRADES term on the adversary and a CE term on the anti-adversary::
+TRADES term on the adversary and a CE term on the anti-adversary:
 
     loss = mean_i [ alpha_i * (CE(f(x_i), y_i) + beta_TR * KL(p(x_i) || p(x_adv_i))) + beta_i * CE(f(x_anti_i), y_i) ]
 
@@ -10,7 +10,7 @@ with ``x_adv`` from TRADES-KL ascent and ``x_anti`` from CE descent, both inside
 ``z`` of the clean logits; the MLP is trained every ``meta_every`` steps by a one-step lookahead
 (``robustmix.meta``) on the clean CE of a held-out meta batch.
 
-Compose a CAAT step as::
+Compose a CAAT step as:
 
     [ClassWiseBudget(eps, multipliers),                  # eps_i = eps * c_{y_i}
      PGDAttack(eps=None, step_size=0.2, steps=10, loss="kl", start="normal", relative_step_size=True),

@@ -15,7 +15,7 @@ class AdversarialLossMixin:
 
     Put it first in the bases of a trainer class whose loss comes from a
     ``compute_loss(model, inputs, return_outputs=False, ...)`` method (the Hugging Face
-    ``Trainer`` convention) and set ``adversarial_step``::
+    ``Trainer`` convention) and set ``adversarial_step``:
 
         class RobustTrainer(AdversarialLossMixin, Trainer):
             adversarial_step = AdversarialStep([PGDAttack(eps=8 / 255), AdversarialCE()])

@@ -1,6 +1,6 @@
 """What every recipe shares: the command line, the presets, and the path from flags to a finished run.
 
-A recipe is a short script: its own flags (if any), the callbacks of its method, and one call::
+A recipe is a short script: its own flags (if any), the callbacks of its method, and one call:
 
     def build_callbacks(args, info):
         return [PGDAttack(args.eps, args.step_size, args.attack_steps), AdversarialCE()]
@@ -15,7 +15,7 @@ the run folder described in ``robustmix.runs``.
 
 A recipe's own flags take the same argparse types as the shared ones, so a bad value is a one-line error
 before any work: ``number`` (``0.1`` or ``8/255``, never NaN), ``positive_number``, ``nonnegative_number``,
-``positive_int`` and ``nonnegative_int``::
+``positive_int`` and ``nonnegative_int``:
 
     parser.add_argument("--beta", type=nonnegative_number, default=6.0)
 """

@@ -1,6 +1,6 @@
 """The run folder contract: what a training run leaves in its ``output_dir``, and how to load it back.
 
-A run folder holds::
+A run folder holds:
 
     config.json          everything needed to rebuild the model and the data (model config, dataset,
                          split sizes, attack settings, seed, library version, recipe name and flags)

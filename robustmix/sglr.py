@@ -2,7 +2,7 @@
 
 Every training example ``i`` has a row ``S[i]`` of a table ``[N, C]``, one-hot at first. After the
 start epoch, each time the example is in a batch its row moves towards the model's current
-predictions (detached, from the training forwards)::
+predictions (detached, from the training forwards):
 
     S[i] <- m * S[i] + (1 - m) * (w_clean * p(x_i) + (1 - w_clean) * p(x_adv_i))
 

@@ -2,7 +2,7 @@
 
 ``AdversarialStep`` knows nothing about optimizers, schedulers or Accelerate: it returns
 the loss and the host loop calls ``backward`` on it. The same object serves robustmix's
-``Trainer`` and a user's own loop::
+``Trainer`` and a user's own loop:
 
     step = AdversarialStep([PGDAttack(eps=8 / 255, step_size=2 / 255, steps=10), AdversarialCE()])
     for x, y in loader:

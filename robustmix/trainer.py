@@ -1,6 +1,6 @@
 """The Accelerate training loop: fit and evaluate an ``AdversarialStep`` on any model.
 
-One loop serves every recipe, on CPU, one GPU or many (``accelerate launch``), in fp32, bf16 or fp16::
+One loop serves every recipe, on CPU, one GPU or many (``accelerate launch``), in fp32, bf16 or fp16:
 
     trainer = Trainer(model, AdversarialStep([PGDAttack(eps, step_size, 10), AdversarialCE()]), optimizer,
                       train_data, val_data, scheduler=scheduler, epochs=110, output_dir="runs/pgd_at")

@@ -72,6 +72,22 @@ def test_mkdocs_build_is_strict_and_clean(tmp_path):
             broken[page.relative_to(tmp_path / "site").as_posix()] = stray
     assert not broken, f"unrendered math (a $ outside code) on the built pages: {broken}"
     assert 'display="block"' in (tmp_path / "site" / "methods" / "trades" / "index.html").read_text()
+    # The main entry point is documented although its name starts with an underscore.
+    assert (
+        'id="robustmix.step.AdversarialStep.__call__"'
+        in (tmp_path / "site" / "api" / "step" / "index.html").read_text()
+    )
+
+
+def test_docstrings_use_no_rst_literal_blocks():
+    """mkdocstrings renders docstrings as Markdown: RST's ``::`` before an example would show as text."""
+    found = [
+        f"{path.relative_to(ROOT)}:{number}"
+        for path in sorted((ROOT / "robustmix").rglob("*.py"))
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if line.rstrip().endswith("::") and not line.strip().startswith("#")
+    ]
+    assert not found, f"RST literal-block markers in docstrings: {found}"
 
 
 def _stray_math(html_text: str) -> list[str]:
