@@ -120,8 +120,8 @@ def recovering_descent(
 
     Returns:
         ``x_aa [B, ...]`` (detached, in ``B(x, descent_radius(...))`` and [0, 1]) and the descent steps
-        each example took ``[B]`` (int64 in ``{0..steps}``): 0 when ``x_adv`` is classified ``y`` already.
-        Whether the last step recovered the class is not known without one more forward.
+            each example took ``[B]`` (int64 in ``{0..steps}``): 0 when ``x_adv`` is classified ``y`` already.
+            Whether the last step recovered the class is not known without one more forward.
     """
     if step_size is None:
         step_size = eps * 0.5

@@ -174,11 +174,11 @@ def evaluate_run(
 
     Returns:
         The report as written to ``output``: ``"settings"`` (what was run), ``"run"`` (what was evaluated),
-        ``"results"`` (as ``worst_case`` returns them; the per-example results packed, clean, worst case and
-        each attack alone: see ``robustmix.report.per_example_results``), ``"eps_sweep"``
-        (``"eps"``, per-attack ``"standalone"`` and ``"worst_case"`` accuracies, one per eps),
-        ``"margins"`` (histograms), ``"sanity_flags"``, ``"environment"`` (versions, device, processes,
-        date) and ``"files"`` (names of the table and plots next to ``output``).
+            ``"results"`` (as ``worst_case`` returns them; the per-example results packed, clean, worst case and
+            each attack alone: see ``robustmix.report.per_example_results``), ``"eps_sweep"``
+            (``"eps"``, per-attack ``"standalone"`` and ``"worst_case"`` accuracies, one per eps),
+            ``"margins"`` (histograms), ``"sanity_flags"``, ``"environment"`` (versions, device, processes,
+            date) and ``"files"`` (names of the table and plots next to ``output``).
 
     Raises:
         FileNotFoundError: ``run_dir``, its config.json or the weights file does not exist.
@@ -364,18 +364,18 @@ def worst_case(
 
     Returns:
         A dict with ``"attack"`` (the combination's name, e.g. "worst case over APGD-CE, APGD-T,
-        Square"), ``"attacks"`` (names), ``"eps"``, ``"n"`` (examples), ``"clean"`` (clean
-        accuracy), ``"cumulative"`` (per name: accuracy against that attack and every earlier
-        one, as AutoAttack prints it), ``"standalone"`` (per name: accuracy against that attack
-        alone; only with ``standalone=True``), ``"worst_case"`` (accuracy against all), ``"robust"``
-        (bool ``[N]`` on the CPU: robust against all) and, with ``record_loss``, ``"loss_trace"``
-        (per PGD-type name: the mean loss before each step, a list of ``steps`` floats);
-        ``"attacked"`` (per name: how many examples the attack ran on) and ``"per_example"``, on the
-        CPU: ``"correct"`` (bool ``[N]``, clean), ``"cumulative"`` and, with ``standalone=True``,
-        ``"standalone"`` (per name: bool ``[N]`` behind the accuracies), ``"margin_clean"`` and
-        ``"margin_adv"`` (float ``[N]``: the fp32 probability margin ``p_y - max_{k != y} p_k`` in
-        [-1, 1] at ``x`` and the lowest at ``x`` or at any point an attack found). Accuracies are
-        fractions in [0, 1].
+            Square"), ``"attacks"`` (names), ``"eps"``, ``"n"`` (examples), ``"clean"`` (clean
+            accuracy), ``"cumulative"`` (per name: accuracy against that attack and every earlier
+            one, as AutoAttack prints it), ``"standalone"`` (per name: accuracy against that attack
+            alone; only with ``standalone=True``), ``"worst_case"`` (accuracy against all), ``"robust"``
+            (bool ``[N]`` on the CPU: robust against all) and, with ``record_loss``, ``"loss_trace"``
+            (per PGD-type name: the mean loss before each step, a list of ``steps`` floats);
+            ``"attacked"`` (per name: how many examples the attack ran on) and ``"per_example"``, on the
+            CPU: ``"correct"`` (bool ``[N]``, clean), ``"cumulative"`` and, with ``standalone=True``,
+            ``"standalone"`` (per name: bool ``[N]`` behind the accuracies), ``"margin_clean"`` and
+            ``"margin_adv"`` (float ``[N]``: the fp32 probability margin ``p_y - max_{k != y} p_k`` in
+            [-1, 1] at ``x`` and the lowest at ``x`` or at any point an attack found). Accuracies are
+            fractions in [0, 1].
     """
     specs = [get_attack(a) if isinstance(a, str) else a for a in attacks]
     _check_eval_args(specs, x, y, eps, batch_size)
@@ -603,9 +603,9 @@ def attack_settings(attack: str | AttackSpec) -> dict[str, Any]:
 
     Returns:
         ``{"name", "label", "white_box", "settings"}``; ``settings`` holds every keyword of the attack
-        function (steps, restarts, queries, target classes, step sizes, loss, BatchNorm mode ...) with the
-        value the spec passes or, when it passes none, the function's default. eps and seed come per call and
-        are not among them.
+            function (steps, restarts, queries, target classes, step sizes, loss, BatchNorm mode ...) with the
+            value the spec passes or, when it passes none, the function's default. eps and seed come per call and
+            are not among them.
     """
     spec = get_attack(attack) if isinstance(attack, str) else attack
     defaults = {

@@ -63,7 +63,7 @@ def adalab_targets(onehot: Tensor, p_aa: Tensor, lam: Tensor | float) -> Tensor:
 
     Returns:
         Distributions ``[B, C]``, elementwise between ``onehot`` and ``p_aa``; with ``lam < 0.5``
-        their argmax is the label.
+            their argmax is the label.
     """
     onehot, p_aa = onehot.float(), p_aa.float()
     # Written as onehot + lam * (p_aa - onehot): exactly onehot when lam = 0 or p_aa = onehot.
@@ -85,7 +85,7 @@ def floor_targets(onehot: Tensor, p: Tensor, lam: Tensor | float) -> Tensor:
 
     Returns:
         Distributions ``[B, C]`` in float32, elementwise between ``onehot`` and ``p``; with
-        ``lam < 0.5`` their argmax is the label.
+            ``lam < 0.5`` their argmax is the label.
     """
     onehot, p, lam = onehot.float(), p.float(), _column(lam)
     p_true = (p * onehot).sum(dim=1, keepdim=True)
@@ -111,7 +111,7 @@ def keep_true_targets(onehot: Tensor, p: Tensor, lam: Tensor | float) -> Tensor:
 
     Returns:
         Distributions ``[B, C]`` in float32, elementwise between ``onehot`` and ``p``; their argmax is
-        the label for every ``lam`` in [0, 1].
+            the label for every ``lam`` in [0, 1].
     """
     onehot, p = onehot.float(), p.float()
     return adalab_targets(onehot, p, lam * (p * onehot).sum(dim=1))

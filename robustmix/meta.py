@@ -57,7 +57,7 @@ def virtual_sgd_step(
 
     Returns:
         ``{name: tensor}`` for every parameter of ``model`` (as ``model.named_parameters()``),
-        to pass to ``functional_forward``.
+            to pass to ``functional_forward``.
 
     Raises:
         TypeError: ``optimizer`` is not SGD (the lookahead would not match the real step).

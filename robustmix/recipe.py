@@ -391,7 +391,7 @@ def run_recipe(args: argparse.Namespace, build_callbacks: BuildCallbacks, *, met
 
     Returns:
         The content of ``metrics.json``: test clean and PGD accuracy of the final weights (and of the best
-        ones) with the attack settings, and the best checkpoint's validation metrics.
+            ones) with the attack settings, and the best checkpoint's validation metrics.
     """
     # Accelerate's AcceleratorState honours ACCELERATE_USE_CPU (needed for several CPU processes) but a bare
     # PartialState does not: created first, it would leave every process alone.

@@ -357,11 +357,11 @@ def results_statistics(
 
     Returns:
         ``{"reference": name or None, "recipes": {recipe: {"runs": [...], "mean": ..., "std": ...,
-        "difference": ...}}}``; ``"mean"``, ``"std"`` and ``"difference"`` hold one entry per evaluation
-        (``"main"``, ``"full_split"``), each ``{metric: ...}``. ``"difference"`` is absent for the reference and
-        None for a recipe without a seed in common with it. A difference is ``{"seeds", "per_seed", "mean",
-        "low", "high", "mcnemar", "verdict"}``; ``"mcnemar"`` is ``{"per_seed": [{"seed", "b", "c", "p"}],
-        "pooled": {"b", "c", "p"}}`` (``b``: examples only the reference gets right) or None.
+            "difference": ...}}}``; ``"mean"``, ``"std"`` and ``"difference"`` hold one entry per evaluation
+            (``"main"``, ``"full_split"``), each ``{metric: ...}``. ``"difference"`` is absent for the reference and
+            None for a recipe without a seed in common with it. A difference is ``{"seeds", "per_seed", "mean",
+            "low", "high", "mcnemar", "verdict"}``; ``"mcnemar"`` is ``{"per_seed": [{"seed", "b", "c", "p"}],
+            "pooled": {"b", "c", "p"}}`` (``b``: examples only the reference gets right) or None.
     """
     evaluations = {"main": runs, **({"full_split": full_split} if full_split else {})}
     devices = devices or {}

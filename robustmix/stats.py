@@ -60,7 +60,7 @@ def discordant_pairs(reference: np.ndarray, other: np.ndarray) -> tuple[int, int
 
     Returns:
         ``(b, c)``: ``b`` examples only ``reference`` gets right, ``c`` examples only ``other`` gets right; the
-        difference in accuracy is ``(c - b) / N``.
+            difference in accuracy is ``(c - b) / N``.
     """
     reference, other = np.asarray(reference, dtype=bool), np.asarray(other, dtype=bool)
     if reference.shape != other.shape or reference.ndim != 1:

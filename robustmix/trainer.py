@@ -415,7 +415,7 @@ class Trainer:
 
         Returns:
             ``{"step", "epoch", "val": last validation metrics, "best": best validation metrics,
-            "nonfinite_skipped": steps skipped for a NaN/inf loss or gradient}``.
+                "nonfinite_skipped": steps skipped for a NaN/inf loss or gradient}``.
 
         Raises:
             NonFiniteLossError: a step's loss or gradients are NaN or inf and ``nonfinite="raise"``.

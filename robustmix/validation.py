@@ -25,7 +25,7 @@ def check_batch(
 
     Returns:
         ``(min, max)`` of ``index`` as Python ints, read in the same synchronization (callbacks with
-        per-example state check their table size against it), or ``None`` without ``index``.
+            per-example state check their table size against it), or ``None`` without ``index``.
 
     Raises:
         TypeError: wrong dtype.

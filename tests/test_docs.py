@@ -79,6 +79,25 @@ def test_mkdocs_build_is_strict_and_clean(tmp_path):
     )
 
 
+def test_every_returns_section_is_one_value():
+    """Google style reads each line at the item's indentation as a new return value: a description that goes on
+    must be indented further, or the API page splits one value into several rows."""
+    split = []
+    for path in sorted((ROOT / "robustmix").rglob("*.py")):
+        lines = path.read_text().splitlines()
+        for number, line in enumerate(lines):
+            if re.fullmatch(r"\s*(Returns|Yields):", line):
+                base, items = len(line) - len(line.lstrip()), []
+                for follow in lines[number + 1 :]:
+                    indent = len(follow) - len(follow.lstrip())
+                    if not follow.strip() or indent <= base:
+                        break
+                    items.append(indent)
+                if items.count(min(items, default=0)) > 1:
+                    split.append(f"{path.relative_to(ROOT)}:{number + 1}")
+    assert not split, f"Returns sections read as several values: {split}"
+
+
 def test_docstrings_use_no_rst_literal_blocks():
     """mkdocstrings renders docstrings as Markdown: RST's ``::`` before an example would show as text."""
     found = [

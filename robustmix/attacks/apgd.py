@@ -98,7 +98,7 @@ def apgd(
 
     Returns:
         ``x_adv [B, ...]`` in ``B(x, eps)`` and [0, 1], detached: per sample, a misclassified
-        iterate if any was found, else the iterate with the highest loss.
+            iterate if any was found, else the iterate with the highest loss.
     """
     objective = _check_apgd(x, y, eps, steps, norm, loss, restarts, rho, momentum)
     if (loss == "targeted_dlr") != (target_class is not None):
@@ -152,7 +152,7 @@ def apgd_targeted(
 
     Returns:
         ``x_adv [B, ...]`` in ``B(x, eps)`` and [0, 1]: per sample, a misclassified point if any
-        target run found one, else the point with the highest targeted DLR loss over all targets.
+            target run found one, else the point with the highest targeted DLR loss over all targets.
     """
     _check_apgd(x, y, eps, steps, norm, "targeted_dlr", restarts, rho, momentum)
     if isinstance(n_target_classes, bool) or not isinstance(n_target_classes, int) or n_target_classes < 1:

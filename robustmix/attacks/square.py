@@ -66,7 +66,7 @@ def square_attack(
 
     Returns:
         ``x_adv [B, C, H, W]`` in ``B(x, eps)`` and [0, 1]: the point of lowest margin found, or
-        the first misclassified one.
+            the first misclassified one.
     """
     _check_square(x, y, eps, queries, p_init)
     eps = float(eps)
