@@ -98,6 +98,22 @@ def test_every_returns_section_is_one_value():
     assert not split, f"Returns sections read as several values: {split}"
 
 
+def test_quickstart_states_the_digits_preset_as_the_code_has_it():
+    from robustmix.recipe import PRESETS
+
+    text = (DOCS / "quickstart.md").read_text()
+    digits = PRESETS["digits"]
+    stated = {
+        "eps": float(re.search(r"`eps = ([\d.]+)`", text).group(1)),
+        "step_size": float(re.search(r"`step_size = ([\d.]+)`", text).group(1)),
+        "attack_steps": int(re.search(r"`K = (\d+)` steps", text).group(1)),
+        "batch_size": int(re.search(r"batch (\d+),", text).group(1)),
+        "epochs": int(re.search(r"(\d+) epochs of", text).group(1)),
+    }
+    assert stated == {key: digits[key] for key in stated}
+    assert digits["schedule"] == "warmup-cosine" and "warm-up" in text and "one-cycle" not in text
+
+
 def test_docstrings_use_no_rst_literal_blocks():
     """mkdocstrings renders docstrings as Markdown: RST's ``::`` before an example would show as text."""
     found = [
