@@ -1,9 +1,10 @@
 """Loss reweighters: per-sample weights ``[B]`` from a margin, multiplied into ``weights``.
 
 Every weight vector is non-negative and normalized to batch mean 1 (``normalize_weights``),
-so a reweighter changes which examples the loss looks at, not the learning rate. Several
-reweighters compose by multiplying; the step renormalizes their product. Weights are detached
-when they enter the context: no gradient flows through them.
+so a reweighter changes which examples the loss looks at, not the learning rate; the one exception
+is MAIL's released form (``MAILWeights(normalize=False)``), which keeps the scale of its authors'
+code. Several reweighters compose by multiplying; the step renormalizes their product. Weights are
+detached when they enter the context: no gradient flows through them.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from robustmix.margins import _check_steps
 
 #: GAIRAT's weight functions of kappa.
 GAIRAT_KINDS = ("tanh", "sigmoid", "discrete")
+#: The factor MAIL's released code multiplies its sigmoid weights by (``mail_loss.py``, ``weight_assign``).
+MAIL_SCALE = 3.0
 
 
 def normalize_weights(weights: Tensor) -> Tensor:
@@ -78,17 +81,22 @@ def gairat_weights(kappa: Tensor, steps: int, lam: float = -1.0, kind: str = "ta
     return normalize_weights(torch.sigmoid(2 * z if kind == "tanh" else z))
 
 
-def mail_weights(margin_pm: Tensor, bias: float = -1.5, slope: float = 1.0) -> Tensor:
-    """MAIL's weights ``sigmoid(slope * (PM + bias))`` ``[B]``, batch mean 1 (MAIL's factor 3 cancels).
+def mail_weights(margin_pm: Tensor, bias: float = -1.5, slope: float = 1.0, *, normalize: bool = True) -> Tensor:
+    """MAIL's weights ``3 * sigmoid(slope * (PM + bias))`` ``[B]``, by default scaled to batch mean 1.
 
     Args:
         margin_pm: MAIL's probability margin ``PM = max_{k != y} p_k - p_y`` ``[B]`` in [-1, 1]:
             the *negative* of ``robustmix.margins.probability_margin``, positive when misclassified.
         bias: Shift, -1.5 by default.
         slope: Steepness (>= 0), 1 by default; weights increase with ``PM``.
+        normalize: Scale to batch mean 1, where the factor 3 cancels (like every robustmix reweighter).
+            ``False`` gives the released code's weights as they are, in (0, 3): with the default bias and
+            slope from ``3 * sigmoid(-2.5)``, about 0.23, at ``PM = -1`` to ``3 * sigmoid(-0.5)``, about
+            1.13, at ``PM = +1``; they then scale the loss as well.
     """
     _check_mail(bias, slope)
-    return normalize_weights(torch.sigmoid(slope * (margin_pm.float() + bias)))
+    weights = torch.sigmoid(slope * (margin_pm.float() + bias))
+    return normalize_weights(weights) if normalize else MAIL_SCALE * weights
 
 
 def _check_finite_non_negative(name: str, value: float) -> None:
@@ -118,7 +126,8 @@ def _check_burn_in(burn_in_epochs: int) -> None:
 class MarginWeights(Callback):
     """Multiplies ``weights`` by ``fn(margin)``, normalized to batch mean 1: any reweighting of the margin.
 
-    Before ``burn_in_epochs`` it writes ones (plain AT).
+    Before ``burn_in_epochs`` it writes ones (plain AT). A subclass whose weights keep their own scale
+    (MAIL's released form) sets ``normalize`` to ``False``.
 
     Args:
         fn: Maps ``margin [B]`` to non-negative weights ``[B]``; it should be non-increasing in the
@@ -130,6 +139,7 @@ class MarginWeights(Callback):
     stage = Stage.WEIGHTS
     reads = ("margin",)
     writes = ("weights",)
+    normalize: bool = True
 
     def __init__(self, fn: Callable[[Tensor], Tensor], *, name: str | None = None, burn_in_epochs: int = 0) -> None:
         _check_burn_in(burn_in_epochs)
@@ -141,7 +151,9 @@ class MarginWeights(Callback):
         if ctx.epoch < self.burn_in_epochs:
             weights = torch.ones(ctx.batch_size, device=ctx.inputs.device)
         else:
-            weights = normalize_weights(self.fn(getattr(ctx, self.reads[0])))
+            weights = self.fn(getattr(ctx, self.reads[0]))
+            if self.normalize:
+                weights = normalize_weights(weights)
         ctx.multiply_weights(weights)
 
     def __repr__(self) -> str:
@@ -207,16 +219,23 @@ class MAILWeights(MarginWeights):
     Args:
         bias: Shift, -1.5 by default.
         slope: Steepness (>= 0), 1 by default.
-        burn_in_epochs: Epochs of uniform weights at the start, 0 by default.
+        burn_in_epochs: Epochs of uniform weights (ones) at the start, 0 by default.
+        normalize: Batch mean 1 (the default). ``False``: the released code's ``3 * sigmoid(...)`` as it is,
+            so the weights also scale the loss (the mean of the weighted term falls to about a quarter where
+            most examples are well classified). Keep it the step's only reweighter: the step renormalizes the
+            product of several.
     """
 
-    def __init__(self, bias: float = -1.5, slope: float = 1.0, burn_in_epochs: int = 0) -> None:
+    def __init__(
+        self, bias: float = -1.5, slope: float = 1.0, burn_in_epochs: int = 0, *, normalize: bool = True
+    ) -> None:
         _check_mail(bias, slope)
         super().__init__(self._weights, name="mail_weights", burn_in_epochs=burn_in_epochs)
-        self.bias, self.slope = bias, slope
+        self.bias, self.slope, self.normalize = bias, slope, normalize
 
     def _weights(self, margin: Tensor) -> Tensor:
-        return mail_weights(-margin, self.bias, self.slope)
+        return mail_weights(-margin, self.bias, self.slope, normalize=self.normalize)
 
     def __repr__(self) -> str:
-        return f"MAILWeights(bias={self.bias}, slope={self.slope}, burn_in_epochs={self.burn_in_epochs})"
+        released = "" if self.normalize else ", normalize=False"
+        return f"MAILWeights(bias={self.bias}, slope={self.slope}, burn_in_epochs={self.burn_in_epochs}{released})"

@@ -15,6 +15,7 @@ from robustmix.losses import classification_loss, weighted_mean
 from robustmix.margins import ProbabilityMargin
 from robustmix.weights import (
     GAIRAT_KINDS,
+    MAIL_SCALE,
     AdaLabWeights,
     GAIRATWeights,
     MAILWeights,
@@ -134,6 +135,33 @@ def test_mail_weights_increase_with_pm(pm, bias, slope):
     _assert_non_increasing_in(w, -pm)
     raw = 3 * torch.sigmoid(slope * (pm.double() + bias))  # MAIL's factor 3 cancels in the normalization
     torch.testing.assert_close(w.double(), raw / raw.mean(), atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=80, deadline=None)
+@given(pm=margins, bias=st.floats(-3, 3), slope=st.floats(0, 10))
+@example(pm=torch.tensor([-1.0, 1.0]), bias=-1.5, slope=1.0)
+def test_released_mail_weights_are_the_normalized_ones_unscaled(pm, bias, slope):
+    released = mail_weights(pm, bias, slope, normalize=False)
+    assert released.dtype == torch.float32 and torch.all((released >= 0) & (released <= MAIL_SCALE))
+    _assert_non_increasing_in(released, -pm)
+    torch.testing.assert_close(normalize_weights(released), mail_weights(pm, bias, slope), atol=1e-5, rtol=1e-5)
+
+
+def test_released_mail_weights_by_hand():
+    # 3 * sigmoid(PM - 1.5) = 3 / (1 + e^(1.5 - PM)), with e^2.5 = 12.18249, e^1.5 = 4.48169, e = 2.71828 and
+    # e^0.5 = 1.64872 for PM = -1, 0, 0.5, 1.
+    pm = torch.tensor([-1.0, 0.0, 0.5, 1.0])
+    by_hand = torch.tensor([0.227575, 0.547277, 0.806824, 1.132622])
+    torch.testing.assert_close(mail_weights(pm, normalize=False), by_hand, atol=1e-6, rtol=0)
+    # The default divides by their mean, 2.714298 / 4.
+    torch.testing.assert_close(mail_weights(pm), by_hand / 0.6785745, atol=1e-5, rtol=0)
+    # The callback reads ProbabilityMargin's m = -PM and writes them as they are; ones during its burn-in.
+    ctx = _ctx(4, margin=-pm, epoch=1)
+    MAILWeights(burn_in_epochs=1, normalize=False)(ctx)
+    torch.testing.assert_close(ctx.weights, by_hand, atol=1e-6, rtol=0)
+    ctx = _ctx(4, margin=-pm, epoch=0)
+    MAILWeights(burn_in_epochs=1, normalize=False)(ctx)
+    assert torch.equal(ctx.weights, torch.ones(4))
 
 
 @pytest.mark.parametrize(
