@@ -1,14 +1,14 @@
-"""MAIL: margin-aware instance reweighting (Wang et al., NeurIPS 2021) on AT, TRADES or MART.
+"""MAIL: margin-aware instance reweighting (Wang et al., NeurIPS 2021) on AT, TRADES or MART, as released.
 
 For every batch (x, y):
-    1. x_adv = PGD_K from the base method's start (AT: CE, uniform; TRADES: KL, 0.001 * N(0, I);
-       MART: CE, 0.001 * N(0, I)), projected to B(x, eps), BatchNorm in eval mode;
+    1. x_adv = PGD_K from x + 0.001 * N(0, I) (AT and MART: CE; TRADES: KL), projected to B(x, eps),
+       BatchNorm in eval mode;
     2. PM_i = max_{k != y} p_k(x_adv_i) - p_y(x_adv_i) from the detached training logits (no extra pass);
-    3. w_i  = sigmoid(slope (PM_i + bias)), normalized to batch mean 1 (the released code: 3 x sigmoid,
-       not normalized; docs/methods/mail.md);
+    3. w_i  = 3 * sigmoid(slope (PM_i + bias)), not normalized (about 0.23 to 1.13 at the defaults), so the
+       weights also scale the loss; --normalize-weights scales them to batch mean 1 instead;
     4. loss = the base method's loss with w on its adversarial term: AT's CE, TRADES' KL, MART's BCE.
-Before the burn-in epoch the weights are uniform: the plain base method (the released code: 75 of 120
-epochs; here 5/8 of --epochs by default).
+Before the burn-in epoch the weights are ones: the plain base method (the released code: 76 of 120 epochs;
+here that share of --epochs by default). docs/methods/mail.md: what follows the released code, and where.
 
 Cost per step: the base method's (AT: K + 1 / K + 1; TRADES: K + 3 / K + 2; MART: K + 2 / K + 2).
 
@@ -39,25 +39,27 @@ NAME = "mail"
 BASES = ("at", "trades", "mart")
 #: The base method's KL/boost weight beta when --beta is not given (TRADES 6, MART 5; AT has none).
 DEFAULT_BETA = {"trades": 6.0, "mart": 5.0}
+#: The released schedule: the base method for epochs 0-75 of 120 (``epoch <= 75``), MAIL from epoch 76.
+BURN_IN, RELEASED_EPOCHS = 76, 120
 
 
 def burn_in_epochs(args: argparse.Namespace) -> int:
-    """``--burn-in``, or the released schedule's share (75 of 120 epochs) of ``--epochs``."""
-    return args.burn_in if args.burn_in is not None else (args.epochs * 75) // 120
+    """``--burn-in``, or the released schedule's share (76 of 120 epochs) of ``--epochs``."""
+    return args.burn_in if args.burn_in is not None else (args.epochs * BURN_IN) // RELEASED_EPOCHS
 
 
 def build_callbacks(args: argparse.Namespace, info: RecipeInfo) -> list[Callback]:
+    pgd = dict(eps=args.eps, step_size=args.step_size, steps=args.attack_steps, start="normal")
     if args.base == "at":
-        attack, loss = PGDAttack(args.eps, args.step_size, args.attack_steps), AdversarialCE()
+        attack, loss = PGDAttack(**pgd), AdversarialCE()
     elif args.base == "trades":
-        attack = PGDAttack(args.eps, args.step_size, args.attack_steps, loss="kl", start="normal")
-        loss = TRADESLoss(args.beta)
+        attack, loss = PGDAttack(**pgd, loss="kl"), TRADESLoss(args.beta)
     else:
-        attack, loss = PGDAttack(args.eps, args.step_size, args.attack_steps, start="normal"), MARTLoss(args.beta)
+        attack, loss = PGDAttack(**pgd), MARTLoss(args.beta)
     return [
         attack,  # 1. x_adv
         ProbabilityMargin(),  # 2. margin = -PM
-        MAILWeights(args.bias, args.slope, burn_in_epochs(args)),  # 3. w
+        MAILWeights(args.bias, args.slope, burn_in_epochs(args), normalize=args.normalize_weights),  # 3. w
         loss,  # 4. loss
     ]
 
@@ -70,7 +72,12 @@ def parser() -> argparse.ArgumentParser:
     add("--beta", type=nonnegative_number, help="TRADES/MART term weight (default: 6 for trades, 5 for mart)")
     add("--bias", type=number, default=-1.5, help="sigmoid bias b (default -1.5)")
     add("--slope", type=nonnegative_number, default=1.0, help="sigmoid slope s (default 1)")
-    add("--burn-in", type=nonnegative_int, help="epochs of uniform weights first (default: 5/8 of --epochs)")
+    add("--burn-in", type=nonnegative_int, help="epochs of uniform weights first (default: 76/120 of --epochs)")
+    add(
+        "--normalize-weights", action="store_true",
+        help="scale the weights to batch mean 1 (robustmix's reweighters) instead of the released 3 * sigmoid, "
+        "which also scales the loss",
+    )  # fmt: skip
     return p
 
 

@@ -1,0 +1,106 @@
+"""MAIL as its authors' code runs it: unnormalized weights and a normal start."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from robustmix import AdversarialStep, Callback
+from robustmix.context import StepContext
+from robustmix.data import DATASETS
+from robustmix.models import create_model
+from robustmix.weights import MAILWeights
+from tests.conftest import load_recipe, quick_flags
+
+
+def _parsed(name: str, argv: list[str], monkeypatch, tmp_path) -> tuple[argparse.Namespace, list[Callback]]:
+    """A recipe's parsed flags and its callbacks, without training."""
+    recipe = load_recipe(name)
+    monkeypatch.setattr(recipe, "run_recipe", lambda args, build: (args, build(args, None)))
+    return recipe.main([*argv, "--output-dir", str(tmp_path / "run")])
+
+
+def _model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    spec = DATASETS["digits"]
+    return create_model("test_resnet", 10, in_chans=1, mean=spec.mean, std=spec.std)
+
+
+def _batch(seed: int = 1, size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(size, 1, 32, 32, generator=generator), torch.randint(0, 10, (size,), generator=generator)
+
+
+# ---------------------------------------------------------------------- MAIL
+
+
+def test_mail_recipe_defaults_to_the_released_weights_and_start(monkeypatch, tmp_path):
+    args, callbacks = _parsed("mail", [], monkeypatch, tmp_path)
+    attack, _, weights, _ = callbacks
+    assert attack.start == "normal" and attack.loss == "ce"
+    assert weights.normalize is False and not args.normalize_weights
+    assert repr(weights) == f"MAILWeights(bias=-1.5, slope=1.0, burn_in_epochs={10 * 76 // 120}, normalize=False)"
+
+
+@pytest.mark.parametrize("base", ["at", "trades", "mart"])
+def test_every_mail_base_starts_its_attack_at_a_normal_draw(monkeypatch, tmp_path, base):
+    _, callbacks = _parsed("mail", ["--base", base], monkeypatch, tmp_path)
+    assert callbacks[0].start == "normal" and callbacks[0].loss == ("kl" if base == "trades" else "ce")
+
+
+@pytest.mark.parametrize(("epochs", "burn_in"), [(120, 76), (110, 69), (10, 6), (6, 3)])
+def test_mail_burn_in_is_the_released_share(monkeypatch, tmp_path, epochs, burn_in):
+    _, callbacks = _parsed("mail", ["--epochs", str(epochs)], monkeypatch, tmp_path)
+    assert callbacks[2].burn_in_epochs == burn_in
+
+
+def _released_mail_at_loss(step: AdversarialStep) -> tuple[torch.Tensor, StepContext, torch.Tensor]:
+    torch.manual_seed(0)
+    loss, ctx = step(_model(), *_batch(), epoch=9)
+    probs = ctx.logits["adv"].detach().softmax(dim=1)
+    p_true = probs.gather(1, ctx.targets[:, None]).squeeze(1)
+    p_other = probs.scatter(1, ctx.targets[:, None], 0.0).amax(dim=1)
+    released = 3 * torch.sigmoid(1.0 * (p_other - p_true - 1.5))  # mail_loss.py: weight_assign
+    return loss, ctx, released
+
+
+def test_mail_recipe_default_step_multiplies_the_loss_by_the_released_weights(monkeypatch, tmp_path):
+    _, callbacks = _parsed("mail", [], monkeypatch, tmp_path)
+    loss, ctx, released = _released_mail_at_loss(AdversarialStep(callbacks))
+    torch.testing.assert_close(ctx.weights, released)
+    # Not renormalized: with ten nearly uniform classes PM is about 0, so every weight is about 3 sigmoid(-1.5).
+    assert 0.4 < ctx.weights.mean() < 0.7
+    expected = (F.cross_entropy(ctx.logits["adv"], ctx.targets, reduction="none") * released).mean()
+    torch.testing.assert_close(loss, expected)
+
+
+def test_mail_recipe_normalize_weights_flag_gives_batch_mean_1(monkeypatch, tmp_path):
+    args, callbacks = _parsed("mail", ["--normalize-weights"], monkeypatch, tmp_path)
+    assert args.normalize_weights and callbacks[2].normalize
+    _, ctx, released = _released_mail_at_loss(AdversarialStep(callbacks))
+    torch.testing.assert_close(ctx.weights, released / released.mean())
+    torch.testing.assert_close(ctx.weights.mean(), torch.tensor(1.0))
+
+
+def test_mail_recipe_trains_with_the_released_weights(tiny, tmp_path):
+    out = tmp_path / "run"
+    load_recipe("mail").main(quick_flags(tiny, out, "--max-steps", "2", "--attack-steps", "1", "--burn-in", "0"))
+    callbacks = json.loads((out / "config.json").read_text())["callbacks"]
+    assert "MAILWeights(bias=-1.5, slope=1.0, burn_in_epochs=0, normalize=False)" in callbacks
+    assert "start='normal'" in callbacks[0]
+
+
+def test_adalab_mail_weighting_keeps_batch_mean_1(monkeypatch, tmp_path):
+    _, callbacks = _parsed("adalab", ["--weighting", "mail", "--burn-in", "0"], monkeypatch, tmp_path)
+    (weights,) = [c for c in callbacks if isinstance(c, MAILWeights)]
+    assert weights.normalize and repr(weights) == "MAILWeights(bias=-1.5, slope=1.0, burn_in_epochs=0)"
+    ctx = StepContext(
+        model=torch.nn.Identity(), attack_model=torch.nn.Identity(), inputs=torch.zeros(4, 1),
+        targets=torch.zeros(4, dtype=torch.long), num_classes=2, margin=torch.tensor([-1.0, -0.2, 0.5, 1.0]),
+    )  # fmt: skip
+    weights(ctx)
+    torch.testing.assert_close(ctx.weights.mean(), torch.tensor(1.0))
