@@ -221,6 +221,10 @@ class Trainer:
     middle of an epoch, so anything an epoch hook sets must be in the callback's ``state_dict`` or derived
     from ``ctx.epoch``.
 
+    Early stopping. A callback ends the fit before ``epochs`` with ``stop`` (e.g. from ``on_epoch_end``),
+    optionally handing back the weights to end with; the fit then finishes as at its planned end, and the
+    stop is checkpointed, so resuming a stopped run does not train further.
+
     Args:
         model: Classifier taking pixels in [0, 1] (e.g. from ``robustmix.models.create_model``).
         step: The adversarial step (callbacks) that turns a batch into a loss.
@@ -387,6 +391,8 @@ class Trainer:
         #: Steps skipped by ``nonfinite="skip"`` so far in this run (checkpointed).
         self.nonfinite_skipped = 0
         self._log_rows = 0  # rows this run wrote to metrics.jsonl (checkpointed: a resume truncates to it)
+        #: Why a callback ended the fit early (``stop``); ``None`` while it runs to its planned end.
+        self.stop_reason: str | None = None
         self._elapsed_before = 0.0
         self._last_saved_step: int | None = None
         self._last_eval_step: int | None = None
@@ -415,7 +421,8 @@ class Trainer:
 
         Returns:
             ``{"step", "epoch", "val": last validation metrics, "best": best validation metrics,
-                "nonfinite_skipped": steps skipped for a NaN/inf loss or gradient}``.
+                "nonfinite_skipped": steps skipped for a NaN/inf loss or gradient, "stop_reason": why a
+                callback stopped the fit early, or None}``.
 
         Raises:
             NonFiniteLossError: a step's loss or gradients are NaN or inf and ``nonfinite="raise"``.
@@ -455,7 +462,7 @@ class Trainer:
             disable=not (self.progress and self.accelerator.is_main_process),
         )  # fmt: skip
         try:
-            while self.epoch < self.epochs and self.global_step < self.total_steps:
+            while self.epoch < self.epochs and self.global_step < self.total_steps and self.stop_reason is None:
                 self._run_epoch()
                 if self.batch_in_epoch < self.steps_per_epoch:  # stopped by max_steps in the middle
                     break
@@ -504,6 +511,35 @@ class Trainer:
         clean, robust = correct.tolist()
         return {"clean_acc": clean / n, "pgd_acc": robust / n, "n": n}
 
+    def stop(self, reason: str, *, weights: dict[str, Tensor] | None = None) -> None:
+        """End the fit early; call it from a callback during ``fit``, on every process alike.
+
+        The fit stops after the current step, or, from an epoch hook, once the epoch's end (hooks and
+        checkpoint) is done. It then finishes as at its planned end: validation (again, when ``weights``
+        replaced the validated ones), checkpoint, final weights. ``reason`` is printed and written to
+        ``metrics.jsonl`` as a ``"stop"`` row, and checkpointed: resuming the run trains no further.
+
+        Args:
+            reason: Why, in words.
+            weights: A ``state_dict`` of the unwrapped model to load first: the weights the run ends with
+                (e.g. those from before a collapse).
+        """
+        if weights is not None:
+            unwrap_model(self.model).load_state_dict(weights)
+            self._last_eval_step = None  # the last validation measured other weights
+        self.stop_reason = reason
+        self.log({"stop": reason})
+        if self.accelerator.is_main_process:
+            self._bar.write(f"epoch {self.epoch} step {self.global_step}: stopping early: {reason}")
+
+    def log(self, values: dict[str, Any]) -> None:
+        """Write ``values`` (numbers or strings) as a row of ``metrics.jsonl`` and to the trackers, with the
+        current step, epoch and elapsed time: a callback's own measurements (e.g. at the end of an epoch)."""
+        taken = {"step", "epoch", "elapsed_s"} & values.keys()
+        if taken:
+            raise ValueError(f"the trainer writes {sorted(taken)} itself: rename them")
+        self._log(values)
+
     # ------------------------------------------------------------------ training
 
     def _run_epoch(self) -> None:
@@ -520,7 +556,7 @@ class Trainer:
             # A step checkpoint due at the epoch's last batch waits for the epoch's end (evaluation, hooks).
             if self._step_checkpoint_due() and self.batch_in_epoch < self.steps_per_epoch:
                 self._save_checkpoint()
-            if self.global_step >= self.total_steps:
+            if self.global_step >= self.total_steps or self.stop_reason is not None:
                 break
 
     def _train_step(self, batch: dict[str, Tensor]) -> None:
@@ -665,7 +701,7 @@ class Trainer:
             tracker.finish()
         return {
             "step": self.global_step, "epoch": self.epoch, "val": self.val_metrics, "best": self._best_record(),
-            "nonfinite_skipped": self.nonfinite_skipped,
+            "nonfinite_skipped": self.nonfinite_skipped, "stop_reason": self.stop_reason,
         }  # fmt: skip
 
     # ------------------------------------------------------------------ evaluation and metrics
@@ -799,7 +835,7 @@ class Trainer:
             "elapsed_s": self._elapsed_before + time.perf_counter() - self._start_time,
             "num_processes": self.accelerator.num_processes, "batch_size": self.batch_size,
             "num_train_examples": len(self.train_data), "seed": self.seed, "total_steps": self.total_steps,
-            "nonfinite_skipped": self.nonfinite_skipped, "log_rows": self._log_rows,
+            "nonfinite_skipped": self.nonfinite_skipped, "log_rows": self._log_rows, "stop_reason": self.stop_reason,
         }  # fmt: skip
         save_checkpoint(
             self.accelerator, self.checkpoints_dir, self.global_step, trainer_state=state,
@@ -824,6 +860,7 @@ class Trainer:
         self._last_eval_step = state["last_eval_step"]
         self._elapsed_before = state["elapsed_s"]
         self.nonfinite_skipped = state.get("nonfinite_skipped", 0)
+        self.stop_reason = state.get("stop_reason")  # absent in checkpoints written before early stopping
         rows = state.get("log_rows")  # absent in checkpoints written before the trainer counted its rows
         self._log_rows = rows or 0
         self._lr = self.optimizer.param_groups[0]["lr"]

@@ -1,4 +1,4 @@
-"""MAIL as its authors' code runs it: unnormalized weights and a normal start."""
+"""MAIL as its authors' code runs it (unnormalized weights, a normal start), and the Trainer's early stop."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from robustmix import AdversarialStep, Callback
+from robustmix import AdversarialCE, AdversarialStep, Callback, PGDAttack
 from robustmix.context import StepContext
-from robustmix.data import DATASETS
+from robustmix.data import DATASETS, load_dataset
 from robustmix.models import create_model
+from robustmix.runs import load_metrics_log
+from robustmix.trainer import Trainer
 from robustmix.weights import MAILWeights
 from tests.conftest import load_recipe, quick_flags
 
@@ -104,3 +106,44 @@ def test_adalab_mail_weighting_keeps_batch_mean_1(monkeypatch, tmp_path):
     )  # fmt: skip
     weights(ctx)
     torch.testing.assert_close(ctx.weights.mean(), torch.tensor(1.0))
+
+
+# ---------------------------------------------------------------------- the Trainer's stop
+
+
+class _StopAt(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_after_optimizer_step(self, trainer, optimizer):
+        if trainer.global_step == self.step:
+            trainer.stop(f"asked at step {self.step}")
+
+
+def _trainer(digits_data, callbacks, **kwargs) -> Trainer:
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    step = AdversarialStep([PGDAttack(0.1, 0.05, 1), AdversarialCE(), *callbacks])
+    train, val = digits_data
+    options = {"epochs": 3, "batch_size": 16, "eval_steps": 1, "progress": False}
+    return Trainer(model, step, optimizer, train, val, **(options | kwargs))
+
+
+@pytest.fixture(scope="module")
+def digits_data(tiny):
+    return load_dataset(tiny, "train"), load_dataset(tiny, "validation")
+
+
+def test_trainer_stop_from_a_step_hook_ends_the_fit_after_that_step(digits_data, tmp_path):
+    trainer = _trainer(digits_data, [_StopAt(step=2)], output_dir=tmp_path / "run")
+    summary = trainer.fit()
+    assert summary["step"] == 3 and summary["stop_reason"] == "asked at step 2"
+    rows = load_metrics_log(tmp_path / "run")
+    assert {"stop": "asked at step 2"}.items() <= next(r for r in rows if "stop" in r).items()
+    assert rows[-1]["step"] == 3 and "val_pgd_acc" in rows[-1]  # validated at the end, as at a planned end
+
+
+def test_trainer_log_refuses_the_keys_it_writes_itself(digits_data):
+    trainer = _trainer(digits_data, [])
+    with pytest.raises(ValueError, match="step"):
+        trainer.log({"step": 1.0})
