@@ -136,7 +136,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("warmup-cosine", "multistep", "constant")
+SCHEDULES = ("warmup-cosine", "multistep", "constant", "cyclic")
 #: Files of a run folder that ``--overwrite`` removes before a fresh start.
 _RUN_FILES = (CONFIG_FILE, MODEL_FILE, METRICS_FILE, METRICS_LOG, BEST_DIR, CHECKPOINTS_DIR)
 
@@ -555,12 +555,25 @@ def warmup_cosine(step: int, total_steps: int, warmup: float = 0.25, start: floa
     return 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def triangular(step: int, total_steps: int) -> float:
+    """lr multiplier at optimizer step ``step`` (0-based) of ``total_steps``: ``1 - |2 step / total_steps - 1|``.
+
+    0 at the first step, 1 at the middle of the run, back towards 0 at its end: the cyclic schedule of fast
+    adversarial training (Wong et al. 2020), whose code steps torch's ``CyclicLR`` from 0 to the peak and back
+    with ``total_steps / 2`` steps each way, once per optimizer step.
+    """
+    return max(0.0, 1 - abs(2 * step / total_steps - 1))
+
+
 def build_scheduler(
     args: argparse.Namespace, optimizer: Optimizer, steps_per_epoch: int, total_steps: int
 ) -> LRScheduler | None:
-    """The ``--schedule`` in optimizer steps: warm-up then cosine over ``total_steps``, or x0.1 at milestones."""
+    """The ``--schedule`` in optimizer steps: warm-up then cosine over ``total_steps``, the ``triangular`` cycle
+    over ``total_steps`` (``cyclic``), or x0.1 at milestones."""
     if args.schedule == "warmup-cosine":
         return LambdaLR(optimizer, functools.partial(warmup_cosine, total_steps=total_steps))
+    if args.schedule == "cyclic":
+        return LambdaLR(optimizer, functools.partial(triangular, total_steps=total_steps))
     if args.schedule == "multistep":
         return MultiStepLR(optimizer, milestones=[m * steps_per_epoch for m in args.milestones], gamma=0.1)
     return None

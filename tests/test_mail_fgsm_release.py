@@ -1,4 +1,5 @@
-"""MAIL as its authors' code runs it (unnormalized weights, a normal start), and the Trainer's early stop."""
+"""MAIL as its authors' code runs it (unnormalized weights, a normal start); FGSM-RS's cyclic lr; the Trainer's
+early stop."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.optim.lr_scheduler import CyclicLR
 
 from robustmix import AdversarialCE, AdversarialStep, Callback, PGDAttack
 from robustmix.context import StepContext
 from robustmix.data import DATASETS, load_dataset
 from robustmix.models import create_model
+from robustmix.recipe import build_scheduler, triangular
 from robustmix.runs import load_metrics_log
 from robustmix.trainer import Trainer
 from robustmix.weights import MAILWeights
@@ -106,6 +109,46 @@ def test_adalab_mail_weighting_keeps_batch_mean_1(monkeypatch, tmp_path):
     )  # fmt: skip
     weights(ctx)
     torch.testing.assert_close(ctx.weights.mean(), torch.tensor(1.0))
+
+
+# ---------------------------------------------------------------------- FGSM-RS: the cyclic lr
+
+
+@pytest.mark.parametrize(
+    ("total_steps", "table"),
+    [
+        (4, [0.0, 0.5, 1.0, 0.5]),
+        (5, [0.0, 0.4, 0.8, 0.8, 0.4]),
+        (6, [0.0, 1 / 3, 2 / 3, 1.0, 2 / 3, 1 / 3]),
+    ],
+)
+def test_triangular_by_hand(total_steps, table):
+    assert [triangular(t, total_steps) for t in range(total_steps)] == pytest.approx(table)
+    assert triangular(total_steps, total_steps) == 0.0  # the scheduler's step after the last optimizer step
+
+
+@pytest.mark.parametrize("total_steps", [2, 7, 30, 391 * 15])
+def test_cyclic_schedule_is_the_released_cyclic_lr(total_steps):
+    """train_fgsm.py: CyclicLR(opt, base_lr=0, max_lr=lr, step_size_up=lr_steps / 2, step_size_down=lr_steps / 2)."""
+
+    def lrs(make) -> list[float]:
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.2, momentum=0.9)
+        scheduler = make(optimizer)
+        out = []
+        for _ in range(total_steps):
+            out.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return out
+
+    half = total_steps / 2
+    released = lrs(lambda o: CyclicLR(o, 0.0, 0.2, step_size_up=half, step_size_down=half, cycle_momentum=False))
+    args = argparse.Namespace(schedule="cyclic")
+    ours = lrs(lambda o: build_scheduler(args, o, steps_per_epoch=1, total_steps=total_steps))
+    assert ours == pytest.approx(released, abs=1e-12)
+    assert ours[0] == 0.0 and max(ours) <= 0.2
+    if total_steps % 2 == 0:
+        assert ours[total_steps // 2] == pytest.approx(0.2)  # the peak lr at the middle of the run
 
 
 # ---------------------------------------------------------------------- the Trainer's stop
