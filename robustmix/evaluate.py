@@ -724,7 +724,7 @@ def pgd_eval(
 #: The evaluation attacks by name. Step sizes are fractions of eps; budgets follow the papers:
 #: PGD-20 / PGD-100 with step eps/4 (2/255 at 8/255) and one random start; CW-inf as 30 PGD steps
 #: on the margin loss (papers use 20-30); APGD-CE and APGD-T (9 targets) with 100 iterations and
-#: Square with 5000 queries, as in AutoAttack's standard version.
+#: Square with 5000 queries on the unrescaled p schedule, as in AutoAttack's standard version.
 ATTACKS: dict[str, AttackSpec] = {
     spec.name: spec
     for spec in (
@@ -741,11 +741,11 @@ ATTACKS: dict[str, AttackSpec] = {
 
 
 #: The eps sweep's attacks, cheaper than the main evaluation because they run at every eps: PGD-20 as it
-#: is, APGD-CE with 20 steps and Square with 500 queries.
+#: is, APGD-CE with 20 steps and Square with 500 queries over its whole p schedule (rescaled).
 SWEEP_ATTACKS: tuple[AttackSpec, ...] = (
     ATTACKS["pgd20"],
     with_budget("apgd-ce", steps=20),
-    with_budget("square", queries=500),
+    with_budget("square", queries=500, rescale_schedule=True),
 )
 
 

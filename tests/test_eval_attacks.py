@@ -23,7 +23,12 @@ from robustmix.evaluate import ATTACKS, AttackSpec, eps_sweep, pgd_eval, robust_
 
 EPS = 0.05
 #: Smaller budgets for tests that check constraints rather than strength.
-CHEAP = {"pgd100": {"steps": 30}, "apgd-ce": {"steps": 30}, "apgd-t": {"steps": 20}, "square": {"queries": 300}}
+CHEAP = {
+    "pgd100": {"steps": 30},
+    "apgd-ce": {"steps": 30},
+    "apgd-t": {"steps": 20},
+    "square": {"queries": 300},
+}
 
 
 class MLP(nn.Module):
@@ -129,15 +134,37 @@ def test_apgd_checkpoints_follow_the_recurrence(steps):
     assert apgd_checkpoints(steps) == expected
 
 
-def test_square_p_schedule():
-    assert square_p(0, 10000, 0.8) == 0.8
-    assert square_p(11, 10000, 0.8) == 0.4
+#: AutoAttack's standard Square (5000 queries, p_init 0.8): p after iteration i, halving after 10, 50, 200,
+#: 500, 1000, 2000 and 4000; the thresholds 6000 and 8000 lie past the budget.
+SQUARE_P_5000 = {
+    0: 0.8, 10: 0.8, 11: 0.4, 50: 0.4, 51: 0.2, 200: 0.2, 201: 0.1, 500: 0.1, 501: 0.05,
+    1000: 0.05, 1001: 0.025, 2000: 0.025, 2001: 0.0125, 4000: 0.0125, 4001: 0.00625, 4999: 0.00625,
+}  # fmt: skip
+
+
+def test_square_p_schedule_is_autoattack_standard():
+    assert {i: square_p(i, 5000, 0.8) for i in SQUARE_P_5000} == pytest.approx(SQUARE_P_5000, rel=1e-12)
+    # The thresholds do not depend on the budget.
+    assert square_p(11, 100, 0.8) == square_p(11, 20000, 0.8) == 0.4
     assert square_p(9000, 10000, 0.8) == 0.8 / 512
-    # Other budgets rescale to the 10,000-query schedule.
-    assert square_p(1, 1000, 0.8) == 0.8 and square_p(2, 1000, 0.8) == 0.8 / 2
-    assert [square_p(i, 500, 0.8) for i in range(500)] == sorted(
-        (square_p(i, 500, 0.8) for i in range(500)), reverse=True
+
+
+def test_square_p_rescaled_schedule_runs_whole_over_any_budget():
+    # Iteration i of 5000 reads the schedule at 2i: each halving comes twice as early.
+    assert [square_p(i, 5000, 0.8, rescale=True) for i in (5, 6, 25, 26, 2000, 2001, 4001)] == [
+        0.8, 0.4, 0.4, 0.2, 0.8 / 64, 0.8 / 128, 0.8 / 512,
+    ]  # fmt: skip
+    assert square_p(1, 1000, 0.8, rescale=True) == 0.8 and square_p(2, 1000, 0.8, rescale=True) == 0.4
+    assert [square_p(i, 500, 0.8, rescale=True) for i in range(500)] == sorted(
+        (square_p(i, 500, 0.8, rescale=True) for i in range(500)), reverse=True
     )
+
+
+def test_square_schedule_choice_changes_the_windows(model, test_set):
+    x, y = test_set[0][:32], test_set[1][:32]
+    standard = square_attack(model, x, y, eps=EPS, queries=40)
+    assert torch.equal(standard, square_attack(model, x, y, eps=EPS, queries=40, rescale_schedule=False))
+    assert not torch.equal(standard, square_attack(model, x, y, eps=EPS, queries=40, rescale_schedule=True))
 
 
 class _Bowl(nn.Module):

@@ -5,7 +5,13 @@ preprocessing, saturated softmax, ...) does not fool it: when Square beats the g
 the model masks its gradients. Each iteration proposes, per image, a square window set to
 ``x +- eps`` (one sign per channel) on top of the best point so far and keeps it when the margin
 ``z_y - max_{k != y} z_k`` decreases. The window's side shrinks along a fixed schedule of the
-fraction ``p`` of pixels it covers.
+fraction ``p`` of pixels it covers (``square_p``).
+
+Settings as in AutoAttack's standard version (fra31/auto-attack): 5000 queries, ``p_init = 0.8``, one
+run, and the schedule's thresholds read on the iteration itself (``resc_schedule=False`` there).
+Two details differ from AutoAttack's code: a window's corner is uniform over every position where
+it fits (AutoAttack's never touches the last row or column), and a window whose signs would leave the
+image unchanged gets other signs, as in the authors' original code (AutoAttack spends the query).
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from torch import Tensor, nn
 from robustmix.attacks.objectives import cw_margin
 from robustmix.modes import BNMode, model_mode
 
-#: Iterations (on the 10,000-query scale) after which ``p`` halves once more.
+#: Iterations after which ``p`` halves once more (on the 10,000-query scale when the schedule is rescaled).
 _P_HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 #: Examples already misclassified drop out of the batch every this many iterations: fewer queries
 #: for them, at one host sync per block.
@@ -27,14 +33,19 @@ _BLOCK = 100
 _MAX_CHANNELS = 62
 
 
-def square_p(iteration: int, queries: int, p_init: float) -> float:
+def square_p(iteration: int, queries: int, p_init: float, rescale: bool = False) -> float:
     """Fraction of the image a square window covers at ``iteration`` (0-based) of ``queries``.
 
-    The reference schedule halves ``p_init`` after iterations 10, 50, 200, 500, 1000, 2000, 4000,
-    6000 and 8000 of 10,000; other budgets rescale the iteration to that range.
+    ``p_init`` halves after iterations 10, 50, 200, 500, 1000, 2000, 4000, 6000 and 8000. As in
+    AutoAttack's standard version these thresholds apply to the iteration itself, whatever the
+    budget: with 5000 queries ``p`` ends at ``p_init / 128`` (after iteration 4000). With ``rescale``
+    the iteration is first mapped to a 10,000-query range (the reference's ``resc_schedule=True``),
+    so every budget runs the whole schedule: with 5000 queries each halving comes at half the
+    iteration and ``p`` ends at ``p_init / 512``.
     """
-    scaled = int(iteration / queries * 10000)
-    return p_init / 2 ** sum(scaled > threshold for threshold in _P_HALVINGS)
+    if rescale:
+        iteration = int(iteration / queries * 10000)
+    return p_init / 2 ** sum(iteration > threshold for threshold in _P_HALVINGS)
 
 
 def square_attack(
@@ -45,6 +56,7 @@ def square_attack(
     eps: float,
     queries: int = 5000,
     p_init: float = 0.8,
+    rescale_schedule: bool = False,
     seed: int = 0,
     bn_mode: BNMode = "eval",
 ) -> Tensor:
@@ -61,6 +73,8 @@ def square_attack(
         eps: L-inf radius in pixels.
         queries: Iterations after the initial query (the reference's ``n_queries``).
         p_init: Initial fraction of the pixels a window covers, in (0, 1]; 0.8 for L-inf.
+        rescale_schedule: Stretch the ``p`` schedule over ``queries`` (see ``square_p``). AutoAttack's
+            ``SquareAttack`` does by default; its standard version turns it off.
         seed: Seed of the random windows and signs (a generator on ``x``'s device).
         bn_mode: BatchNorm/dropout mode of the queries (eval by default).
 
@@ -79,7 +93,8 @@ def square_attack(
         for block_start in range(0, queries, _BLOCK):
             x_a, y_a, x_best_a, margin_a = x[active], y[active], x_best[active], margin[active]
             for i in range(block_start, min(block_start + _BLOCK, queries)):
-                side = min(max(round(math.sqrt(square_p(i, queries, p_init) * height * width)), 1), height, width)
+                p = square_p(i, queries, p_init, rescale_schedule)
+                side = min(max(round(math.sqrt(p * height * width)), 1), height, width)
                 x_new = _propose(x_a, x_best_a, side, eps, generator)
                 margin_new = _margin(model, x_new, y_a)
                 # Misclassified images (margin <= 0) stay where they are.
