@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 import robustmix
 from robustmix import report as reports
 from robustmix.attacks.apgd import apgd, apgd_targeted
+from robustmix.attacks.fab import fab_targeted
 from robustmix.attacks.objectives import get_objective
 from robustmix.attacks.pgd import perturb
 from robustmix.attacks.square import square_attack
@@ -91,7 +92,7 @@ class AttackSpec:
 
 
 #: The attacks ``evaluate_run`` runs by default, in this order.
-DEFAULT_ATTACKS = ("pgd20", "pgd100", "cw", "apgd-ce", "apgd-t", "square")
+DEFAULT_ATTACKS = ("pgd20", "pgd100", "cw", "apgd-ce", "apgd-t", "fab-t", "square")
 #: The default eps sweep in multiples of the evaluation eps (capped at 1). At 4x and 8x a working attack
 #: breaks (nearly) every image, which ``sanity_flags`` checks.
 SWEEP_MULTIPLES = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
@@ -723,8 +724,9 @@ def pgd_eval(
 
 #: The evaluation attacks by name. Step sizes are fractions of eps; budgets follow the papers:
 #: PGD-20 / PGD-100 with step eps/4 (2/255 at 8/255) and one random start; CW-inf as 30 PGD steps
-#: on the margin loss (papers use 20-30); APGD-CE and APGD-T (9 targets) with 100 iterations and
-#: Square with 5000 queries on the unrescaled p schedule, as in AutoAttack's standard version.
+#: on the margin loss (papers use 20-30); APGD-CE (one run), APGD-T and FAB-T (9 targets, one run
+#: each) with 100 iterations, and Square with 5000 queries on the unrescaled p schedule, as in
+#: AutoAttack's standard version: ``apgd-ce apgd-t fab-t square`` is its attack set, in its order.
 ATTACKS: dict[str, AttackSpec] = {
     spec.name: spec
     for spec in (
@@ -735,6 +737,7 @@ ATTACKS: dict[str, AttackSpec] = {
         AttackSpec("cw", "CW-inf", pgd_eval, {"steps": 30, "step_fraction": 0.25, "loss": "cw"}, traces_loss=True),
         AttackSpec("apgd-ce", "APGD-CE", apgd, {"steps": 100, "loss": "ce"}),
         AttackSpec("apgd-t", "APGD-T", apgd_targeted, {"steps": 100, "n_target_classes": 9}, min_classes=4),
+        AttackSpec("fab-t", "FAB-T", fab_targeted, {"steps": 100, "n_target_classes": 9}),
         AttackSpec("square", "Square", square_attack, {"queries": 5000}, white_box=False),
     )
 }

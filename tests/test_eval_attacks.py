@@ -1,4 +1,4 @@
-"""Evaluation attacks (APGD, APGD-T, Square) and the worst-case suite with its sanity flags.
+"""Evaluation attacks (APGD, APGD-T, Square; FAB-T in test_fab.py) and the worst-case suite with its sanity flags.
 
 The models are trained here in about a second: an MLP on a synthetic 10-class task of 1x16x16
 images (a smooth prototype per class plus noise), and the same network behind a quantizing input
@@ -27,6 +27,7 @@ CHEAP = {
     "pgd100": {"steps": 30},
     "apgd-ce": {"steps": 30},
     "apgd-t": {"steps": 20},
+    "fab-t": {"steps": 20, "n_target_classes": 3},
     "square": {"queries": 300},
 }
 
