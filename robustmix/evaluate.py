@@ -5,8 +5,9 @@ Each evaluation attack is data (``AttackSpec`` in ``ATTACKS``): a function and i
 it is still classified correctly) and decides every example with the fp32 model at the point the
 attack found. ``sanity_flags`` reads the numbers and says when they cannot be trusted: a
 stronger attack doing worse than a weaker one, a black-box attack beating the white-box ones, no
-collapse at a large eps, or a PGD loss that does not rise. A worst case over APGD-CE, APGD-T and
-Square is *not* AutoAttack (whose standard set also runs FAB-T): results name the attacks they ran.
+collapse at a large eps, or a PGD loss that does not rise. ``apgd-ce apgd-t fab-t square`` is AutoAttack's
+standard set, in its order (the differences in detail are listed in docs/recipes.md); any other list is not
+AutoAttack, and results name the attacks they ran.
 
 ``evaluate_run`` applies all of it to a training run folder, on one process or many, and writes a
 report (``eval.json`` with every setting, ``eval.md``, plots; see ``robustmix.report``).
