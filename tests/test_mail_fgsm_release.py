@@ -1,5 +1,5 @@
-"""MAIL as its authors' code runs it (unnormalized weights, a normal start); FGSM-RS's cyclic lr; the Trainer's
-early stop."""
+"""MAIL and FGSM-RS as their authors' code runs them: MAIL's unnormalized weights and normal start, FGSM-RS's
+cyclic lr, train-mode attack and early stop against catastrophic overfitting (with the Trainer's stop)."""
 
 from __future__ import annotations
 
@@ -9,17 +9,19 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim.lr_scheduler import CyclicLR
 
 from robustmix import AdversarialCE, AdversarialStep, Callback, PGDAttack
 from robustmix.context import StepContext
 from robustmix.data import DATASETS, load_dataset
 from robustmix.models import create_model
-from robustmix.recipe import build_scheduler, triangular
-from robustmix.runs import load_metrics_log
+from robustmix.recipe import PRESETS, build_scheduler, triangular
+from robustmix.runs import MODEL_FILE, load_metrics_log
 from robustmix.trainer import Trainer
 from robustmix.weights import MAILWeights
-from tests.conftest import load_recipe, quick_flags
+from tests.conftest import crash_then_resume, load_recipe, quick_flags
 
 
 def _parsed(name: str, argv: list[str], monkeypatch, tmp_path) -> tuple[argparse.Namespace, list[Callback]]:
@@ -149,6 +151,164 @@ def test_cyclic_schedule_is_the_released_cyclic_lr(total_steps):
     assert ours[0] == 0.0 and max(ours) <= 0.2
     if total_steps % 2 == 0:
         assert ours[total_steps // 2] == pytest.approx(0.2)  # the peak lr at the middle of the run
+
+
+# ---------------------------------------------------------------------- FGSM-RS: the protocols
+
+
+def test_fgsm_rs_defaults_to_wongs_protocol(monkeypatch, tmp_path):
+    args, callbacks = _parsed("fgsm_rs", [], monkeypatch, tmp_path)
+    assert args.protocol == "wong" and args.schedule == "cyclic"
+    attack, _, guard = callbacks
+    assert attack.bn_mode == "train" and attack.step_size == pytest.approx(1.25 * args.eps)
+    assert (guard.eps, guard.steps, guard.max_drop) == (args.eps, 5, 0.2)
+
+
+def test_fgsm_rs_schedule_flag_wins_over_the_protocol(monkeypatch, tmp_path):
+    args, _ = _parsed("fgsm_rs", ["--schedule", "warmup-cosine"], monkeypatch, tmp_path)
+    assert args.schedule == "warmup-cosine"
+
+
+@pytest.mark.parametrize("preset", ["digits", "cifar10-resnet18"])
+def test_fgsm_rs_shared_protocol_trains_like_the_other_recipes(monkeypatch, tmp_path, preset):
+    args, callbacks = _parsed("fgsm_rs", ["--protocol", "shared", "--preset", preset], monkeypatch, tmp_path)
+    assert args.schedule == PRESETS[preset]["schedule"]
+    assert [type(c).__name__ for c in callbacks] == ["FGSMAttack", "AdversarialCE"] and callbacks[0].bn_mode == "eval"
+
+
+@pytest.mark.parametrize(("protocol", "attack_in_train_mode"), [("wong", True), ("shared", False)])
+def test_fgsm_rs_attack_batchnorm_mode(monkeypatch, tmp_path, protocol, attack_in_train_mode):
+    _, callbacks = _parsed("fgsm_rs", ["--protocol", protocol], monkeypatch, tmp_path)
+    model = _model()
+    bn = next(m for m in model.modules() if isinstance(m, _BatchNorm))
+    modes = []
+    bn.register_forward_pre_hook(lambda module, args: modes.append(module.training))
+    model.train()
+    AdversarialStep(callbacks[:2])(model, *_batch())
+    assert modes == [attack_in_train_mode, True]  # the attack's forward, then the training forward
+    assert model.training and bn.training  # the attack leaves the model as it found it
+    # In train mode the attack's forward also moves the running statistics, as the released code's does.
+    assert int(bn.num_batches_tracked) == (2 if attack_in_train_mode else 1)
+
+
+# ---------------------------------------------------------------------- FGSM-RS: the early stop
+
+
+class _FakeTrainer:
+    """What the guard uses of a Trainer: the model, the step, logging and stopping."""
+
+    def __init__(self) -> None:
+        self.model, self.global_step = torch.nn.Linear(2, 2), 0
+        self.rows: list[dict] = []
+        self.stopped: tuple[str, dict] | None = None
+
+    def log(self, values):
+        self.rows.append(values)
+
+    def stop(self, reason, *, weights=None):
+        self.stopped = (reason, weights)
+
+
+def _run_checks(guard, monkeypatch, accuracies: list[float]) -> tuple[_FakeTrainer, list[dict[str, torch.Tensor]]]:
+    """Run the guard's epoch ends with checks returning ``accuracies`` (until it stops the trainer)."""
+    sequence = iter(accuracies)
+    monkeypatch.setattr(guard, "check", lambda trainer: next(sequence))
+    trainer, seen = _FakeTrainer(), []
+    for epoch, _ in enumerate(accuracies):
+        with torch.no_grad():
+            trainer.model.weight.fill_(epoch)  # weights that tell the epochs apart
+        seen.append({k: v.clone() for k, v in trainer.model.state_dict().items()})
+        trainer.global_step = 10 * (epoch + 1)
+        guard.on_epoch_end(trainer, epoch)
+        if trainer.stopped:
+            break
+    return trainer, seen
+
+
+@pytest.mark.parametrize(
+    ("accuracies", "stop_at"),
+    [
+        ([0.5, 0.6, 0.35], 2),  # 0.25 below the previous check
+        ([0.5, 0.7, 0.49, 0.6], 2),
+        ([0.02, 0.01, 0.0], None),  # never robust, never a fall
+        ([0.5, 0.31, 0.12], None),  # 0.19 at a time
+        # The released criterion compares with the previous check, not the best: a slow slide never stops.
+        ([0.6, 0.45, 0.3, 0.15, 0.0], None),
+        ([0.1, 0.4, 0.5, 0.5, 0.45], None),
+    ],
+)
+def test_guard_stops_on_a_fall_from_the_previous_check(monkeypatch, accuracies, stop_at):
+    trainer, seen = _run_checks(load_recipe("fgsm_rs").CatastrophicOverfittingGuard(0.1), monkeypatch, accuracies)
+    checks = len(accuracies) if stop_at is None else stop_at + 1
+    assert trainer.rows == [{"overfit_check_pgd_acc": a} for a in accuracies[:checks]]
+    if stop_at is None:
+        assert trainer.stopped is None
+        return
+    reason, weights = trainer.stopped
+    assert "catastrophic overfitting" in reason and f"step {10 * stop_at}" in reason
+    # The weights handed back are those of the previous check, not the collapsed ones.
+    assert all(torch.equal(weights[k], seen[stop_at - 1][k]) for k in weights)
+    assert not torch.equal(weights["weight"], seen[stop_at]["weight"])
+
+
+def test_guard_state_round_trip(monkeypatch):
+    guard_class = load_recipe("fgsm_rs").CatastrophicOverfittingGuard
+    # Never empty: a resumed step expects the key of every callback that saved state.
+    assert guard_class(0.1).state_dict() == {"previous_acc": 0.0, "previous_step": None}
+    guard = guard_class(0.1)
+    _, seen = _run_checks(guard, monkeypatch, [0.5, 0.6])
+    state = guard.state_dict()
+    assert (state["previous_acc"], state["previous_step"]) == (0.6, 20)
+    assert all(torch.equal(state["weights"][k], seen[1][k]) for k in seen[1])
+    other = guard_class(0.1)
+    other.load_state_dict(state)
+    assert other.state_dict() == state
+
+
+def test_fgsm_rs_run_stops_keeps_the_weights_of_the_previous_check_and_resumes_stopped(tiny, tmp_path, monkeypatch):
+    recipe = load_recipe("fgsm_rs")
+    sequence = iter([0.5, 0.6, 0.1])
+    monkeypatch.setattr(recipe.CatastrophicOverfittingGuard, "check", lambda self, trainer: next(sequence))
+    out = tmp_path / "run"
+    argv = quick_flags(tiny, out, "--epochs", "4")  # 6 steps per epoch
+    metrics = recipe.main(argv)
+
+    rows = load_metrics_log(out)
+    assert [r["overfit_check_pgd_acc"] for r in rows if "overfit_check_pgd_acc" in r] == [0.5, 0.6, 0.1]
+    (stop,) = [r for r in rows if "stop" in r]
+    assert stop["step"] == 18 and "fell from 60.00% (step 12) to 10.00%" in stop["stop"]
+    assert metrics["test"]["step"] == 18 and max(r["step"] for r in rows) == 18  # epoch 3 never ran
+    # The final weights are those of the check at step 12 (the epoch-1 checkpoint holds the same), and the
+    # validation after the stop measures them: it repeats the step-12 numbers.
+    final, kept = load_file(out / MODEL_FILE), load_file(out / "checkpoints" / "step_12" / "model.safetensors")
+    assert final.keys() == kept.keys() and all(torch.equal(final[k], kept[k]) for k in final)
+    vals = [r for r in rows if "val_pgd_acc" in r]
+    assert [r["step"] for r in vals] == [6, 12, 18, 18]
+    assert {k: v for k, v in vals[-1].items() if k.startswith("val_")} == {
+        k: v for k, v in vals[1].items() if k.startswith("val_")
+    }
+
+    # Resuming the stopped run trains no further and ends with the same weights.
+    recipe.main([*argv, "--resume", "latest"])
+    assert max(r["step"] for r in load_metrics_log(out)) == 18
+    again = load_file(out / MODEL_FILE)
+    assert all(torch.equal(again[k], final[k]) for k in final)
+
+
+def test_fgsm_rs_checks_after_every_epoch_and_resumes_exactly(tiny, tmp_path, monkeypatch):
+    recipe = load_recipe("fgsm_rs")
+    flags = ["--checkpoint-every-steps", "1"]
+    recipe.main(quick_flags(tiny, tmp_path / "straight", *flags))
+    # Killed in epoch 1, after the first check: the resumed run checks the same batch against the same record.
+    crash_then_resume(recipe, quick_flags(tiny, tmp_path / "crashed", *flags), 8, monkeypatch)
+
+    rows = {run: load_metrics_log(tmp_path / run) for run in ("straight", "crashed")}
+    checks = [r for r in rows["straight"] if "overfit_check_pgd_acc" in r]
+    assert [r["step"] for r in checks] == [6, 12] and all(0 <= r["overfit_check_pgd_acc"] <= 1 for r in checks)
+    drop_time = lambda rows: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rows]  # noqa: E731
+    assert drop_time(rows["crashed"]) == drop_time(rows["straight"])
+    straight, resumed = (load_file(tmp_path / run / MODEL_FILE) for run in ("straight", "crashed"))
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
 # ---------------------------------------------------------------------- the Trainer's stop
