@@ -74,7 +74,7 @@ def parser() -> argparse.ArgumentParser:
     add("--slope", type=nonnegative_number, default=1.0, help="sigmoid slope s (default 1)")
     add("--burn-in", type=nonnegative_int, help="epochs of uniform weights first (default: 76/120 of --epochs)")
     add(
-        "--normalize-weights", action="store_true",
+        "--normalize-weights", action=argparse.BooleanOptionalAction, default=False,
         help="scale the weights to batch mean 1 (robustmix's reweighters) instead of the released 3 * sigmoid, "
         "which also scales the loss",
     )  # fmt: skip

@@ -308,9 +308,14 @@ def parse_args(
     """
     args = parser.parse_args(argv)
     unset = {key for key, value in vars(args).items() if value is None}
-    for key, value in PRESETS[args.preset].items():
+    preset = PRESETS[args.preset]
+    for key, value in preset.items():
         if key in unset:
             setattr(args, key, value)
+    if "step_size" in unset and "eps" not in unset and preset["eps"] > 0:
+        # A preset's step is a fraction of its eps (digits 0.4, CIFAR-10 0.25): keep the fraction when only eps
+        # changes, so --eps 8/255 never leaves a step larger than the new eps.
+        args.step_size = preset["step_size"] * args.eps / preset["eps"]
     for key, value in (recipe_defaults or {}).items():
         if key in unset:
             setattr(args, key, value(args) if callable(value) else value)
@@ -334,6 +339,12 @@ def parse_args(
         )
     if args.eps > 1:
         parser.error(f"--eps is in pixels in [0, 1], got {args.eps}; for 8/255 write 8/255")
+    if args.attack_steps > 1 and args.step_size > args.eps:
+        print(
+            f"{parser.prog}: warning: --step-size {args.step_size:g} is larger than --eps {args.eps:g}: every PGD "
+            "step can cross the whole ball (the usual choice is eps/4 to eps/2)",
+            file=sys.stderr,
+        )
     if args.momentum >= 1:
         parser.error(f"--momentum must be < 1, got {args.momentum}")
     if args.schedule == "multistep" and not args.milestones:

@@ -27,9 +27,23 @@ REPO = Path(__file__).resolve().parents[1]
 def test_explicit_flags_override_the_preset():
     args = parse_args(base_parser("t"), ["--preset", "cifar10-resnet18", "--eps", "4/255", "--epochs", "3"])
     assert args.eps == pytest.approx(4 / 255) and args.epochs == 3
-    expected = {k: v for k, v in PRESETS["cifar10-resnet18"].items() if k not in ("eps", "epochs")}
+    expected = {k: v for k, v in PRESETS["cifar10-resnet18"].items() if k not in ("eps", "epochs", "step_size")}
     assert {k: getattr(args, k) for k in expected} == expected
     assert args.output_dir == "runs/t-cifar10-seed0"
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_step_size_follows_eps_unless_given(preset, capsys):
+    fraction = PRESETS[preset]["step_size"] / PRESETS[preset]["eps"]
+    args = parse_args(base_parser("t"), ["--preset", preset, "--eps", "2/255"])
+    assert args.step_size == pytest.approx(fraction * 2 / 255)
+    assert parse_args(base_parser("t"), ["--preset", preset]).step_size == PRESETS[preset]["step_size"]
+    assert parse_args(base_parser("t"), ["--preset", preset, "--eps", "0.2", "--step-size", "0.01"]).step_size == 0.01
+    assert "warning" not in capsys.readouterr().err
+    parse_args(base_parser("t"), ["--preset", preset, "--eps", "0.01", "--step-size", "0.05"])
+    assert "--step-size 0.05 is larger than --eps 0.01" in capsys.readouterr().err
+    parse_args(base_parser("t"), ["--preset", preset, "--eps", "0.01", "--step-size", "0.05", "--attack-steps", "1"])
+    assert "warning" not in capsys.readouterr().err  # one step larger than eps is FGSM-RS's design
 
 
 def test_default_preset_is_the_same_for_every_recipe(monkeypatch, tmp_path):
