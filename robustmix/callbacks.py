@@ -80,7 +80,7 @@ class Callback:
         """After ``optimizer.step()``, also when the fp16 scaler skipped it (AWP removes its perturbation here)."""
 
     def on_epoch_end(self, trainer: Any, epoch: int) -> None:
-        """After the last step of ``epoch``, before its validation."""
+        """After the last step of ``epoch`` and its validation (when one is due), before its checkpoint."""
 
     def on_evaluate(self, trainer: Any, metrics: dict[str, float]) -> None:
         """After a validation pass, with its metrics (clean and PGD accuracy)."""

@@ -562,11 +562,14 @@ METHOD_CHOICES = [
 ]  # fmt: skip
 #: Values that are no number (or NaN); "inf" and "1e999" parse as infinity, which some flags accept.
 JUNK = ("abc", "8/0", "1/", "", "--", "0x1p3", "1,5", "nan", "NaN", "inf", "-inf", "1e999")
-#: Every valid value of the choice flags drawn below.
+#: Every valid value of every choice flag of every recipe, read from the parsers: junk drawn for a choice flag
+#: must not be one of them.
 CHOICES = {
-    "sgd", "adamw", "warmup-cosine", "multistep", "constant", "no", "bf16", "fp16", "digits", "cifar10-resnet18",
-    "probability", "logit", "kappa", "adalab", "none", "at", "trades", "mart", "tanh", "sigmoid", "fixed", "linear",
-}  # fmt: skip
+    str(choice)
+    for name in ("pgd_at", "fgsm_rs", "trades", "mart", "mail", "awp", "gairat", "sglr", "caat", "bilaw", "adalab")
+    for action in load_recipe(name).parser()._actions
+    for choice in action.choices or ()
+}
 
 
 def _bad_number(valid) -> st.SearchStrategy:
