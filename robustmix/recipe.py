@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import difflib
 import functools
+import hashlib
 import math
 import os
 import platform
@@ -52,7 +53,16 @@ from robustmix.callbacks import Callback
 from robustmix.checkpoint import atomic_write_json, list_checkpoints, resolve_checkpoint
 from robustmix.data import DATASETS, ImageDataset, load_dataset
 from robustmix.models import create_model, model_config, unwrap_model
-from robustmix.runs import BEST_DIR, CHECKPOINTS_DIR, CONFIG_FILE, METRICS_FILE, METRICS_LOG, MODEL_FILE
+from robustmix.runs import (
+    BEST_DIR,
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    METRICS_FILE,
+    METRICS_LOG,
+    MODEL_FILE,
+    load_config,
+    load_model,
+)
 from robustmix.step import MIXED_PRECISION, AdversarialStep
 from robustmix.trainer import NONFINITE_POLICIES, Trainer, batches_per_epoch
 
@@ -258,6 +268,11 @@ def base_parser(name: str, description: str | None = None) -> argparse.ArgumentP
     add("--seed", type=nonnegative_int, default=0)
     add("--output-dir", help="run folder (default: runs/<recipe>-<dataset>-seed<seed>)")
     add("--resume", help="'latest' or a checkpoint folder to continue exactly")
+    add(
+        "--init-from", metavar="RUN_DIR",
+        help="start from the final weights (model.safetensors) of another run of the same model, with a fresh "
+        "optimizer, lr schedule and step count (unlike --resume, which continues a run exactly)",
+    )  # fmt: skip
     add("--overwrite", action="store_true", help="replace the run already in --output-dir")
     add("--mixed-precision", choices=MIXED_PRECISION, help="default: accelerate launch's setting, else no")
     add("--grad-clip", type=positive_number, help="clip the gradient norm to this value")
@@ -368,6 +383,16 @@ def parse_args(
             parser.error(f"--resume {args.resume}: {err}")
     elif not args.overwrite and (list_checkpoints(output / CHECKPOINTS_DIR) or (output / MODEL_FILE).exists()):
         parser.error(f"{output} already holds a run: --resume latest continues it, --overwrite replaces it")
+    if args.init_from is not None:
+        source = Path(args.init_from)
+        try:
+            load_config(source)
+        except (FileNotFoundError, ValueError) as err:
+            parser.error(f"--init-from {source}: {err}")
+        if not (source / MODEL_FILE).is_file():
+            parser.error(f"--init-from {source}: it holds no {MODEL_FILE} (has the run finished?)")
+        if source.resolve() == output.resolve():
+            parser.error(f"--init-from {source} is this run's own --output-dir")
     return args
 
 
@@ -429,12 +454,28 @@ def run_recipe(args: argparse.Namespace, build_callbacks: BuildCallbacks, *, met
             rest, meta = source.hold_out(meta_size, "meta", seed=SPLIT_SEED)
         if source is train:
             train = rest
+    start = init_from = None
+    if args.init_from is not None:
+        with _flag_errors(args, state, "--init-from"):
+            start = load_model(args.init_from)
+        weights = Path(args.init_from) / MODEL_FILE
+        init_from = {
+            "run_dir": str(weights.parent.resolve()),
+            "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+        }
     spec = DATASETS.get(args.dataset)
-    mean, std = (spec.mean, spec.std) if spec is not None else channel_stats(train)
+    if start is not None:  # the input normalization is part of the starting model (buffers of its weights)
+        mean, std = model_config(start)["mean"], model_config(start)["std"]
+    else:
+        mean, std = (spec.mean, spec.std) if spec is not None else channel_stats(train)
     in_chans = train.image_shape[0]
     model = create_model(
         args.model, train.num_classes, in_chans=in_chans, cifar_stem=args.cifar_stem, mean=mean, std=std
     )
+    if start is not None:
+        with _flag_errors(args, state, "--init-from"):
+            _check_same_model(args.init_from, model_config(start), model_config(model))
+        model.load_state_dict(start.state_dict())
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if args.compile:
@@ -470,7 +511,7 @@ def run_recipe(args: argparse.Namespace, build_callbacks: BuildCallbacks, *, met
     state.wait_for_everyone()
     if state.is_main_process:
         output.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(output / CONFIG_FILE, _run_config(args, model, train, val, trainer, step))
+        atomic_write_json(output / CONFIG_FILE, _run_config(args, model, train, val, trainer, step, init_from))
 
     summary = trainer.fit(resume=args.resume)
 
@@ -517,6 +558,15 @@ def _flag_errors(args: argparse.Namespace, state: PartialState, *flags: str) -> 
         if state.is_main_process:
             print(f"{args.recipe}.py: error: {', '.join(named) or 'the flags'}: {err}", file=sys.stderr)
         raise SystemExit(2) from err
+
+
+def _check_same_model(source: str, theirs: dict[str, Any], ours: dict[str, Any]) -> None:
+    """Raise a one-line ``ValueError`` naming every entry where two ``model_config`` dicts differ."""
+    differences = [
+        f"{key} {theirs.get(key)!r} there, {value!r} here" for key, value in ours.items() if theirs.get(key) != value
+    ]
+    if differences:
+        raise ValueError(f"{source} trained another model than this run's: {'; '.join(differences)}")
 
 
 def _subset(train: ImageDataset, size: int) -> tuple[ImageDataset, ImageDataset]:
@@ -597,6 +647,7 @@ def _run_config(
     val: ImageDataset,
     trainer: Trainer,
     step: AdversarialStep,
+    init_from: dict[str, str] | None,
 ) -> dict[str, Any]:
     return {
         "recipe": args.recipe,
@@ -617,6 +668,7 @@ def _run_config(
         "callbacks": [repr(c) for c in step.callbacks],
         "eval_attack": trainer.eval_attack,
         "seed": args.seed,
+        "init_from": init_from,
         "num_processes": trainer.accelerator.num_processes,
         "global_batch_size": args.batch_size * trainer.accelerator.num_processes,
         "steps_per_epoch": trainer.steps_per_epoch,
