@@ -104,6 +104,27 @@ def functional_forward(
         return functional_call(model, params, (x,), strict=False)
 
 
+class VirtualModel(nn.Module):
+    """``model`` run with the (detached) parameters of a virtual step: an attack target at ``theta'``.
+
+    Attacks and eval-mode forwards see the virtual model as any other module: its mode is ``model``'s
+    (``robustmix.modes.model_mode`` sets and restores it), its buffers are ``model``'s own, and no
+    gradient reaches ``params`` or the weight net through it.
+
+    Args:
+        model: The unwrapped model.
+        params: ``{name: tensor}`` from ``virtual_sgd_step``.
+    """
+
+    def __init__(self, model: nn.Module, params: dict[str, Tensor]) -> None:
+        super().__init__()
+        self.model = model
+        self.params = {name: value.detach() for name, value in params.items()}
+
+    def forward(self, x: Tensor) -> Tensor:
+        return functional_call(self.model, self.params, (x,), strict=False)
+
+
 def set_meta_gradients(loss: Tensor, net: nn.Module) -> None:
     """Write ``grad_phi loss`` into ``net``'s ``.grad``, averaged across processes under DDP.
 
@@ -195,6 +216,7 @@ class LookaheadReweighter(Callback):
         meta_batches: Held-out ``(x, y)`` batches, cycled when exhausted (e.g. ``MetaBatches``).
         meta_every: Run the lookahead when ``ctx.step % meta_every == 0`` (>= 1).
         meta_lr: Adam learning rate of ``phi``.
+        meta_weight_decay: Adam's (L2) weight decay of ``phi``, 0 by default.
         optimizer: The model's SGD optimizer; by default the trainer's.
     """
 
@@ -205,14 +227,18 @@ class LookaheadReweighter(Callback):
         *,
         meta_every: int,
         meta_lr: float,
+        meta_weight_decay: float = 0.0,
         optimizer: Optimizer | None = None,
     ) -> None:
         if isinstance(meta_every, bool) or not isinstance(meta_every, int) or meta_every < 1:
             raise ValueError(f"meta_every must be an integer >= 1, got {meta_every!r}")
         if not (0 < meta_lr < float("inf")):
             raise ValueError(f"meta_lr must be a positive number, got {meta_lr}")
+        if not (0 <= meta_weight_decay < float("inf")):
+            raise ValueError(f"meta_weight_decay must be a finite number >= 0, got {meta_weight_decay}")
         self.net, self.meta_batches, self.meta_every, self.meta_lr = net, meta_batches, meta_every, meta_lr
-        self.meta_optimizer = Adam(net.parameters(), lr=meta_lr)
+        self.meta_weight_decay = meta_weight_decay
+        self.meta_optimizer = Adam(net.parameters(), lr=meta_lr, weight_decay=meta_weight_decay)
         self.optimizer = optimizer
         self._meta_iter: Iterator[tuple[Tensor, Tensor]] | None = None
 

@@ -1,6 +1,8 @@
-"""CAAT: combination weights, features, loss, class-wise budgets, ReMargin, the lookahead's cost and state."""
+"""CAAT: combination weights, features, loss, class-wise budgets and weights, the outer loss, the cost and state."""
 
+import copy
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,12 +21,18 @@ from robustmix.caat import (
     ReMarginBudget,
     caat_features,
     caat_loss,
-    class_boundary_errors,
+    class_accuracy_counts,
+    frl_class_weights,
+    frl_update,
     remargin_multipliers,
-    remargin_update,
 )
 from robustmix.checkpoint import join_state, split_state
+from robustmix.context import StepContext
+from robustmix.data import load_dataset
 from robustmix.meta import MetaBatches
+from robustmix.modes import model_mode
+from robustmix.recipe import RecipeInfo, parse_args
+from tests.conftest import load_recipe
 
 seeds = st.integers(0, 2**16)
 
@@ -109,6 +117,30 @@ def test_loss_is_trades_on_the_adversary_and_ce_on_the_anti_adversary():
     assert clean.grad.abs().sum() > 0  # the clean distribution is not detached in the KL term
 
 
+def test_class_weights_normalize_the_clean_and_kl_terms_over_the_batch():
+    clean = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    adv = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    anti = torch.tensor([[3.0, 0.0], [0.0, 0.0]])
+    y = torch.tensor([0, 1])
+    alpha, beta = torch.tensor([1.0, 0.5]), torch.tensor([0.0, 0.5])
+    w0, w1 = torch.tensor([0.1, 0.3]), torch.tensor([0.2, 0.2])
+    ce = [math.log(1 + math.exp(-2)), math.log(1 + math.exp(-1))]
+    p, q = [1 / (1 + math.exp(-2)), 1 / (1 + math.exp(-1))], [1 / (1 + math.exp(-1)), 0.5]
+    kl = [p[0] * math.log(p[0] / q[0]) + (1 - p[0]) * math.log((1 - p[0]) / (1 - q[0])),
+          (1 - p[1]) * math.log((1 - p[1]) / (1 - q[1])) + p[1] * math.log(p[1] / q[1])]  # fmt: skip
+    ce_anti = [math.log(1 + math.exp(-3)), math.log(2)]
+    expected = (
+        (1.0 * 0.1 * ce[0] + 0.5 * 0.3 * ce[1]) / 0.4
+        + 1.5 * (1.0 * 0.2 * kl[0] + 0.5 * 0.2 * kl[1]) / 0.4
+        + (0.0 * ce_anti[0] + 0.5 * ce_anti[1]) / 2
+    )
+    got = caat_loss(clean, adv, anti, y, alpha, beta, 1.5, clean_weights=w0, kl_weights=w1)
+    torch.testing.assert_close(got, torch.tensor(expected))
+    # Weights of one value everywhere are no weights at all.
+    same = caat_loss(clean, adv, anti, y, alpha, beta, 1.5, clean_weights=torch.full((2,), 0.7), kl_weights=w1)
+    torch.testing.assert_close(same, caat_loss(clean, adv, anti, y, alpha, beta, 1.5))
+
+
 class SmallNet(nn.Module):
     num_classes = 3
 
@@ -128,17 +160,27 @@ def _batch(b: int = 8, seed: int = 0):
     return torch.rand(b, 1, 4, 4, generator=g), torch.arange(b) % 3
 
 
-def _caat(model: nn.Module, *, steps: int = 2, meta_every: int = 2, multipliers=(1.0, 1.5, 0.5), net=None):
+def _caat(
+    model: nn.Module,
+    *,
+    steps: int = 2,
+    meta_every: int = 2,
+    multipliers=(1.0, 1.5, 0.5),
+    net=None,
+    meta_objective: str = "caat",
+    budget=None,
+):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     meta = MetaBatches(*_batch(12, seed=5), batch_size=8, seed=0)
-    loss = CAATLoss(3, meta, meta_every=meta_every, optimizer=optimizer, net=net)
-    callbacks = [
-        ClassWiseBudget(0.1, multipliers),
-        PGDAttack(None, 0.25, steps, loss="kl", start="normal", relative_step_size=True),
-        AntiAdversary(None, 0.25, steps, relative_step_size=True),
-        loss,
-    ]
-    return AdversarialStep(callbacks), loss, optimizer
+    budget = ClassWiseBudget(0.1, multipliers) if budget is None else budget
+    attack = PGDAttack(None, 0.02, steps, loss="kl", start="normal")
+    anti = AntiAdversary(None, 0.02, steps)
+    loss = CAATLoss(
+        3, meta, meta_every=meta_every, optimizer=optimizer, net=net, meta_objective=meta_objective,
+        meta_perturbations=(budget, attack, anti),
+        class_weights=budget if isinstance(budget, ReMarginBudget) else None,
+    )  # fmt: skip
+    return AdversarialStep([budget, attack, anti, loss]), loss, optimizer
 
 
 def test_class_wise_budget_bounds_attack_and_anti_adversary():
@@ -152,9 +194,19 @@ def test_class_wise_budget_bounds_attack_and_anti_adversary():
         ClassWiseBudget(0.1, [1.0, -1.0])
 
 
-def test_cost_per_step_with_and_without_the_lookahead():
+@pytest.mark.parametrize(
+    ("meta_objective", "extra"),
+    [
+        # The lookahead adds 3 virtual forwards of the batch and, at theta', 1 forward of the meta batch (same
+        # size here) ...
+        ("clean", (4, 4)),
+        # ... or its KL attack (1 eval forward of x_meta, K steps) and anti-adversary (K steps) and 3 forwards.
+        ("caat", (3 + 1 + 2 * 2 + 3, 3 + 2 * 2 + 3)),
+    ],
+)
+def test_cost_per_step_with_and_without_the_lookahead(meta_objective, extra):
     model = SmallNet()
-    step, callback, _ = _caat(model, steps=2, meta_every=2)
+    step, callback, _ = _caat(model, steps=2, meta_every=2, meta_objective=meta_objective)
     x, y = _batch()
     net_before = [p.clone() for p in callback.net.parameters()]
     params_before = [p.clone() for p in model.parameters()]
@@ -166,9 +218,8 @@ def test_cost_per_step_with_and_without_the_lookahead():
     assert all(torch.equal(a, b) for a, b in zip(params_before, model.parameters()))
     assert all(p.grad is None for p in model.parameters())
     loss.backward()
-    # K = K_anti = 2: one eval forward of x (KL attack), 2K attack and anti-adversary passes, 3 training
-    # forwards; the lookahead adds 3 virtual forwards of the batch and 1 of the meta batch (same size here).
-    assert ctx.passes() == (1 + 2 * 2 + 3 + 4, 2 * 2 + 3 + 4)
+    # K = K_anti = 2: one eval forward of x (KL attack), 2K attack and anti-adversary passes, 3 training forwards.
+    assert ctx.passes() == (1 + 2 * 2 + 3 + extra[0], 2 * 2 + 3 + extra[1])
     after_lookahead = {k: v.clone() for k, v in model.state_dict().items()}
 
     model.load_state_dict(stats_before)
@@ -222,7 +273,49 @@ def test_state_dict_round_trips_through_a_checkpoint():
 def test_composition_needs_the_anti_adversary():
     meta = MetaBatches(*_batch(4), batch_size=2)
     with pytest.raises(CompositionError, match="AntiAdversary"):
-        AdversarialStep([PGDAttack(0.1, 0.02, 1), CAATLoss(3, meta)])
+        AdversarialStep([PGDAttack(0.1, 0.02, 1), CAATLoss(3, meta, meta_objective="clean")])
+    with pytest.raises(ValueError, match="meta_perturbations that write x_adv and x_anti"):
+        CAATLoss(3, meta, meta_perturbations=(PGDAttack(0.1, 0.02, 1),))
+    with pytest.raises(ValueError, match="meta_objective must be one of"):
+        CAATLoss(3, meta, meta_objective="adversarial")
+
+
+def test_the_released_outer_loss_is_the_caat_loss_at_unit_weights_on_the_meta_batchs_own_perturbations():
+    model = SmallNet()
+    budget = ReMarginBudget(0.1, 3, *_batch(6, seed=7))
+    budget.load_state_dict({"lam": torch.tensor([[0.2, 0.0, 0.1], [0.0, 0.3, 0.0], [0.2, -0.1, 0.4]])})
+    step, callback, _ = _caat(model, meta_every=1, budget=budget)
+    net_before, stepped = copy.deepcopy(callback.net), copy.deepcopy(model)
+    x, y = _batch()
+    torch.manual_seed(3)
+    _, ctx = step(model, x, y, step=0)
+
+    # By hand: the step's perturbations with the same random starts, its clean training forward (which moves the
+    # BatchNorm statistics before the lookahead), a real SGD step of a copy of the model on the loss at the weights
+    # before the meta update, then the meta batch's perturbations against the stepped copy.
+    torch.manual_seed(3)
+    seen = StepContext(stepped, stepped, x, y, 3)
+    for perturbation in callback.meta_perturbations:
+        perturbation(seen)
+    features = caat_features(stepped.train()(x), y, callback.class_loss, callback.class_proportions)
+    alpha, beta = net_before.train()(features).detach().unbind(dim=1)
+    sgd = torch.optim.SGD(stepped.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    w = torch.tensor([[0.2, 0.0, 0.1], [0.0, 0.3, 0.0]])
+    w = 1 / 3 + w - w.sum(dim=1, keepdim=True) / 3
+    with model_mode(stepped, "train_frozen_bn"):
+        logits = [stepped(v) for v in (x, seen.x_adv, seen.x_anti)]
+    caat_loss(*logits, y, alpha, beta, 1.5, clean_weights=w[0][y], kl_weights=w[1][y]).backward()
+    sgd.step()
+    x_meta, y_meta = next(MetaBatches(*_batch(12, seed=5), batch_size=8, seed=0))
+    on_meta = StepContext(stepped, stepped, x_meta, y_meta, 3)
+    for perturbation in callback.meta_perturbations:
+        perturbation(on_meta)
+    torch.testing.assert_close(on_meta.eps, 0.1 * torch.exp(2 * torch.tensor([0.2, -0.1, 0.4])).clamp(0.98)[y_meta])
+    with model_mode(stepped, "train_frozen_bn"):
+        logits = [stepped(v) for v in (x_meta, on_meta.x_adv, on_meta.x_anti)]
+    ones = torch.ones(8)
+    expected = caat_loss(*logits, y_meta, ones, ones, 1.5, clean_weights=w[0][y_meta], kl_weights=w[1][y_meta])
+    torch.testing.assert_close(ctx.extras["CAATLoss_meta_loss"], expected.detach())
 
 
 @settings(max_examples=60, deadline=None)
@@ -232,9 +325,35 @@ def test_remargin_multipliers_are_bounded_and_monotone(lam2):
     assert torch.all(c >= REMARGIN_BOUNDS[0]) and torch.all(c <= REMARGIN_BOUNDS[1])
     order = torch.argsort(lam2)
     assert torch.all(c[order][1:] >= c[order][:-1])
-    errors = torch.rand(len(lam2))
-    # Classes with above-average boundary error get a larger budget, below-average ones a smaller one.
-    torch.testing.assert_close(remargin_update(lam2, errors, rate=0.1), lam2.float() + 0.1 * (errors - errors.mean()))
+    torch.testing.assert_close(remargin_multipliers(torch.tensor([0.0, 0.1, -1.0, 1.0])),
+                               torch.tensor([1.0, math.exp(0.2), 0.98, 2.5]))  # fmt: skip
+
+
+@settings(max_examples=60, deadline=None)
+@given(lam=st.lists(st.floats(0, 1), min_size=2, max_size=10).map(torch.tensor))
+def test_frl_class_weights_sum_to_one_stay_positive_and_match_the_released_ten_class_sums(lam):
+    lam = lam * 0.5 / max(1.0, lam.sum().item() / 0.5)  # >= 0 and summing to at most 0.5, as frl_update keeps it
+    w = frl_class_weights(lam)
+    torch.testing.assert_close(w.sum(), torch.tensor(1.0))
+    assert torch.all(w > 0)
+    c = len(lam)
+    # The released code's loop: 1/C, plus (C - 1)/C of the class's own multiplier, minus 1/C of every other one.
+    looped = [1 / c + (c - 1) / c * lam[i] - sum(lam[j] for j in range(c) if j != i) / c for i in range(c)]
+    torch.testing.assert_close(w, torch.stack(looped).float())
+
+
+def test_frl_update_by_hand():
+    counts = torch.tensor([[10.0, 10.0, 20.0], [9.0, 5.0, 16.0], [6.0, 2.0, 12.0]])  # examples, clean, robust
+    lam = torch.tensor([[0.3, 0.3, 0.0], [0.0, 0.1, 0.2], [0.1, 0.0, -0.1]])
+    # Clean errors 0.1, 0.5, 0.2 (all: 0.25) and boundary errors 0.3, 0.3, 0.2 (all: 0.25), less the tolerance 0.07:
+    # gaps -0.22, 0.18, -0.12 (clean) and -0.02, -0.02, -0.12 (boundary).
+    lam0 = torch.tensor([0.3 - 0.011, 0.3 + 0.009, 0.0])  # 0.05 * gap; the third clamped at 0; sum 0.598 > 0.5
+    lam1 = torch.tensor([0.0, 0.1 - 0.002, 0.2 - 0.012])  # 2 * 0.05 * gap; the first clamped at 0; sum 0.286
+    lam2 = torch.tensor([0.1 - 0.004, 0.0 - 0.004, -0.1 - 0.024])  # 0.2 * gap, not clamped
+    torch.testing.assert_close(frl_update(lam, counts), torch.stack([lam0 * 0.5 / 0.598, lam1, lam2]))
+    # A class without held-out examples has the overall errors: it only drifts by the tolerance.
+    empty = frl_update(torch.zeros(3, 2), torch.tensor([[4.0, 0.0], [3.0, 0.0], [1.0, 0.0]]))
+    torch.testing.assert_close(empty[2], torch.tensor([-0.2 * 0.07, -0.2 * 0.07]))
 
 
 class Constant(nn.Module):
@@ -256,23 +375,36 @@ class Threshold(nn.Module):
         return torch.cat([torch.zeros_like(x), 10 * (x - 0.5)], dim=1)
 
 
-def test_boundary_errors_and_remargin_update():
+def test_class_counts_and_the_epoch_update_of_the_remargin_budget():
     x = torch.tensor([[0.1], [0.45], [0.9], [0.55], [0.7]])
     y = torch.tensor([0, 0, 1, 1, 1])
-    # Class 0: 1 of 2 within 0.1 of the boundary; class 1: 1 of 3.
-    errors = class_boundary_errors(Threshold(), x, y, 2, eps=0.1, step_size=0.1, steps=2, batch_size=2)
-    torch.testing.assert_close(errors, torch.tensor([0.5, 1 / 3]))
-    assert torch.equal(class_boundary_errors(Constant([0.0, 1.0]), x, y, 2, eps=0.3, step_size=0.1, steps=2),
-                       torch.zeros(2))  # fmt: skip
+    # All five are classified correctly; within 0.1 of the boundary: 1 of class 0's two, 1 of class 1's three.
+    counts = class_accuracy_counts(Threshold(), x, y, 2, eps=0.1, step_size=0.1, steps=2, batch_size=2)
+    assert torch.equal(counts, torch.tensor([[2.0, 3.0], [2.0, 3.0], [1.0, 2.0]]))
+    constant = class_accuracy_counts(Constant([0.0, 1.0]), x, y, 2, eps=0.3, step_size=0.1, steps=2)
+    assert torch.equal(constant, torch.tensor([[2.0, 3.0], [0.0, 3.0], [0.0, 3.0]]))
 
-    budget = ReMarginBudget(0.1, 2, x, y, step_size=0.1, steps=2, rate=0.5)
-    budget.update(Threshold())
-    lam2 = 0.5 * (torch.tensor([0.5, 1 / 3]) - 5 / 12)
-    torch.testing.assert_close(budget.lam2, lam2)
-    torch.testing.assert_close(budget.multipliers, torch.exp(2 * lam2).clamp(0.98, 2.5))
+    budget = ReMarginBudget(0.1, 2, x, y, step_size=0.1, steps=2)
+    assert torch.equal(budget.multipliers, torch.ones(2)) and torch.equal(budget.clean_weights, torch.full((2,), 0.5))
+    rows = []
+    budget.on_epoch_start(SimpleNamespace(model=Threshold(), log=rows.append), 0)
+    # Boundary errors 1/2, 1/3 (all: 2/5), clean errors 0: the clean multipliers stay at 0, the others step.
+    gap = torch.tensor([0.5 - 0.4 - 0.07, 1 / 3 - 0.4 - 0.07])
+    lam1 = torch.tensor([0.1 * gap[0], 0.0])
+    torch.testing.assert_close(budget.lam, torch.stack([torch.zeros(2), lam1, 0.2 * gap]))
+    torch.testing.assert_close(budget.multipliers, torch.tensor([math.exp(0.4 * gap[0]), 0.98]))
+    torch.testing.assert_close(budget.kl_weights, torch.tensor([0.5 + lam1[0] / 2, 0.5 - lam1[0] / 2]))
+    assert rows == [pytest.approx({"remargin_clean_error": 0.0, "remargin_boundary_error": 0.4,
+                                   "remargin_eps_multiplier_min": 0.98,
+                                   "remargin_eps_multiplier_max": math.exp(0.4 * gap[0].item())})]  # fmt: skip
+    ctx = StepContext(Threshold(), Threshold(), x, y, 2)
+    budget(ctx)
+    torch.testing.assert_close(ctx.eps, 0.1 * budget.multipliers[y])
+
     restored = ReMarginBudget(0.1, 2, x, y)
     restored.load_state_dict(join_state(*split_state(budget.state_dict())))
-    assert torch.equal(restored.lam2, budget.lam2) and torch.equal(restored.multipliers, budget.multipliers)
+    for name in ("lam", "multipliers", "clean_weights", "kl_weights"):
+        assert torch.equal(getattr(restored, name), getattr(budget, name)), name
 
 
 def test_a_random_net_saturates_and_the_even_init_starts_every_example_at_one_half():
@@ -297,3 +429,36 @@ def test_the_meta_step_moves_the_even_net():
     assert callback.net.mlp[2].weight.abs().sum() > 0
     alpha = callback.net(torch.randn(8, 6))[:, 0]
     assert not torch.equal(alpha, torch.full((8,), 0.5))
+
+
+@pytest.mark.parametrize(("steps_per_epoch", "meta_every"), [(10, 1), (360, 49), (367, 50), (404, 55)])
+def test_the_recipe_scales_the_released_protocol_to_the_run(tmp_path, steps_per_epoch, meta_every):
+    recipe = load_recipe("caat")
+
+    def flags(*argv):
+        return parse_args(recipe.parser(), ["--output-dir", str(tmp_path / "run"), *argv], recipe.DEFAULTS)
+
+    args = flags()
+    # Steps of eps/5 (the released 2/255 at 10/255), 10 of them, whatever a sample's multiplier.
+    assert (args.step_size, args.attack_steps) == (pytest.approx(0.1 / 5), 10)
+    # 6% of the training split (3,000 of CIFAR-10's 50,000): 75.42 -> 75 of digits' 1,257; 30 of --train-size 500.
+    assert recipe.default_meta_size(args) == 75
+    assert recipe.default_meta_size(flags("--train-size", "500")) == 30
+    train, val = (load_dataset("digits", split) for split in ("train", "validation"))
+    train, meta = train.hold_out(75, "meta")
+    info = RecipeInfo(10, train, val, 10, steps_per_epoch, 10 * steps_per_epoch, 1, meta)
+    budget, attack, anti, loss = recipe.build_callbacks(args, info)
+    assert isinstance(budget, ReMarginBudget) and (budget.eps, budget.steps, budget.step_size) == (0.1, 20, 0.025)
+    for perturbation in (attack, anti):
+        assert perturbation.step_size == args.step_size and perturbation.steps == 10
+        assert not perturbation.relative_step_size
+    # A meta step every 50 of the released 367 steps per epoch: the same fraction of this run's epoch.
+    assert loss.meta_every == meta_every
+    assert (loss.meta_objective, loss.class_weights, loss.meta_lr) == ("caat", budget, 1e-4)
+    assert loss.meta_optimizer.param_groups[0]["weight_decay"] == 5e-4
+    assert loss.meta_perturbations == [budget, attack, anti]
+
+    args = flags("--meta-objective", "clean", "--class-weights", "none", "--meta-every", "7")
+    budget, _, _, loss = recipe.build_callbacks(args, info)
+    assert type(budget) is ClassWiseBudget and torch.equal(budget.multipliers, torch.ones(10))
+    assert (loss.meta_objective, loss.class_weights, loss.meta_every) == ("clean", None, 7)

@@ -28,8 +28,14 @@ def _passes(out) -> set[tuple[float, float]]:
         ("sglr", ["--start-epoch", "0"], {(4.0, 3.0)}),
         ("sglr", ["--start-epoch", "1", "--max-steps", "3"], {(3.0, 3.0)}),
         # The logged row averages 4 steps; step 0 is a meta step. CAAT (K = K_a = 2): plain K + K_a + 4 / K + K_a + 3,
-        # meta K + K_a + 8 / K + K_a + 7. BiLAW: plain K + 1 each, meta 2K + 3 each.
-        ("caat", ["--meta-size", "20", "--meta-every", "100"], {((12 + 3 * 8) / 4, (11 + 3 * 7) / 4)}),
+        # meta 2(K + K_a) + 11 / 2(K + K_a) + 9 (the meta batch's own perturbations), or K + K_a + 8 / K + K_a + 7
+        # with --meta-objective clean. BiLAW: plain K + 1 each, meta 2K + 3 each.
+        ("caat", ["--meta-size", "20", "--meta-every", "100"], {((19 + 3 * 8) / 4, (17 + 3 * 7) / 4)}),
+        (
+            "caat",
+            ["--meta-size", "20", "--meta-every", "100", "--meta-objective", "clean"],
+            {((12 + 3 * 8) / 4, (11 + 3 * 7) / 4)},
+        ),
         ("bilaw", ["--meta-size", "20", "--meta-every", "100"], {((7 + 3 * 3) / 4, (7 + 3 * 3) / 4)}),
     ],
 )
