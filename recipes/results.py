@@ -44,10 +44,11 @@ from robustmix.report import plot_clean_vs_robust, results_page, results_statist
 from robustmix.runs import load_config
 
 #: Training flags that runs of one recipe may differ in: they change where a run is written or how it is
-#: checkpointed and logged, not what it computes (a resumed run continues exactly).
+#: checkpointed and logged, not what it computes (a resumed run continues exactly); ``init_from`` names each
+#: seed's own starting run (a hot start from the same recipe's run of that seed).
 _PER_RUN_FLAGS = {
     "seed", "output_dir", "resume", "overwrite", "num_workers", "eval_every", "checkpoint_every",
-    "checkpoint_every_steps", "keep_checkpoints",
+    "checkpoint_every_steps", "keep_checkpoints", "init_from",
 }  # fmt: skip
 
 
