@@ -141,7 +141,7 @@ def training_command(config: dict[str, Any]) -> str:
     words = [f"recipes/{flags['recipe']}.py"]
     for name, value in flags.items():
         default = preset[name] if name in preset else defaults.get_default(name)
-        if name == "step_size" and preset["eps"] > 0:
+        if name == "step_size" and preset["eps"] > 0 and flags["eps"] != preset["eps"]:
             default = preset["step_size"] * flags["eps"] / preset["eps"]  # what parse_args derives from --eps
         if name in ("recipe", "resume", "overwrite") or value is None or (value == default and name not in own):
             continue
