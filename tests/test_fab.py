@@ -18,14 +18,6 @@ from robustmix.evaluate import ATTACKS, DEFAULT_ATTACKS, robust_accuracy, with_b
 from tests.test_eval_attacks import EPS, MLP, _assert_in_ball, _synthetic, _tiny_batch, _trained
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model() -> MLP:
     return _trained()

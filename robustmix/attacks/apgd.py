@@ -160,11 +160,8 @@ def apgd_targeted(
     check_bn_mode(bn_mode)
     with torch.inference_mode(False), torch.enable_grad(), model_mode(model, bn_mode):
         x, y = _usable(x), _usable(y)
-        with torch.no_grad():
-            logits = model(x).float()
-        _require_classes(logits.shape[1], 4, "APGD-T (targeted DLR)")
-        n_targets = min(n_target_classes, logits.shape[1] - 1)
-        targets = logits.scatter(1, y[:, None], float("-inf")).topk(n_targets, dim=1).indices
+        _, targets = ranked_targets(model, x, y, n_target_classes, 4, "APGD-T (targeted DLR)")
+        n_targets = targets.shape[1]
         generator = torch.Generator(device=x.device).manual_seed(seed)
         best = None
         for t in range(n_targets):
@@ -292,6 +289,20 @@ def _check_num_classes(model: nn.Module, x_one: Tensor, loss: str) -> None:
         with torch.no_grad():
             num_classes = model(x_one).shape[1]
     _require_classes(num_classes, minimum, f"the {loss!r} loss")
+
+
+def ranked_targets(
+    model: nn.Module, x: Tensor, y: Tensor, n_target_classes: int, minimum: int, what: str
+) -> tuple[Tensor, Tensor]:
+    """The clean logits ``[B, C]`` (float32) and the target classes of a targeted attack as AutoAttack ranks
+    them: per example the ``n_target_classes`` highest clean logits other than the label's (at most ``C - 1``),
+    ``[B, n]``, best first. One forward, no grad; ``what`` names the attack when the model has too few classes.
+    """
+    with torch.no_grad():
+        logits = model(x).float()
+    _require_classes(logits.shape[1], minimum, what)
+    n_targets = min(n_target_classes, logits.shape[1] - 1)
+    return logits, logits.scatter(1, y[:, None], float("-inf")).topk(n_targets, dim=1).indices
 
 
 def _require_classes(num_classes: int, minimum: int, what: str) -> None:

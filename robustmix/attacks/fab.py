@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustmix.attacks.apgd import _require_classes, _usable
+from robustmix.attacks.apgd import _usable, ranked_targets
 from robustmix.attacks.pgd import DEFAULT_LOSS_SCALE, _check
 from robustmix.modes import BNMode, check_bn_mode, model_mode
 
@@ -86,11 +86,8 @@ def fab_targeted(
     check_bn_mode(bn_mode)
     with torch.inference_mode(False), torch.enable_grad(), model_mode(model, bn_mode):
         x, y = _usable(x), _usable(y)
-        with torch.no_grad():
-            logits = model(x).float()
-        _require_classes(logits.shape[1], 2, "FAB-T")
-        n_targets = min(n_target_classes, logits.shape[1] - 1)
-        targets = logits.scatter(1, y[:, None], float("-inf")).topk(n_targets, dim=1).indices
+        logits, targets = ranked_targets(model, x, y, n_target_classes, 2, "FAB-T")
+        n_targets = targets.shape[1]
         x_adv = x.clone()
         todo = (logits.argmax(dim=1) == y).nonzero().squeeze(1)
         for t in range(n_targets):
