@@ -371,9 +371,8 @@ def _split_positions(labels: np.ndarray, split: str, val_size: int, seed: int) -
 def _idx_folder(name: str, spec: DatasetSpec, path: str | None) -> Path | None:
     """The folder to read IDX files from: `path` when it holds them, else the first of the spec's folders that
     does; None sends the load on to `path`'s other formats or the Hub."""
-    if path is not None:
-        return Path(path) if find_idx_files(path, "train") or find_idx_files(path, "test") else None
-    return next((Path(f) for f in spec.idx_folders if find_idx_files(f, "train") or find_idx_files(f, "test")), None)
+    candidates = spec.idx_folders if path is None else (path,)
+    return next((Path(f) for f in candidates if find_idx_files(f, "train") or find_idx_files(f, "test")), None)
 
 
 def _load_idx(name: str, spec: DatasetSpec, folder: Path, split: str, val_size: int, seed: int) -> ImageDataset:
@@ -398,7 +397,7 @@ def _from_hub(name: str, spec: DatasetSpec) -> datasets.DatasetDict:
         return datasets.load_dataset(spec.repo, spec.config)
     except Exception as err:  # offline, unknown repository, network errors: all end the same way for the user
         local = f" or install the IDX files in {', '.join(spec.idx_folders)}" if spec.idx_folders else ""
-        if spec.idx_folders == (DEBIAN_FASHION_MNIST,):
+        if DEBIAN_FASHION_MNIST in spec.idx_folders:
             local += " (Debian/Ubuntu: apt-get install dataset-fashion-mnist)"
         raise ValueError(
             f"{name!r}: could not load {spec.repo} from the Hub ({type(err).__name__}: {err}); pass a local copy "
