@@ -78,10 +78,13 @@ def build_callbacks(args: argparse.Namespace, info: RecipeInfo) -> list[Callback
     burn_in = args.burn_in if args.burn_in is not None else args.epochs // 3
     kappa = args.margin == "kappa"
     if args.base == "at":
-        attack = PGDAttack(args.eps, args.step_size, args.attack_steps, track_kappa=kappa)
+        attack = PGDAttack(args.eps, args.step_size, args.attack_steps, track_kappa=kappa, bn_mode=args.attack_bn_mode)
         loss: Callback = AdversarialCE()
     else:
-        attack = PGDAttack(args.eps, args.step_size, args.attack_steps, loss="kl", start="normal", track_kappa=kappa)
+        attack = PGDAttack(
+            args.eps, args.step_size, args.attack_steps, loss="kl", start="normal", track_kappa=kappa,
+            bn_mode=args.attack_bn_mode,
+        )  # fmt: skip
         loss = TRADESLoss(args.beta)
     at_clean = args.margin_at == "clean"  # the eval-mode logits of x; at x_adv the training logits
     margin = {

@@ -34,18 +34,22 @@ RELEASED = {"at": (0.01, 0), "trades": (0.005, 10)}
 DEFAULTS = {
     "gamma": lambda args: RELEASED[args.base][0],
     "warmup_epochs": lambda args: min(RELEASED[args.base][1], args.epochs // 2),
+    # AT_AWP attacks in train mode (Rice et al.'s loop), trades_AWP/train_trades_cifar.py in eval mode.
+    "attack_bn_mode": lambda args: "train" if args.base == "at" else "eval",
 }
 
 
 def build_callbacks(args: argparse.Namespace, info: RecipeInfo) -> list[Callback]:
     if args.base == "at":
         return [
-            PGDAttack(args.eps, args.step_size, args.attack_steps),  # 1. x_adv
+            PGDAttack(args.eps, args.step_size, args.attack_steps, bn_mode=args.attack_bn_mode),  # 1. x_adv
             AWP(args.gamma, warmup_epochs=args.warmup_epochs),  # 2. w + gamma * v (4. removal after the step)
             AdversarialCE(),  # 3. loss
         ]
     return [
-        PGDAttack(args.eps, args.step_size, args.attack_steps, loss="kl", start="normal"),  # 1. x_adv
+        PGDAttack(
+            args.eps, args.step_size, args.attack_steps, loss="kl", start="normal", bn_mode=args.attack_bn_mode
+        ),  # 1. x_adv
         AWP(args.gamma, warmup_epochs=args.warmup_epochs, loss="trades", beta=args.beta),  # 2. (4.)
         TRADESLoss(args.beta),  # 3. loss
     ]

@@ -32,7 +32,7 @@ NAME = "bilaw"
 def build_callbacks(args: argparse.Namespace, info: RecipeInfo) -> list[Callback]:
     meta_images, meta_labels = info.meta_data.tensors()
     return [
-        PGDAttack(args.eps, args.step_size, args.attack_steps),  # 1. x_adv
+        PGDAttack(args.eps, args.step_size, args.attack_steps, bn_mode=args.attack_bn_mode),  # 1. x_adv
         MultiClassMargin(),  # 2. m
         BiLAWWeights(  # 3. w and 5. the lookahead update of phi
             info.num_classes,

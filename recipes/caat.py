@@ -65,7 +65,7 @@ def build_callbacks(args: argparse.Namespace, info: RecipeInfo) -> list[Callback
         budget = ReMarginBudget(args.eps, info.num_classes, meta_images, meta_labels)
     else:
         budget = ClassWiseBudget(args.eps, [1.0] * info.num_classes)
-    attack = PGDAttack(None, args.step_size, args.attack_steps, loss="kl", start="normal")
+    attack = PGDAttack(None, args.step_size, args.attack_steps, loss="kl", start="normal", bn_mode=args.attack_bn_mode)
     anti = AntiAdversary(None, args.step_size, args.attack_steps)
     meta_every = args.meta_every or max(1, round(META_EVERY_EPOCHS * info.steps_per_epoch))
     return [

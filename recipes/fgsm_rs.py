@@ -45,6 +45,7 @@ DEFAULTS = {
     "step_size": lambda args: STEP_SIZE_RATIO * args.eps,
     "attack_steps": 1,
     "schedule": lambda args: "cyclic" if args.protocol == "wong" else args.schedule,
+    "attack_bn_mode": lambda args: "train" if args.protocol == "wong" else "eval",
 }
 #: The released early stop: PGD-5 at step eps / 4, and the largest fall of its accuracy between two checks.
 CHECK_STEPS, MAX_DROP = 5, 0.2
@@ -122,7 +123,7 @@ class CatastrophicOverfittingGuard(Callback):
 def build_callbacks(args: argparse.Namespace, info: RecipeInfo) -> list[Callback]:
     wong = args.protocol == "wong"
     callbacks = [
-        FGSMAttack(args.eps, args.step_size, bn_mode="train" if wong else "eval"),  # 1. x_adv: one step of alpha
+        FGSMAttack(args.eps, args.step_size, bn_mode=args.attack_bn_mode),  # 1. x_adv: one step of alpha
         AdversarialCE(),  # 2. loss = CE(f(x_adv), y)
     ]
     if wong:
@@ -136,7 +137,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--protocol", choices=PROTOCOLS, default="wong",
         help="wong: the released code's cyclic lr, train-mode attack and early stop; shared: the preset's schedule, "
-        "eval-mode attack, no early stop, like the other recipes (default: wong)",
+        "eval-mode attack, no early stop, like the other recipes (default: wong); --schedule and "
+        "--attack-bn-mode override either",
     )  # fmt: skip
     return p
 

@@ -32,7 +32,9 @@ NAME = "gairat"
 def build_callbacks(args: argparse.Namespace, info: RecipeInfo) -> list[Callback]:
     burn_in = args.burn_in if args.burn_in is not None else args.epochs // 2
     return [
-        PGDAttack(args.eps, args.step_size, args.attack_steps, track_kappa=True),  # 1. x_adv, kappa
+        PGDAttack(
+            args.eps, args.step_size, args.attack_steps, track_kappa=True, bn_mode=args.attack_bn_mode
+        ),  # 1. x_adv, kappa
         ScheduledGAIRATWeights(  # 2. w
             args.attack_steps, args.lam, args.weight_kind, burn_in, schedule=args.lam_schedule, lam_max=args.lam_max
         ),

@@ -49,7 +49,9 @@ def burn_in_epochs(args: argparse.Namespace) -> int:
 
 
 def build_callbacks(args: argparse.Namespace, info: RecipeInfo) -> list[Callback]:
-    pgd = dict(eps=args.eps, step_size=args.step_size, steps=args.attack_steps, start="normal")
+    pgd = dict(
+        eps=args.eps, step_size=args.step_size, steps=args.attack_steps, start="normal", bn_mode=args.attack_bn_mode
+    )
     if args.base == "at":
         attack, loss = PGDAttack(**pgd), AdversarialCE()
     elif args.base == "trades":

@@ -28,7 +28,9 @@ NAME = "mart"
 
 def build_callbacks(args: argparse.Namespace, info: RecipeInfo) -> list[Callback]:
     return [
-        PGDAttack(args.eps, args.step_size, args.attack_steps, start="normal"),  # 1. x_adv
+        PGDAttack(
+            args.eps, args.step_size, args.attack_steps, start="normal", bn_mode=args.attack_bn_mode
+        ),  # 1. x_adv
         MARTLoss(args.beta),  # 2. loss
     ]
 

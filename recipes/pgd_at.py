@@ -2,7 +2,8 @@
 
 For every batch (x, y):
     1. x_adv = PGD_K(CE) from a uniform random start in the L-inf ball B(x, eps), steps of step_size,
-       BatchNorm in eval mode during the attack;
+       BatchNorm in train mode during the attack (batch statistics, as in Rice et al.'s release,
+       train_cifar.py; --attack-bn-mode eval for running statistics);
     2. loss = CE(f(x_adv), y), one backward, one optimizer step.
 
 Cost per step: K + 1 forwards and K + 1 backwards.
@@ -21,11 +22,13 @@ from robustmix.callbacks import Callback
 from robustmix.recipe import RecipeInfo, base_parser, parse_args, run_recipe
 
 NAME = "pgd_at"
+#: Rice et al.'s release attacks the model as it trains (model.train() for the whole epoch).
+DEFAULTS = {"attack_bn_mode": "train"}
 
 
 def build_callbacks(args: argparse.Namespace, info: RecipeInfo) -> list[Callback]:
     return [
-        PGDAttack(args.eps, args.step_size, args.attack_steps),  # 1. x_adv = PGD_K(CE)
+        PGDAttack(args.eps, args.step_size, args.attack_steps, bn_mode=args.attack_bn_mode),  # 1. x_adv = PGD_K(CE)
         AdversarialCE(),  # 2. loss = CE(f(x_adv), y)
     ]
 
@@ -36,7 +39,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(parser(), argv)
+    args = parse_args(parser(), argv, recipe_defaults=DEFAULTS)
     return run_recipe(args, build_callbacks)
 
 

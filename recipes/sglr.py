@@ -32,7 +32,7 @@ def build_callbacks(args: argparse.Namespace, info: RecipeInfo) -> list[Callback
     start = args.start_epoch if args.start_epoch is not None else round(0.45 * args.epochs)
     rows = int(info.train_data.index.max()) + 1
     return [
-        PGDAttack(args.eps, args.step_size, args.attack_steps),  # 1. x_adv
+        PGDAttack(args.eps, args.step_size, args.attack_steps, bn_mode=args.attack_bn_mode),  # 1. x_adv
         SGLRLabels(  # 2.-3. table update, y~
             rows,
             info.num_classes,

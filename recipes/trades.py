@@ -27,7 +27,9 @@ NAME = "trades"
 
 def build_callbacks(args: argparse.Namespace, info: RecipeInfo) -> list[Callback]:
     return [
-        PGDAttack(args.eps, args.step_size, args.attack_steps, loss="kl", start="normal"),  # 1. x_adv
+        PGDAttack(
+            args.eps, args.step_size, args.attack_steps, loss="kl", start="normal", bn_mode=args.attack_bn_mode
+        ),  # 1. x_adv
         TRADESLoss(args.beta),  # 2. loss
     ]
 

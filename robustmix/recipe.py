@@ -53,6 +53,7 @@ from robustmix.callbacks import Callback
 from robustmix.checkpoint import atomic_write_json, list_checkpoints, resolve_checkpoint
 from robustmix.data import DATASETS, ImageDataset, load_dataset
 from robustmix.models import create_model, model_config, unwrap_model
+from robustmix.modes import BN_MODES
 from robustmix.runs import (
     BEST_DIR,
     CHECKPOINTS_DIR,
@@ -265,6 +266,13 @@ def base_parser(name: str, description: str | None = None) -> argparse.ArgumentP
     add("--eps", type=nonnegative_number, help="L-inf budget in pixels in [0, 1], e.g. 8/255")
     add("--step-size", type=nonnegative_number, help="attack step in pixels")
     add("--attack-steps", type=nonnegative_int, help="attack iterations K")
+    add(
+        "--attack-bn-mode", choices=BN_MODES,
+        help="BatchNorm and dropout while the training attack runs: eval (running statistics), train (batch "
+        "statistics, running statistics updated by every attack step, as in the PGD-AT, AWP and FGSM-RS "
+        "releases) or train_frozen_bn (batch statistics, running statistics untouched); default: what the "
+        "method's release does (docs/recipes.md lists it per recipe)",
+    )  # fmt: skip
     add("--seed", type=nonnegative_int, default=0)
     add("--output-dir", help="run folder (default: runs/<recipe>-<dataset>-seed<seed>)")
     add("--resume", help="'latest' or a checkpoint folder to continue exactly")
@@ -334,6 +342,8 @@ def parse_args(
     for key, value in (recipe_defaults or {}).items():
         if key in unset:
             setattr(args, key, value(args) if callable(value) else value)
+    if args.attack_bn_mode is None:
+        args.attack_bn_mode = "eval"
 
     if args.mixed_precision is None:
         args.mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
