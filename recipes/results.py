@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.util
+import re
 import shlex
 import sys
 from datetime import datetime, timezone
@@ -143,6 +144,8 @@ def training_command(config: dict[str, Any]) -> str:
         default = preset[name] if name in preset else defaults.get_default(name)
         if name == "step_size" and preset["eps"] > 0 and flags["eps"] != preset["eps"]:
             default = preset["step_size"] * flags["eps"] / preset["eps"]  # what parse_args derives from --eps
+        if name == "attack_bn_mode" and value == _default_attack_bn_mode(flags):
+            continue  # the release's mode for these flags: what the recipe picks when the flag is not given
         if name in ("recipe", "resume", "overwrite") or value is None or (value == default and name not in own):
             continue
         option = "--" + name.replace("_", "-")
@@ -312,7 +315,28 @@ def row_name(config: dict[str, Any]) -> str:
             words.append(action.option_strings[0] if value else f"--no-{name.replace('_', '-')}")
         else:
             words += [action.option_strings[0], *map(str, value if isinstance(value, list) else [value])]
+    mode = attack_bn_mode(config)
+    if mode is not None and mode != _default_attack_bn_mode(flags):
+        words += ["--attack-bn-mode", mode]
     return " ".join(words)
+
+
+def attack_bn_mode(config: dict[str, Any]) -> str | None:
+    """The BatchNorm mode a run's training attack ran in: its ``--attack-bn-mode``, or for a run that predates
+    the flag the ``bn_mode`` its attack callback recorded; ``None`` when neither says."""
+    if "attack_bn_mode" in config["flags"]:
+        return config["flags"]["attack_bn_mode"]
+    for callback in config.get("callbacks", []):
+        found = re.match(r"(?:PGDAttack|FGSMAttack)\(.*\bbn_mode='(\w+)'", callback)
+        if found:
+            return found.group(1)
+    return None
+
+
+def _default_attack_bn_mode(flags: dict[str, Any]) -> str:
+    """What the recipe's ``--attack-bn-mode`` defaults to for these flags (the release's mode)."""
+    default = getattr(_recipe_module(flags["recipe"]), "DEFAULTS", {}).get("attack_bn_mode", "eval")
+    return default(argparse.Namespace(**flags)) if callable(default) else default
 
 
 def _group(configs: dict[str, dict[str, Any]]) -> dict[tuple[str, str], list[str]]:
@@ -331,6 +355,8 @@ def _training_flags(config: dict[str, Any], names: set[str] = frozenset()) -> di
     flags = config["flags"]
     parser = _recipe_parser(flags["recipe"])
     missing = {name: parser.get_default(name) for name in names if name not in flags}
+    if "attack_bn_mode" in missing:
+        missing["attack_bn_mode"] = attack_bn_mode(config)
     return {k: str(v) for k, v in {**missing, **flags}.items() if k not in _PER_RUN_FLAGS}
 
 

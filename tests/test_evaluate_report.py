@@ -49,7 +49,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def _make_run(folder: Path, seed: int = 0, steps: int = 60) -> Path:
     """A run folder as recipes/pgd_at.py writes it (the files evaluation reads), trained in seconds."""
-    args = parse_args(base_parser("pgd_at"), ["--eps", str(EPS), "--seed", str(seed), "--output-dir", str(folder)])
+    argv = ["--eps", str(EPS), "--seed", str(seed), "--output-dir", str(folder)]
+    args = parse_args(base_parser("pgd_at"), argv, load_recipe("pgd_at").DEFAULTS)
     x, y = load_dataset("digits", "train").tensors()
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -378,9 +379,11 @@ def test_results_refuses_runs_that_cannot_share_a_row(run_dir, tmp_path, capsys,
 
 
 def _as_recipe(folder: Path, recipe: str, seed: int, device: str | None = None) -> Path:
-    """The run folder relabelled as a run of another recipe and seed (the flags stay pgd_at's)."""
+    """The run folder relabelled as a run of another recipe and seed (the flags stay pgd_at's, but for the
+    attack's BatchNorm mode: the other recipe's default)."""
     config = json.loads((folder / "config.json").read_text())
     config["recipe"] = config["flags"]["recipe"] = recipe
+    config["flags"]["attack_bn_mode"] = load_recipe("results")._default_attack_bn_mode(config["flags"])
     config["seed"] = config["flags"]["seed"] = seed
     if device is not None:
         config["device"] = device
@@ -537,3 +540,23 @@ def test_readings_of_one_recipe_get_rows_of_their_own():
     assert results.row_name(older) == "adalab"
     shared = {"flags": vars(parser.parse_args(["--lr", "0.5"]))}  # shared flags never name a row: they must agree
     assert results.row_name(shared) == "adalab"
+
+
+def test_an_attack_bn_mode_other_than_the_releases_names_the_row():
+    results = load_recipe("results")
+
+    def config(recipe, *argv, callbacks=()):
+        return {"flags": vars(results._recipe_parser(recipe).parse_args(list(argv))), "callbacks": list(callbacks)}
+
+    # The release's mode (PGD-AT: train; FGSM-RS: train under wong, eval under shared) names nothing.
+    assert results.row_name(config("pgd_at", "--attack-bn-mode", "train")) == "pgd_at"
+    assert results.row_name(config("pgd_at", "--attack-bn-mode", "eval")) == "pgd_at --attack-bn-mode eval"
+    assert results.row_name(config("trades", "--attack-bn-mode", "eval")) == "trades"
+    assert results.row_name(config("trades", "--attack-bn-mode", "train")) == "trades --attack-bn-mode train"
+    shared = config("fgsm_rs", "--protocol", "shared", "--attack-bn-mode", "eval")
+    assert results.row_name(shared) == "fgsm_rs --protocol shared"
+    # A run that predates the flag: its attack callback's recorded bn_mode decides.
+    older = config("pgd_at", callbacks=["PGDAttack(eps=0.1, steps=5, bn_mode='eval')", "AdversarialCE()"])
+    del older["flags"]["attack_bn_mode"]
+    assert results.attack_bn_mode(older) == "eval"
+    assert results.row_name(older) == "pgd_at --attack-bn-mode eval"
