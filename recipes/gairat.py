@@ -5,8 +5,8 @@ For every batch (x, y):
        kappa_i counts the iterates still classified correctly (read from the attack's own logits);
     2. w_i = (1 + tanh(lam + 5 (1 - 2 kappa_i / K))) / 2   (Tanh; or Sigmoid / Discrete), batch mean 1;
     3. loss = mean_i w_i CE(f(x_adv_i), y_i).
-Before the burn-in epoch lam = +inf: plain PGD-AT (the released code: 60 of 120 epochs; here half of
---epochs by default).
+Before the burn-in epoch lam = +inf: plain PGD-AT (the released code: 60 of 120 epochs, its lr's first
+drop; here the first drop under --schedule multistep, e.g. the CIFAR-10 preset, else half of --epochs).
 
 Cost per step: K + 1 forwards and K + 1 backwards, the same as PGD-AT.
 
@@ -23,14 +23,14 @@ from typing import Any
 from robustmix import AdversarialCE, PGDAttack
 from robustmix.callbacks import Callback
 from robustmix.gairat import LAMBDA_SCHEDULES, ScheduledGAIRATWeights
-from robustmix.recipe import RecipeInfo, base_parser, nonnegative_int, number, parse_args, run_recipe
+from robustmix.recipe import RecipeInfo, base_parser, epoch_or_first_decay, number, parse_args, run_recipe, start_epoch
 from robustmix.weights import GAIRAT_KINDS
 
 NAME = "gairat"
 
 
 def build_callbacks(args: argparse.Namespace, info: RecipeInfo) -> list[Callback]:
-    burn_in = args.burn_in if args.burn_in is not None else args.epochs // 2
+    burn_in = start_epoch(args, args.burn_in, args.epochs // 2)
     return [
         PGDAttack(
             args.eps, args.step_size, args.attack_steps, track_kappa=True, bn_mode=args.attack_bn_mode
@@ -50,7 +50,12 @@ def parser() -> argparse.ArgumentParser:
     add("--weight-kind", choices=GAIRAT_KINDS, default="tanh", help="weight curve (default tanh)")
     add("--lam-schedule", choices=LAMBDA_SCHEDULES, default="fixed", help="lambda after the burn-in")
     add("--lam-max", type=number, default=math.inf, help="start of the linear lambda schedule")
-    add("--burn-in", type=nonnegative_int, help="epochs of plain PGD-AT first (default: half of --epochs)")
+    add(
+        "--burn-in", type=epoch_or_first_decay,
+        help="epochs of plain PGD-AT first, or first-decay: until the lr's first drop (default: first-decay under "
+        "--schedule multistep, as released: begin_epoch 60 is the first drop of its 120 epochs; otherwise half of "
+        "--epochs)",
+    )  # fmt: skip
     return p
 
 
@@ -59,6 +64,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(p, argv)
     if args.attack_steps < 1:
         p.error("GAIRAT needs --attack-steps >= 1 (kappa counts attack iterations)")
+    try:
+        start_epoch(args, args.burn_in, args.epochs // 2)
+    except ValueError as err:
+        p.error(f"--burn-in: {err}")
     return run_recipe(args, build_callbacks)
 
 

@@ -7,8 +7,9 @@ For every batch (x, y):
     3. w_i  = 3 * sigmoid(slope (PM_i + bias)), not normalized (about 0.23 to 1.13 at the defaults), so the
        weights also scale the loss; --normalize-weights scales them to batch mean 1 instead;
     4. loss = the base method's loss with w on its adversarial term: AT's CE, TRADES' KL, MART's BCE.
-Before the burn-in epoch the weights are ones: the plain base method (the released code: 76 of 120 epochs;
-here that share of --epochs by default). docs/methods/mail.md: what follows the released code, and where.
+Before the burn-in epoch the weights are ones: the plain base method (the released code: 76 of 120 epochs,
+one epoch after its lr's first drop; here the same under --schedule multistep, else that share of --epochs).
+docs/methods/mail.md: what follows the released code, and where.
 
 Cost per step: the base method's (AT: K + 1 / K + 1; TRADES: K + 3 / K + 2; MART: K + 2 / K + 2).
 
@@ -28,11 +29,12 @@ from robustmix.losses import MARTLoss, TRADESLoss
 from robustmix.recipe import (
     RecipeInfo,
     base_parser,
-    nonnegative_int,
+    epoch_or_first_decay,
     nonnegative_number,
     number,
     parse_args,
     run_recipe,
+    start_epoch,
 )
 
 NAME = "mail"
@@ -44,8 +46,9 @@ BURN_IN, RELEASED_EPOCHS = 76, 120
 
 
 def burn_in_epochs(args: argparse.Namespace) -> int:
-    """``--burn-in``, or the released schedule's share (76 of 120 epochs) of ``--epochs``."""
-    return args.burn_in if args.burn_in is not None else (args.epochs * BURN_IN) // RELEASED_EPOCHS
+    """``--burn-in``; unset, one epoch after the lr's first drop under a multistep schedule (as released: the
+    drop at epoch 75, MAIL from 76), else the released schedule's share (76 of 120 epochs) of ``--epochs``."""
+    return start_epoch(args, args.burn_in, (args.epochs * BURN_IN) // RELEASED_EPOCHS, after_decay=1)
 
 
 def build_callbacks(args: argparse.Namespace, info: RecipeInfo) -> list[Callback]:
@@ -74,7 +77,11 @@ def parser() -> argparse.ArgumentParser:
     add("--beta", type=nonnegative_number, help="TRADES/MART term weight (default: 6 for trades, 5 for mart)")
     add("--bias", type=number, default=-1.5, help="sigmoid bias b (default -1.5)")
     add("--slope", type=nonnegative_number, default=1.0, help="sigmoid slope s (default 1)")
-    add("--burn-in", type=nonnegative_int, help="epochs of uniform weights first (default: 76/120 of --epochs)")
+    add(
+        "--burn-in", type=epoch_or_first_decay,
+        help="epochs of the plain base method first, or first-decay: until the lr's first drop (default: under "
+        "--schedule multistep one epoch after the first drop, as released; otherwise 76/120 of --epochs)",
+    )  # fmt: skip
     add(
         "--normalize-weights", action=argparse.BooleanOptionalAction, default=False,
         help="scale the weights to batch mean 1 (robustmix's reweighters) instead of the released 3 * sigmoid, "
@@ -91,8 +98,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             p.error("--beta applies to --base trades or mart, not at")
     elif args.beta is None:
         args.beta = DEFAULT_BETA[args.base]
-    if args.burn_in is not None and args.burn_in >= args.epochs:
-        p.error(f"--burn-in {args.burn_in} leaves no MAIL epoch out of --epochs {args.epochs}")
+    try:
+        burn_in_epochs(args)
+    except ValueError as err:
+        p.error(f"--burn-in: {err}")
     return run_recipe(args, build_callbacks)
 
 

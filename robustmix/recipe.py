@@ -220,6 +220,46 @@ positive_number = _bounded(number, 0, strict=True)
 nonnegative_number = _bounded(number, 0)
 
 
+#: The value of a method's start-epoch flag that means the epoch of the lr schedule's first drop.
+FIRST_DECAY = "first-decay"
+
+
+def epoch_or_first_decay(text: str) -> int | str:
+    """argparse type of a start-epoch flag: an epoch (integer >= 0) or ``first-decay``."""
+    return FIRST_DECAY if text == FIRST_DECAY else nonnegative_int(text)
+
+
+def first_decay_epoch(args: argparse.Namespace) -> int | None:
+    """The epoch of the lr schedule's first drop: the first ``--milestones`` epoch under ``multistep``; ``None``
+    for schedules without a drop (warm-up + cosine, constant, cyclic)."""
+    return min(args.milestones) if args.schedule == "multistep" and args.milestones else None
+
+
+def start_epoch(args: argparse.Namespace, value: int | str | None, fallback: int, *, after_decay: int = 0) -> int:
+    """The epoch a method switches on at (GAIRAT's and MAIL's burn-in), as its release ties it to the lr schedule.
+
+    ``value`` is the flag: an epoch, or ``first-decay`` (the epoch of the lr's first drop). Not given, it is
+    the first drop plus ``after_decay`` under a schedule that has a drop (GAIRAT's release switches on at its
+    first drop, MAIL's one epoch after it), else ``fallback`` (the release's share of the epochs).
+
+    Raises:
+        ValueError: ``first-decay`` under a schedule without a drop, or an epoch that leaves no epoch of the
+            method out of ``--epochs``; recipes check this in ``main`` and turn it into a one-line error.
+    """
+    decay = first_decay_epoch(args)
+    if value == FIRST_DECAY:
+        if decay is None:
+            raise ValueError(f"{FIRST_DECAY} needs --schedule multistep with --milestones (the lr's first drop)")
+        epoch = decay
+    elif value is None:
+        epoch = fallback if decay is None else decay + after_decay
+    else:
+        epoch = value
+    if epoch >= args.epochs:
+        raise ValueError(f"epoch {epoch} leaves no epoch of the method out of --epochs {args.epochs}")
+    return epoch
+
+
 def base_parser(name: str, description: str | None = None) -> argparse.ArgumentParser:
     """The flags every recipe shares; add the method's own flags to it, then call ``parse_args``.
 
