@@ -35,8 +35,9 @@ class NormalizedModel(nn.Module):
         in_chans: Number of input channels C.
         mean: Buffer [1, C, 1, 1].
         std: Buffer [1, C, 1, 1].
-        config: What `create_model` needs to rebuild this model (see `model_config`); None when the
-            model was wrapped by hand.
+        robustmix_config: What `create_model` needs to rebuild this model (see `model_config`); None when the
+            model was wrapped by hand. Not named `config`: Hugging Face's `Trainer` reads `model.config` as a
+            transformers `PretrainedConfig`.
     """
 
     mean: torch.Tensor
@@ -51,7 +52,7 @@ class NormalizedModel(nn.Module):
         self.in_chans = len(mean)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
-        self.config: dict[str, Any] | None = None
+        self.robustmix_config: dict[str, Any] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Classify a batch of images.
@@ -109,7 +110,7 @@ def create_model(
     mean = tuple(mean) if mean is not None else _default_stats(net.pretrained_cfg["mean"], in_chans)
     std = tuple(std) if std is not None else _default_stats(net.pretrained_cfg["std"], in_chans)
     model = NormalizedModel(net, num_classes, mean, std)
-    model.config = {
+    model.robustmix_config = {
         "name": name,
         "num_classes": num_classes,
         "in_chans": in_chans,
@@ -133,7 +134,7 @@ def model_config(model: nn.Module) -> dict[str, Any]:
     Raises:
         ValueError: The model was not built by `create_model`, or its timm_kwargs are not JSON-serializable.
     """
-    config = getattr(unwrap_model(model), "config", None)
+    config = getattr(unwrap_model(model), "robustmix_config", None)
     if config is None:
         raise ValueError("model_config needs a model built by robustmix.models.create_model")
     try:

@@ -37,8 +37,8 @@ def _stem_conv(model: NormalizedModel) -> nn.Conv2d:
 def test_logits_shape_and_normalization_inside(family: str, in_chans: int) -> None:
     model = _build(family, in_chans)
     x = torch.rand(2, in_chans, 32, 32)
-    mean = torch.tensor(model.config["mean"]).view(1, -1, 1, 1)
-    std = torch.tensor(model.config["std"]).view(1, -1, 1, 1)
+    mean = torch.tensor(model.robustmix_config["mean"]).view(1, -1, 1, 1)
+    std = torch.tensor(model.robustmix_config["std"]).view(1, -1, 1, 1)
     with torch.no_grad():
         logits = model(x)
         expected = model.net((x - mean) / std)
@@ -62,14 +62,14 @@ def test_gradients_reach_the_input(family: str) -> None:
 def test_default_mean_std_come_from_pretrained_cfg() -> None:
     rgb = create_model("test_efficientnet", NUM_CLASSES)
     cfg_mean, cfg_std = rgb.net.pretrained_cfg["mean"], rgb.net.pretrained_cfg["std"]
-    assert rgb.config["mean"] == pytest.approx(cfg_mean)
-    assert rgb.config["std"] == pytest.approx(cfg_std)
+    assert rgb.robustmix_config["mean"] == pytest.approx(cfg_mean)
+    assert rgb.robustmix_config["std"] == pytest.approx(cfg_std)
     torch.testing.assert_close(rgb.mean, torch.tensor(cfg_mean).view(1, 3, 1, 1))
 
     # Other channel counts get the channel average, repeated.
     gray = create_model("test_efficientnet", NUM_CLASSES, in_chans=2)
-    assert gray.config["mean"] == pytest.approx([sum(cfg_mean) / 3] * 2)
-    assert gray.config["std"] == pytest.approx([sum(cfg_std) / 3] * 2)
+    assert gray.robustmix_config["mean"] == pytest.approx([sum(cfg_mean) / 3] * 2)
+    assert gray.robustmix_config["std"] == pytest.approx([sum(cfg_std) / 3] * 2)
     assert gray.mean.shape == gray.std.shape == (1, 2, 1, 1)
 
 
