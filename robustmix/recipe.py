@@ -50,7 +50,7 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler, MultiStepLR
 
 import robustmix
 from robustmix.callbacks import Callback
-from robustmix.checkpoint import atomic_write_json, list_checkpoints, resolve_checkpoint
+from robustmix.checkpoint import CheckpointError, atomic_write_json, list_checkpoints, resolve_checkpoint
 from robustmix.data import DATASETS, ImageDataset, load_dataset
 from robustmix.models import create_model, model_config, unwrap_model
 from robustmix.modes import BN_MODES
@@ -429,7 +429,7 @@ def parse_args(
             parser.error("--resume and --overwrite contradict each other")
         try:
             resolve_checkpoint(args.resume, output / CHECKPOINTS_DIR)
-        except FileNotFoundError as err:
+        except (FileNotFoundError, CheckpointError) as err:
             parser.error(f"--resume {args.resume}: {err}")
     elif not args.overwrite and (list_checkpoints(output / CHECKPOINTS_DIR) or (output / MODEL_FILE).exists()):
         parser.error(f"{output} already holds a run: --resume latest continues it, --overwrite replaces it")
@@ -563,7 +563,8 @@ def run_recipe(args: argparse.Namespace, build_callbacks: BuildCallbacks, *, met
         output.mkdir(parents=True, exist_ok=True)
         atomic_write_json(output / CONFIG_FILE, _run_config(args, model, train, val, trainer, step, init_from))
 
-    summary = trainer.fit(resume=args.resume)
+    with _flag_errors(args, state, "--resume", kind=CheckpointError):
+        summary = trainer.fit(resume=args.resume)
 
     with state.main_process_first():
         test = _load(args, "test")
@@ -590,8 +591,11 @@ def run_recipe(args: argparse.Namespace, build_callbacks: BuildCallbacks, *, met
 
 
 @contextlib.contextmanager
-def _flag_errors(args: argparse.Namespace, state: PartialState, *flags: str) -> Iterator[None]:
-    """Turn a ``ValueError`` raised while flags become data or callbacks into the command line's exit status 2.
+def _flag_errors(
+    args: argparse.Namespace, state: PartialState, *flags: str, kind: type[ValueError] = ValueError
+) -> Iterator[None]:
+    """Turn a ``ValueError`` (or only a ``kind`` of them) raised while flags become data, callbacks or a resumed
+    checkpoint into the command line's exit status 2.
 
     The message names ``flags`` or, when none are given, every flag whose name the error uses as a callback
     argument (``meta_lr must ...`` or ``lam=...`` for ``--meta-lr`` and ``--lam``), in argparse's format:
@@ -599,7 +603,7 @@ def _flag_errors(args: argparse.Namespace, state: PartialState, *flags: str) -> 
     """
     try:
         yield
-    except ValueError as err:
+    except kind as err:
         named = flags or tuple(
             "--" + key.replace("_", "-")
             for key in vars(args)

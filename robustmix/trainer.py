@@ -38,13 +38,14 @@ from tqdm.auto import tqdm
 
 from robustmix.attacks import pgd
 from robustmix.checkpoint import (
+    CheckpointError,
     atomic_save_weights,
     atomic_write_json,
     atomic_write_text,
     drop_checkpoints_after,
     list_checkpoints,
-    load_checkpoint,
-    resolve_checkpoint,
+    open_checkpoint,
+    restore_checkpoint,
     save_checkpoint,
 )
 from robustmix.data import augment_cifar, make_dataloader
@@ -160,6 +161,11 @@ def training_forwards(step: AdversarialStep) -> set[str]:
     return {f.removeprefix("logits_") for f in fields if f.startswith("logits_")}
 
 
+#: Entries of a checkpoint's trainer_state.json that a resume reads.
+_RESUMED_STATE = frozenset(
+    {"epoch", "batch_in_epoch", "global_step", "best", "val_metrics", "last_eval_step", "elapsed_s", "num_processes",
+     "batch_size", "num_train_examples", "seed", "total_steps"}
+)  # fmt: skip
 #: Keys of a training row in metrics.jsonl that callbacks' ``ctx.extras`` may not take.
 _TRAIN_ROW_KEYS = frozenset(
     {"step", "epoch", "loss", "lr", "train_adv_acc", "train_clean_acc", "forwards_per_step", "backwards_per_step",
@@ -184,7 +190,7 @@ class Trainer:
     GradScaler skipped the step (the lr is a function of the step count alone). It is deliberately not
     passed through ``accelerator.prepare``: Accelerate's scheduler wrapper steps ``num_processes`` times per
     call (it assumes schedules written in single-process steps), while robustmix schedules count optimizer
-    steps of the global batch. It is registered for checkpointing instead.
+    steps of the global batch. Checkpoints save it beside the model and optimizer.
 
     Under DDP, when the step runs several training forwards before one backward (e.g. TRADES: clean and
     adversarial), the accelerator the trainer creates uses ``broadcast_buffers=False``: DDP would otherwise
@@ -346,8 +352,6 @@ class Trainer:
         self.accelerator = accelerator
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.scheduler = scheduler
-        if scheduler is not None:
-            accelerator.register_for_checkpointing(scheduler)
 
         self.step = step
         self.train_data, self.val_data = train_data, val_data
@@ -428,15 +432,17 @@ class Trainer:
             NonFiniteLossError: a step's loss or gradients are NaN or inf and ``nonfinite="raise"``.
             NonFiniteError: weights or callback state hold NaN/inf when a checkpoint or weights are due.
             FileNotFoundError: ``resume`` names no complete checkpoint.
+            CheckpointError: the checkpoint (for ``"latest"``: every retained one) fails its manifest's check or
+                does not load (names the file); for ``"latest"``, a warning names each checkpoint skipped.
             ValueError: a fresh start in an ``output_dir`` that holds checkpoints or final weights, or a
                 checkpoint written with another batch size, process count, dataset size, seed or planned
                 number of steps (the lr schedule spans those: extending a run is a new run).
         """
-        checkpoint = None
+        checkpoint = contents = None
         if resume is not None:
             if resume == "latest" and self.checkpoints_dir is None:
                 raise ValueError("resume='latest' needs an output_dir")
-            checkpoint = resolve_checkpoint(resume, self.checkpoints_dir or ".")
+            checkpoint, contents = open_checkpoint(resume, self.checkpoints_dir or ".")
         else:
             self._check_fresh_output_dir()
             set_seed(self.seed, device_specific=True)
@@ -446,7 +452,7 @@ class Trainer:
         # Callbacks allocate their state (e.g. per-example tables) at fit start; a checkpoint then overwrites it.
         self.step.fire("on_fit_start", self)
         if checkpoint is not None:
-            self._restore(checkpoint)
+            self._restore(checkpoint, contents)
         elif self.output_dir is not None and self.accelerator.is_main_process:
             atomic_write_text(self.output_dir / METRICS_LOG, "")
         if self.accelerator.log_with and not self.accelerator.trackers:
@@ -838,13 +844,17 @@ class Trainer:
             "nonfinite_skipped": self.nonfinite_skipped, "log_rows": self._log_rows, "stop_reason": self.stop_reason,
         }  # fmt: skip
         save_checkpoint(
-            self.accelerator, self.checkpoints_dir, self.global_step, trainer_state=state,
-            callback_state=callback_state, keep=self.keep_checkpoints,
+            self.accelerator, self.checkpoints_dir, self.global_step, model=self.model, optimizer=self.optimizer,
+            scheduler=self.scheduler, trainer_state=state, callback_state=callback_state, keep=self.keep_checkpoints,
         )  # fmt: skip
         self._last_saved_step = self.global_step
 
-    def _restore(self, checkpoint: Path) -> None:
-        state, callback_state = load_checkpoint(self.accelerator, checkpoint)
+    def _restore(self, checkpoint: Path, contents: dict[str, Any]) -> None:
+        """Continue from ``open_checkpoint``'s ``contents``: every check first, then the states."""
+        state = contents["trainer_state"]
+        missing = sorted(_RESUMED_STATE - state.keys())
+        if missing:
+            raise CheckpointError(f"{checkpoint / 'trainer_state.json'} lacks {', '.join(missing)}")
         here = {
             "num_processes": self.accelerator.num_processes, "batch_size": self.batch_size,
             "num_train_examples": len(self.train_data), "seed": self.seed, "total_steps": self.total_steps,
@@ -853,7 +863,10 @@ class Trainer:
         if differ:
             detail = ", ".join(f"{k} {saved} (checkpoint) vs {now} (now)" for k, (saved, now) in differ.items())
             raise ValueError(f"cannot resume {checkpoint} exactly: {detail}")
-        self.step.load_state_dict(callback_state)
+        self.step.load_state_dict(contents["callback_state"])
+        restore_checkpoint(
+            self.accelerator, contents, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler
+        )
         self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
         self.global_step = self._last_saved_step = state["global_step"]
         self.best, self.val_metrics = state["best"], state["val_metrics"]

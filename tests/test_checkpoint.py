@@ -18,8 +18,9 @@ from robustmix.checkpoint import (
     drop_checkpoints_after,
     join_state,
     list_checkpoints,
-    load_checkpoint,
+    open_checkpoint,
     resolve_checkpoint,
+    restore_checkpoint,
     save_checkpoint,
     split_state,
 )
@@ -29,7 +30,7 @@ from robustmix.runs import BEST_DIR, CONFIG_FILE, MODEL_FILE, load_metrics_log, 
 
 @pytest.fixture
 def prepared():
-    """A prepared tiny model and optimizer: what save_state writes, at a fraction of a real model's cost."""
+    """A prepared tiny model and optimizer: what a checkpoint holds, at a fraction of a real model's cost."""
     accelerator = Accelerator(cpu=True)
     model = nn.Linear(4, 3)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -43,9 +44,21 @@ def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     optimizer.step()
 
 
-def _save(accelerator, directory, step, **kwargs):
+def _save(prepared, directory, step, **kwargs):
+    accelerator, model, optimizer = prepared
     state = {"global_step": step}
-    return save_checkpoint(accelerator, directory, step, trainer_state=state, callback_state={}, **kwargs)
+    return save_checkpoint(
+        accelerator, directory, step, model=model, optimizer=optimizer, trainer_state=state, callback_state={},
+        **kwargs,
+    )  # fmt: skip
+
+
+def _load(prepared, path):
+    """Restore ``path`` into the prepared model and optimizer; returns (trainer state, callback state)."""
+    accelerator, model, optimizer = prepared
+    _, contents = open_checkpoint(path, path.parent)
+    restore_checkpoint(accelerator, contents, model=model, optimizer=optimizer)
+    return contents["trainer_state"], contents["callback_state"]
 
 
 def test_callback_state_round_trip():
@@ -91,15 +104,16 @@ def test_save_load_round_trip_restores_model_optimizer_and_rng(prepared, tmp_pat
     _train_step(model, optimizer)
     callbacks = {"0.Table": {"table": torch.tensor([1.0, 2.0]), "start": 4}}
     path = save_checkpoint(
-        accelerator, tmp_path, 7, trainer_state={"global_step": 7}, callback_state=callbacks, keep=None
-    )
+        accelerator, tmp_path, 7, model=model, optimizer=optimizer, trainer_state={"global_step": 7},
+        callback_state=callbacks, keep=None,
+    )  # fmt: skip
     assert path == tmp_path / "step_7" and (tmp_path / LATEST).read_text() == "step_7"
     assert (path / "model.safetensors").is_file()  # weights as safetensors
     expected_weights = [p.detach().clone() for p in model.parameters()]
     expected_draw = torch.rand(3)
 
     _train_step(model, optimizer)  # move everything away from the saved state
-    trainer_state, callback_state = load_checkpoint(accelerator, resolve_checkpoint("latest", tmp_path))
+    trainer_state, callback_state = _load(prepared, resolve_checkpoint("latest", tmp_path))
     assert trainer_state == {"global_step": 7}
     assert torch.equal(callback_state["0.Table"]["table"], callbacks["0.Table"]["table"])
     assert callback_state["0.Table"]["start"] == 4
@@ -107,31 +121,32 @@ def test_save_load_round_trip_restores_model_optimizer_and_rng(prepared, tmp_pat
     assert torch.equal(torch.rand(3), expected_draw)  # the RNG continues where it was saved
 
 
-@pytest.mark.parametrize("crash_in", ["save_state", "callback_state", "latest_pointer"])
+@pytest.mark.parametrize("crash_in", ["optimizer_state", "callback_state", "latest_pointer"])
 def test_a_writer_dying_mid_checkpoint_leaves_latest_complete(prepared, tmp_path, monkeypatch, crash_in):
-    accelerator, model, optimizer = prepared
-    _save(accelerator, tmp_path, 1)
+    _, model, optimizer = prepared
+    _save(prepared, tmp_path, 1)
     weights_at_1 = [p.detach().clone() for p in model.parameters()]
     _train_step(model, optimizer)
 
     def die(*args, **kwargs):
         raise KeyboardInterrupt("writer killed")
 
-    if crash_in == "save_state":
-        real = accelerator.save_state
+    if crash_in == "optimizer_state":
+        real = checkpoint.save_state
 
-        def partial_save(directory, **kwargs):  # the model file is written, then the process dies
-            real(directory, **kwargs)
-            (checkpoint.Path(directory) / "optimizer.bin").write_bytes(b"\x00truncated")
+        def partial_save(state, folder, name):  # the model file is written, then the process dies
+            if name != "optimizer":
+                return real(state, folder, name)
+            (checkpoint.Path(folder) / "optimizer.safetensors").write_bytes(b"\x00truncated")
             die()
 
-        monkeypatch.setattr(accelerator, "save_state", partial_save)
+        monkeypatch.setattr(checkpoint, "save_state", partial_save)
     elif crash_in == "callback_state":
         monkeypatch.setattr(checkpoint, "save_file", die)
     else:
         monkeypatch.setattr(checkpoint, "atomic_write_text", die)
     with pytest.raises(KeyboardInterrupt):
-        _save(accelerator, tmp_path, 2)
+        _save(prepared, tmp_path, 2)
     monkeypatch.undo()
 
     latest = resolve_checkpoint("latest", tmp_path)
@@ -140,28 +155,26 @@ def test_a_writer_dying_mid_checkpoint_leaves_latest_complete(prepared, tmp_path
     assert latest == tmp_path / "step_1"
     complete = ["step_1", "step_2"] if crash_in == "latest_pointer" else ["step_1"]
     assert [p.name for p in list_checkpoints(tmp_path)] == complete
-    load_checkpoint(accelerator, latest)
+    _load(prepared, latest)
     assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights_at_1))
 
     if crash_in != "latest_pointer":  # the next save clears the half-written folder and succeeds
         assert (tmp_path / ".tmp-step_2").is_dir()
-        _save(accelerator, tmp_path, 2)
+        _save(prepared, tmp_path, 2)
         assert not (tmp_path / ".tmp-step_2").exists()
         assert resolve_checkpoint("latest", tmp_path) == tmp_path / "step_2"
 
 
 def test_keep_prunes_the_oldest_checkpoints(prepared, tmp_path):
-    accelerator, *_ = prepared
     for step in (1, 2, 3):
-        _save(accelerator, tmp_path, step, keep=2)
+        _save(prepared, tmp_path, step, keep=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_2", "step_3"]
 
 
 def test_save_refuses_to_overwrite_a_checkpoint(prepared, tmp_path):
-    accelerator, *_ = prepared
-    _save(accelerator, tmp_path, 1)
+    _save(prepared, tmp_path, 1)
     with pytest.raises(FileExistsError, match="step_1 exists already"):
-        _save(accelerator, tmp_path, 1)
+        _save(prepared, tmp_path, 1)
 
 
 def test_resolve_names_what_is_missing(tmp_path):
@@ -173,9 +186,8 @@ def test_resolve_names_what_is_missing(tmp_path):
 
 
 def test_resuming_an_older_checkpoint_drops_the_later_ones(prepared, tmp_path):
-    accelerator, *_ = prepared
     for step in (1, 2, 3):
-        _save(accelerator, tmp_path, step)
+        _save(prepared, tmp_path, step)
     drop_checkpoints_after(tmp_path, tmp_path / "step_1")
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_1"]
     assert resolve_checkpoint("latest", tmp_path) == tmp_path / "step_1"

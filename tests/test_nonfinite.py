@@ -61,7 +61,7 @@ def poisoned(at: int = BAD_STEP, kind: str = "nan_loss") -> tuple[list[Callback]
 
 
 def optimizer_tensors(checkpoint: Path) -> list[torch.Tensor]:
-    state = read_checkpoint(checkpoint)["files"]["optimizer.bin"]["state"]
+    state = read_checkpoint(checkpoint)["optimizer"]["state"]
     return [t for key in sorted(state) for t in state[key].values() if isinstance(t, torch.Tensor)]
 
 
@@ -131,8 +131,8 @@ def test_skip_leaves_model_and_optimizer_untouched_and_counts(digits, tmp_path):
                         optimizer_tensors(tmp_path / "checkpoints" / "step_3"), strict=True)
     )  # fmt: skip
     # ... but the batch is consumed and the lr schedule moves on with the global step.
-    schedules = [read_checkpoint(tmp_path / "checkpoints" / f"step_{s}")["files"] for s in (2, 3)]
-    assert [f["custom_checkpoint_0.pkl"]["last_epoch"] for f in schedules] == [2, 3]
+    schedules = [read_checkpoint(tmp_path / "checkpoints" / f"step_{s}")["scheduler"] for s in (2, 3)]
+    assert [schedule["last_epoch"] for schedule in schedules] == [2, 3]
     assert [after["trainer_state"]["nonfinite_skipped"], before["trainer_state"]["nonfinite_skipped"]] == [1, 0]
 
     rows = [r for r in load_metrics_log(tmp_path) if "lr" in r]  # training rows (log_every=1)

@@ -1,0 +1,288 @@
+"""Run folders and checkpoints received from someone else, damaged on disk, or resumed with other flags.
+
+Nothing in a checkpoint runs code when it is loaded, every file is checked against the manifest before
+anything is restored, a damaged ``latest`` checkpoint gives way (loudly) to the newest intact one, and the
+resumed run still ends bit for bit where an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.optim.lr_scheduler import MultiStepLR
+
+from robustmix.checkpoint import (
+    LATEST,
+    MANIFEST,
+    CheckpointError,
+    open_checkpoint,
+    read_checkpoint,
+    resolve_checkpoint,
+)
+from robustmix.safestate import decode_state, encode_state, load_state, save_state
+from robustmix.trainer import Trainer
+from tests.test_trainer import digits, make_trainer, weights  # noqa: F401  (digits is a fixture)
+
+
+class _Planted:
+    """Unpickling this creates ``path``: a stand-in for code a crafted pickle would run."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return open, (str(self.path), "w")
+
+
+def plant_pickles(folder: Path, marker: Path) -> None:
+    """Write the pickled files of the version 1 format into ``folder``, each of which would create ``marker``."""
+    for name in ("optimizer.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl"):
+        (folder / name).write_bytes(pickle.dumps({"state": _Planted(marker)}))
+
+
+def flip_byte(file: Path) -> None:
+    data = bytearray(file.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    file.write_bytes(bytes(data))
+
+
+def crash_at(monkeypatch, step: int) -> None:
+    """Make ``Trainer`` die (KeyboardInterrupt, a power cut) before training step ``step``."""
+    real = Trainer._train_step
+
+    def train_step(self, batch):
+        if self.global_step == step:
+            raise KeyboardInterrupt("power cut")
+        real(self, batch)
+
+    monkeypatch.setattr(Trainer, "_train_step", train_step)
+
+
+@pytest.fixture
+def run(digits, tmp_path):  # noqa: F811
+    """A finished 4-step run with a checkpoint after every step and a multistep lr schedule (a Counter)."""
+    scheduler = lambda opt: MultiStepLR(opt, milestones=[2, 3])  # noqa: E731
+    trainer = make_trainer(
+        digits, max_steps=4, checkpoint_every_steps=1, keep_checkpoints=None, output_dir=tmp_path / "run",
+        scheduler=scheduler, eval_every=None,
+    )  # fmt: skip
+    trainer.fit()
+    return tmp_path / "run", scheduler, weights(trainer)
+
+
+# ---------------------------------------------------------------------- no pickle on the load path
+
+
+def test_a_checkpoint_is_safetensors_and_json_only(run):
+    folder, _, _ = run
+    checkpoint = folder / "checkpoints" / "step_4"
+    names = sorted(p.name for p in checkpoint.iterdir())
+    assert all(name.endswith((".safetensors", ".json")) for name in names), names
+    assert not any(p.read_bytes().startswith(b"\x80") for p in checkpoint.iterdir())  # no pickle protocol header
+    manifest = json.loads((checkpoint / MANIFEST).read_text())
+    assert sorted(manifest["files"]) == [n for n in names if n != MANIFEST]
+    saved = read_checkpoint(checkpoint)
+    assert saved["scheduler"]["milestones"] == Counter({2: 1, 3: 1})  # restored as the Counter it was
+    assert saved["scheduler"]["last_epoch"] == 4 and saved["trainer_state"]["global_step"] == 4
+
+
+def test_resuming_never_opens_a_planted_pickle(run, digits, tmp_path):  # noqa: F811
+    folder, scheduler, _ = run
+    marker = tmp_path / "code-ran"
+    latest = resolve_checkpoint("latest", folder / "checkpoints")
+    plant_pickles(latest, marker)
+    (folder / "model.safetensors").unlink()
+    make_trainer(
+        digits, max_steps=4, checkpoint_every_steps=1, output_dir=folder, scheduler=scheduler, eval_every=None
+    ).fit(resume="latest")
+    assert not marker.exists()
+
+
+def test_a_pickled_checkpoint_of_the_old_format_is_refused_without_unpickling(run, tmp_path):
+    folder, _, _ = run
+    marker = tmp_path / "code-ran"
+    for checkpoint in (folder / "checkpoints").glob("step_*"):
+        (checkpoint / MANIFEST).unlink()
+        plant_pickles(checkpoint, marker)
+    with pytest.raises(CheckpointError, match=r"older robustmix .*optimizer\.bin.*no longer unpickles"):
+        open_checkpoint("latest", folder / "checkpoints")
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------------- the manifest
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["model.safetensors", "optimizer.safetensors", "optimizer.json", "scheduler.json", "rng_0.safetensors",
+     "rng_0.json", "callbacks.json", "trainer_state.json"],
+)  # fmt: skip
+def test_a_flipped_byte_is_named(run, name):
+    folder, _, _ = run
+    checkpoint = folder / "checkpoints" / "step_4"
+    flip_byte(checkpoint / name)
+    with pytest.raises(CheckpointError, match=rf"step_4/{name} is corrupted: its SHA-256 differs"):
+        read_checkpoint(checkpoint)
+
+
+@pytest.mark.parametrize("name", ["rng_0.json", "rng_0.safetensors", "optimizer.json", "scheduler.safetensors"])
+def test_a_missing_file_is_named(run, name):
+    """A missing RNG state is an error like any other missing file: resuming without it would not be exact."""
+    folder, _, _ = run
+    checkpoint = folder / "checkpoints" / "step_4"
+    (checkpoint / name).unlink()
+    with pytest.raises(CheckpointError, match=rf"step_4/{name} is missing"):
+        read_checkpoint(checkpoint)
+
+
+def test_a_manifest_cannot_name_files_outside_the_checkpoint(run):
+    folder, _, _ = run
+    checkpoint = folder / "checkpoints" / "step_4"
+    manifest = json.loads((checkpoint / MANIFEST).read_text())
+    manifest["files"]["../../config.json"] = "0" * 64
+    (checkpoint / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=r"lists '\.\./\.\./config\.json', which is not a file of"):
+        read_checkpoint(checkpoint)
+
+
+def test_rng_state_that_matches_its_hash_but_is_invalid_is_refused(run):
+    """A consistent manifest does not make a state valid: RNG states are tried on throwaway generators first."""
+    folder, _, _ = run
+    checkpoint = folder / "checkpoints" / "step_4"
+    state = load_state(checkpoint, "rng_0")
+    state["python"] = (3, (1, 2, 3), None)
+    save_state(state, checkpoint, "rng_0")
+    _rehash(checkpoint)
+    with pytest.raises(CheckpointError, match=r"rng_0\.json does not hold valid RNG states"):
+        read_checkpoint(checkpoint)
+
+
+def _rehash(checkpoint: Path) -> None:
+    """Rewrite the manifest for the files as they are now (what a crafted checkpoint would do)."""
+    from robustmix.checkpoint import _sha256
+
+    manifest = json.loads((checkpoint / MANIFEST).read_text())
+    manifest["files"] = {name: _sha256(checkpoint / name) for name in manifest["files"]}
+    (checkpoint / MANIFEST).write_text(json.dumps(manifest))
+
+
+# ---------------------------------------------------------------------- falling back to an intact checkpoint
+
+
+def test_a_damaged_latest_falls_back_loudly_and_the_run_stays_exact(run, digits, tmp_path, monkeypatch):  # noqa: F811
+    _, scheduler, expected = run
+    crashed = tmp_path / "crashed"
+    options = {"max_steps": 4, "checkpoint_every_steps": 1, "keep_checkpoints": 2, "output_dir": crashed}
+    crash_at(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        make_trainer(digits, scheduler=scheduler, eval_every=None, **options).fit()
+    monkeypatch.undo()
+    flip_byte(crashed / "checkpoints" / "step_3" / "rng_0.safetensors")
+
+    trainer = make_trainer(digits, scheduler=scheduler, eval_every=None, **options)
+    with pytest.warns(RuntimeWarning, match=r"skipping the checkpoints after step_2 \(.*step_3/rng_0\.safetensors"):
+        trainer.fit(resume="latest")
+    assert all(torch.equal(expected[k], v) for k, v in weights(trainer).items())
+
+
+def test_a_checkpoint_named_by_its_path_is_never_replaced(run):
+    folder, _, _ = run
+    flip_byte(folder / "checkpoints" / "step_4" / "rng_0.json")
+    with pytest.raises(CheckpointError, match=r"step_4/rng_0\.json is corrupted"):
+        open_checkpoint(folder / "checkpoints" / "step_4", folder / "checkpoints")
+
+
+def test_no_intact_checkpoint_is_an_error_naming_each(run):
+    folder, _, _ = run
+    for checkpoint in (folder / "checkpoints").glob("step_*"):
+        flip_byte(checkpoint / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"no intact checkpoint .*step_4/model.*step_1/model"):
+        open_checkpoint("latest", folder / "checkpoints")
+
+
+# ---------------------------------------------------------------------- the latest pointer
+
+
+@pytest.mark.parametrize("target", ["../../elsewhere", "/tmp", "step_2/..", "step_x"])
+def test_latest_cannot_lead_out_of_the_checkpoints_folder(run, target):
+    folder, _, _ = run
+    (folder / "checkpoints" / LATEST).write_text(target)
+    with pytest.raises(CheckpointError, match="not a step_<N> checkpoint folder beside it"):
+        resolve_checkpoint("latest", folder / "checkpoints")
+
+
+def test_latest_cannot_name_a_link(run, tmp_path):
+    folder, _, _ = run
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(folder / "checkpoints" / "step_4", elsewhere)
+    os.symlink(elsewhere, folder / "checkpoints" / "step_9")
+    (folder / "checkpoints" / LATEST).write_text("step_9")
+    with pytest.raises(CheckpointError, match="'step_9', not a step_<N> checkpoint folder"):
+        resolve_checkpoint("latest", folder / "checkpoints")
+
+
+# ---------------------------------------------------------------------- state files
+
+
+_keys = st.text(max_size=5)
+_leaves = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.sampled_from([math.inf, -math.inf]),
+    st.text(max_size=5),
+    st.builds(lambda n, dtype: torch.arange(n).to(dtype), st.integers(0, 4), st.sampled_from([torch.float32,
+              torch.bfloat16, torch.int64, torch.uint8])),
+)  # fmt: skip
+_states = st.recursive(
+    _leaves,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3),
+        st.lists(inner, max_size=3).map(tuple),
+        st.dictionaries(_keys, inner, max_size=3),
+        st.dictionaries(st.integers(-3, 9), inner, max_size=3),
+        st.dictionaries(st.integers(0, 9), st.integers(1, 3), max_size=3).map(Counter),
+    ),
+    max_leaves=12,
+)
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return type(a) is type(b) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
+
+
+@settings(max_examples=60, deadline=None)
+@given(_states)
+def test_state_files_round_trip_every_allowed_type(state):
+    tensors: dict[str, torch.Tensor] = {}
+    tree = encode_state(state, tensors)
+    assert _same(decode_state(json.loads(json.dumps(tree)), tensors), state)
+
+
+@pytest.mark.parametrize("value", [{1, 2}, b"bytes", object(), {(1, 2): 3}, {1: "a", "b": 2}, print])
+def test_state_files_refuse_what_needs_pickle(value):
+    with pytest.raises(ValueError, match="can be saved without pickle"):
+        encode_state({"entry": value}, {})
+
+
+@pytest.mark.parametrize(
+    "tree",
+    [{"tensor": "absent"}, {"tuple": [1], "list": [2]}, {"object": "os.system"}, {"counter": [[1, "x"]]},
+     {"int_dict": {"a": 1}}, {"dict": [1]}, {"tensor": 3}],
+)  # fmt: skip
+def test_state_files_refuse_what_they_do_not_write(tree):
+    with pytest.raises(ValueError):
+        decode_state(tree, {})
