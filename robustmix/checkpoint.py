@@ -350,7 +350,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
     Returns:
         ``{"trainer_state", "callback_state", "model": model tensors, "optimizer", "scheduler", "scaler": the
-        state dicts (``None`` when absent), "rng": one RNG state per process}``; tensors are on the CPU.
+            state dicts (``None`` when absent), "rng": one RNG state per process}``; tensors are on the CPU.
 
     Raises:
         CheckpointError: a file is missing, altered or does not load (names the file).
