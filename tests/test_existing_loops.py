@@ -1,4 +1,4 @@
-"""robustmix inside loops it does not own: plain PyTorch, a user's Accelerate loop, a trainer class."""
+"""robustmix inside loops it does not own: plain PyTorch and a user's Accelerate loop."""
 
 import hashlib
 import importlib.util
@@ -8,9 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from robustmix import AdversarialCE, AdversarialStep, PGDAttack
 from robustmix.data import load_dataset
-from robustmix.integrations import AdversarialLossMixin
 from robustmix.models import create_model
 from tests.conftest import launch_two_processes
 
@@ -75,55 +73,3 @@ def test_accelerate_loop_two_processes_end_with_identical_weights(tmp_path):
     )
     digests = {_digest(tmp_path / f"weights.rank{rank}.pt") for rank in range(2)}
     assert len(digests) == 1
-
-
-class UserTrainer:
-    """A user's trainer: the loss comes from one overridable method."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-
-    def compute_loss(self, model, inputs, return_outputs=False):
-        return nn.functional.cross_entropy(model(inputs["pixel_values"]), inputs["labels"])
-
-    def training_step(self, inputs) -> float:
-        loss = self.compute_loss(self.model, inputs)
-        self.optimizer.zero_grad()
-        loss.backward()
-        self.optimizer.step()
-        return loss.item()
-
-
-class RobustUserTrainer(AdversarialLossMixin, UserTrainer):
-    adversarial_step = AdversarialStep([PGDAttack(eps=0.1, step_size=0.05, steps=2), AdversarialCE()])
-
-
-class TinyNet(nn.Module):
-    num_classes = 10
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.AvgPool2d(4), nn.Flatten(), nn.Linear(64, 10))
-
-    def forward(self, x):
-        return self.net(x)
-
-
-def test_mixin_replaces_the_loss_with_the_adversarial_one():
-    torch.manual_seed(0)
-    images, labels = _digits_subset(64)
-    batch = {"pixel_values": images, "labels": labels}
-    model = TinyNet()
-    trainer = RobustUserTrainer(model)
-    adversarial = trainer.compute_loss(model, batch).item()
-    clean = UserTrainer.compute_loss(trainer, model, batch).item()
-    assert adversarial > clean
-    _loss, outputs = trainer.compute_loss(model, batch, return_outputs=True)
-    assert outputs["logits"].shape == (64, 10)
-    first = trainer.training_step(batch)
-    for _ in range(5):
-        last = trainer.training_step(batch)
-    assert last < first
-    with pytest.raises(KeyError, match="image_key"):
-        trainer.compute_loss(model, {"images": images, "labels": labels})
