@@ -27,6 +27,7 @@ import contextlib
 import difflib
 import functools
 import hashlib
+import json
 import math
 import os
 import platform
@@ -61,8 +62,10 @@ from robustmix.runs import (
     METRICS_FILE,
     METRICS_LOG,
     MODEL_FILE,
+    flag_differences,
     load_config,
     load_model,
+    read_json,
 )
 from robustmix.step import MIXED_PRECISION, AdversarialStep
 from robustmix.trainer import NONFINITE_POLICIES, Trainer, batches_per_epoch
@@ -428,9 +431,15 @@ def parse_args(
         if args.overwrite:
             parser.error("--resume and --overwrite contradict each other")
         try:
-            resolve_checkpoint(args.resume, output / CHECKPOINTS_DIR)
+            checkpoint = resolve_checkpoint(args.resume, output / CHECKPOINTS_DIR)
         except (FileNotFoundError, CheckpointError) as err:
             parser.error(f"--resume {args.resume}: {err}")
+        if checkpoint.resolve().parent != (output / CHECKPOINTS_DIR).resolve():
+            parser.error(
+                f"--resume {args.resume} is not a checkpoint of the run in --output-dir {output}; to start from "
+                "another run's final weights use --init-from"
+            )
+        _check_resumed_flags(parser, args, recipe_defaults or {})
     elif not args.overwrite and (list_checkpoints(output / CHECKPOINTS_DIR) or (output / MODEL_FILE).exists()):
         parser.error(f"{output} already holds a run: --resume latest continues it, --overwrite replaces it")
     if args.init_from is not None:
@@ -444,6 +453,39 @@ def parse_args(
         if source.resolve() == output.resolve():
             parser.error(f"--init-from {source} is this run's own --output-dir")
     return args
+
+
+def _check_resumed_flags(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, recipe_defaults: dict[str, Any]
+) -> None:
+    """Exit (``parser.error``) unless every flag that decides what the run computes is the one its config.json
+    recorded (``robustmix.runs.flag_differences``): a resumed run continues one computation."""
+    output = Path(args.output_dir)
+
+    def default(name: str) -> Any:  # the value a run that predates the flag ran with
+        value = parser.get_default(name)
+        if value is None:
+            value = PRESETS.get(args.preset, {}).get(name)
+        if value is None and name in recipe_defaults:
+            value = recipe_defaults[name](args) if callable(recipe_defaults[name]) else recipe_defaults[name]
+        return value
+
+    try:
+        differences = flag_differences(read_json(output / CONFIG_FILE), vars(args), default)
+    except (FileNotFoundError, ValueError) as err:
+        parser.error(f"--resume: the flags of the run in {output} cannot be checked: {err}")
+    if differences:
+        listed = "; ".join(
+            f"--{name.replace('_', '-')} {json.dumps(saved)} there, {json.dumps(now)} here"
+            for name, saved, now in differences
+        )
+        planned = {"epochs", "max_steps"} & {name for name, _, _ in differences}
+        why = " (the lr schedule spans the planned steps: training further is a new run)" if planned else ""
+        parser.error(
+            f"--resume: the run in {output} was started with other flags: {listed}{why}. A resumed run continues "
+            f"the same computation: start a new run with another --output-dir, or one that starts from this "
+            f"run's final weights with --init-from {output}"
+        )
 
 
 # ---------------------------------------------------------------------- the shared fit path
@@ -559,7 +601,8 @@ def run_recipe(args: argparse.Namespace, build_callbacks: BuildCallbacks, *, met
             path = output / name
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     state.wait_for_everyone()
-    if state.is_main_process:
+    # A resumed run keeps the config.json it started with: parse_args checked that the flags are the same.
+    if state.is_main_process and args.resume is None:
         output.mkdir(parents=True, exist_ok=True)
         atomic_write_json(output / CONFIG_FILE, _run_config(args, model, train, val, trainer, step, init_from))
 

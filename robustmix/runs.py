@@ -18,6 +18,8 @@ Every file is written atomically (temporary file, fsync, rename), so a reader ne
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,6 +36,14 @@ METRICS_FILE = "metrics.json"
 METRICS_LOG = "metrics.jsonl"
 BEST_DIR = "best"
 CHECKPOINTS_DIR = "checkpoints"
+
+#: Recipe flags that may change between a run and its resumption: where the run lives, how it is resumed,
+#: replaced, logged, checkpointed and sped up. Every other flag decides what the run computes.
+BOOKKEEPING_FLAGS = frozenset(
+    {"output_dir", "resume", "overwrite", "preset", "data_path", "num_workers", "threads", "eval_every",
+     "checkpoint_every", "checkpoint_every_steps", "keep_checkpoints", "on_nonfinite", "data_on_device",
+     "channels_last", "compile"}
+)  # fmt: skip
 
 
 def read_json(path: str | Path) -> Any:
@@ -137,3 +147,52 @@ def load_metrics_log(run_dir: str | Path) -> list[dict[str, Any]]:
             raise ValueError(f"{path} line {number} is not a JSON object: {line[:80]!r}")
         rows.append(row)
     return rows
+
+
+def recorded_flags(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The command-line flags a run recorded in its config.json, as parsed (after presets and recipe defaults).
+
+    A run that predates ``--attack-bn-mode`` gets the ``bn_mode`` its attack callback recorded.
+
+    Raises:
+        ValueError: the config has no ``"flags"`` object.
+    """
+    flags = config.get("flags")
+    if not isinstance(flags, dict):
+        raise ValueError("config.json records no flags (it was not written by a recipe)")
+    flags = dict(flags)
+    if "attack_bn_mode" not in flags:
+        for callback in config.get("callbacks") or []:
+            found = re.match(r"(?:PGDAttack|FGSMAttack)\(.*\bbn_mode='(\w+)'", str(callback))
+            if found:
+                flags["attack_bn_mode"] = found.group(1)
+                break
+    return flags
+
+
+def flag_differences(
+    config: Mapping[str, Any], flags: Mapping[str, Any], default: Callable[[str], Any]
+) -> list[tuple[str, Any, Any]]:
+    """The flags that decide what a run computes and differ between a run's config.json and ``flags``.
+
+    Args:
+        config: The run's config.json.
+        flags: The flags of the command line now (``vars(args)``).
+        default: The value of a flag that the run did not record because it predates the flag.
+
+    Returns:
+        ``(flag name, recorded value, value now)`` for each difference, values as JSON would hold them.
+
+    Raises:
+        ValueError: the config has no ``"flags"`` object.
+    """
+    recorded = recorded_flags(config)
+    differences = []
+    for name, now in flags.items():
+        if name in BOOKKEEPING_FLAGS:
+            continue
+        saved = recorded[name] if name in recorded else default(name)
+        saved, now = json.loads(json.dumps(saved)), json.loads(json.dumps(now))
+        if saved != now:
+            differences.append((name, saved, now))
+    return differences

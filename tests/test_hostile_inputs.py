@@ -19,6 +19,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors.torch import load_file
 from torch.optim.lr_scheduler import MultiStepLR
 
 from robustmix.checkpoint import (
@@ -31,6 +32,7 @@ from robustmix.checkpoint import (
 )
 from robustmix.safestate import decode_state, encode_state, load_state, save_state
 from robustmix.trainer import Trainer
+from tests.conftest import load_recipe, quick_flags
 from tests.test_trainer import digits, make_trainer, weights  # noqa: F401  (digits is a fixture)
 
 
@@ -286,3 +288,122 @@ def test_state_files_refuse_what_needs_pickle(value):
 def test_state_files_refuse_what_they_do_not_write(tree):
     with pytest.raises(ValueError):
         decode_state(tree, {})
+
+
+# ---------------------------------------------------------------------- resuming with other flags (recipes)
+
+
+PGD_AT = load_recipe("pgd_at")
+RUN_FLAGS = ["--max-steps", "3", "--attack-steps", "1", "--checkpoint-every-steps", "1", "--eval-every", "9"]
+
+
+@pytest.fixture(scope="module")
+def recipe_run(tiny, tmp_path_factory) -> Path:
+    """A 3-step pgd_at run on the tiny dataset, killed before its last step (checkpoints step_1 and step_2)."""
+    folder = tmp_path_factory.mktemp("recipe_run") / "run"
+    with pytest.MonkeyPatch.context() as monkeypatch, pytest.raises(KeyboardInterrupt):
+        crash_at(monkeypatch, 2)
+        PGD_AT.main(quick_flags(tiny, folder, *RUN_FLAGS))
+    return folder
+
+
+@pytest.fixture
+def unfinished(recipe_run, tmp_path) -> Path:
+    """A copy of ``recipe_run`` to resume."""
+    shutil.copytree(recipe_run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def exit_line(call, capsys) -> str:
+    """Run ``call``; it must exit with status 2 and an error line (after argparse's usage), which is returned."""
+    with pytest.raises(SystemExit) as exited:
+        call()
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    return err.strip().splitlines()[-1]
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [(["--eps", "0.2"], "--eps 0.1 there, 0.2 here"), (["--attack-steps", "2"], "--attack-steps 1 there, 2 here"),
+     (["--lr", "0.05"], "--lr 0.1 there, 0.05 here"), (["--seed", "1"], "--seed 0 there, 1 here"),
+     (["--model", "resnet18"], '--model "test_resnet" there, "resnet18" here'),
+     (["--max-steps", "5"], "--max-steps 3 there, 5 here (the lr schedule spans the planned steps"),
+     (["--batch-size", "8"], "--batch-size 16 there, 8 here"), (["--train-size", "50"], "--train-size null there"),
+     (["--schedule", "constant"], '--schedule "warmup-cosine" there, "constant" here'),
+     (["--attack-bn-mode", "eval"], '--attack-bn-mode "train" there, "eval" here')],
+)  # fmt: skip
+def test_resuming_with_other_flags_is_refused_and_changes_nothing(tiny, unfinished, capsys, flags, named):
+    before = tree(unfinished)
+    argv = quick_flags(tiny, unfinished, *RUN_FLAGS, *flags, "--resume", "latest")
+    line = exit_line(lambda: PGD_AT.main(argv), capsys)
+    assert line.startswith("pgd_at.py: error: --resume: the run in ") and named in line, line
+    assert "another --output-dir" in line and f"--init-from {unfinished}" in line
+    assert tree(unfinished) == before  # config.json above all
+
+
+def test_another_recipe_cannot_resume_the_run(tiny, unfinished, capsys):
+    trades = load_recipe("trades")
+    line = exit_line(lambda: trades.main(quick_flags(tiny, unfinished, *RUN_FLAGS, "--resume", "latest")), capsys)
+    assert '--recipe "pgd_at" there, "trades" here' in line
+
+
+def test_resuming_past_a_finished_run_is_refused(tiny, unfinished, capsys):
+    PGD_AT.main(quick_flags(tiny, unfinished, *RUN_FLAGS, "--resume", "latest"))
+    argv = quick_flags(tiny, unfinished, *RUN_FLAGS, "--max-steps", "4", "--resume", "latest")
+    assert "--max-steps 3 there, 4 here (the lr schedule" in exit_line(lambda: PGD_AT.main(argv), capsys)
+
+
+def test_bookkeeping_flags_may_change_and_the_resume_stays_exact(tiny, unfinished, tmp_path):
+    PGD_AT.main(quick_flags(tiny, tmp_path / "straight", *RUN_FLAGS))
+    config = (unfinished / "config.json").read_bytes()
+    bookkeeping = ["--keep-checkpoints", "5", "--eval-every", "1", "--threads", "1", "--checkpoint-every", "2"]
+    PGD_AT.main(quick_flags(tiny, unfinished, *RUN_FLAGS, *bookkeeping, "--resume", "latest"))
+    straight, resumed = _weights(tmp_path / "straight"), _weights(unfinished)
+    assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert (unfinished / "config.json").read_bytes() == config  # the run keeps the config it started with
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "model.safetensors")
+
+
+def test_a_run_that_predates_a_flag_compares_as_its_default(tiny, unfinished):
+    """Flags a run did not record take their default; --attack-bn-mode is read from the attack it recorded."""
+    config = json.loads((unfinished / "config.json").read_text())
+    for name in ("attack_bn_mode", "grad_clip", "init_from"):
+        del config["flags"][name]
+    assert "bn_mode='train'" in config["callbacks"][0]
+    (unfinished / "config.json").write_text(json.dumps(config))
+    PGD_AT.main(quick_flags(tiny, unfinished, *RUN_FLAGS, "--resume", "latest"))
+    assert (unfinished / "model.safetensors").is_file()
+
+
+def test_a_run_that_predates_attack_bn_mode_and_attacked_in_eval_mode_is_refused(tiny, unfinished, capsys):
+    config = json.loads((unfinished / "config.json").read_text())
+    del config["flags"]["attack_bn_mode"]
+    config["callbacks"][0] = config["callbacks"][0].replace("bn_mode='train'", "bn_mode='eval'")
+    (unfinished / "config.json").write_text(json.dumps(config))
+    argv = quick_flags(tiny, unfinished, *RUN_FLAGS, "--resume", "latest")
+    assert '--attack-bn-mode "eval" there, "train" here' in exit_line(lambda: PGD_AT.main(argv), capsys)
+
+
+def test_resume_takes_only_checkpoints_of_the_output_dir(tiny, unfinished, tmp_path, capsys):
+    argv = quick_flags(tiny, tmp_path / "other", *RUN_FLAGS, "--resume", str(unfinished / "checkpoints" / "step_2"))
+    line = exit_line(lambda: PGD_AT.main(argv), capsys)
+    assert "is not a checkpoint of the run in --output-dir" in line and "--init-from" in line
+
+
+def test_a_checkpoint_of_the_old_format_is_a_one_line_error(tiny, unfinished, tmp_path, capsys):
+    marker = tmp_path / "code-ran"
+    for checkpoint in (unfinished / "checkpoints").glob("step_*"):
+        (checkpoint / MANIFEST).unlink()
+        plant_pickles(checkpoint, marker)
+    line = exit_line(lambda: PGD_AT.main(quick_flags(tiny, unfinished, *RUN_FLAGS, "--resume", "latest")), capsys)
+    assert line.startswith("pgd_at.py: error: --resume: no intact checkpoint") and "older robustmix" in line
+    assert not marker.exists()
