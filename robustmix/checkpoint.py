@@ -74,7 +74,8 @@ TEST_PAUSE_ENV = "ROBUSTMIX_TEST_CHECKPOINT_PAUSE"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint folder is incomplete, altered, unreadable or not in this version's format; names the file."""
+    """A checkpoint folder is incomplete, altered, unreadable or not in this version's format (the message names
+    the file), or it does not fit the run that resumes it."""
 
 
 def _fsync(path: Path) -> None:

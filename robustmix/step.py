@@ -109,8 +109,9 @@ class AdversarialStep:
 
         Raises:
             TypeError: a tensor of the wrong dtype (see ``robustmix.validation``).
-            ValueError: a bad batch, index, position (``epoch``...) or a model with other classes than
-                ``num_classes``; raised before any forward.
+            ValueError: a bad batch, index, position (``epoch``...), a model with other classes than
+                ``num_classes``, or one example for a model with BatchNorm in train mode; raised before any
+                forward.
         """
         attack_model = unwrap_model(model)
         num_classes = self.num_classes or getattr(attack_model, "num_classes", None)
@@ -124,6 +125,14 @@ class AdversarialStep:
         if self.check_inputs:
             index_range = check_batch(inputs, targets, num_classes, index)
             check_model_input(attack_model, inputs, self.num_classes)
+        if len(inputs) == 1 and any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in attack_model.modules()
+        ):
+            # Checked before any forward: a train-mode forward would already have moved the running statistics.
+            raise ValueError(
+                "a batch of one example cannot train a model with BatchNorm in train mode (it normalizes over the "
+                "batch); use batches of two or more (Trainer leaves such a last batch out)"
+            )
 
         ctx = StepContext(
             model=model,

@@ -111,7 +111,13 @@ def batches_per_epoch(num_examples: int, batch_size: int, num_processes: int = 1
         num_processes: Data-parallel processes.
     """
     full, rest = divmod(num_examples, batch_size * num_processes)
-    return full + (rest >= num_processes)
+    return full + (rest >= _smallest_batch(batch_size) * num_processes)
+
+
+def _smallest_batch(batch_size: int) -> int:
+    """Examples per process of the smallest last batch an epoch keeps: two, as BatchNorm in train mode cannot
+    normalize a single example (one value per channel after global pooling), unless every batch holds one."""
+    return min(2, batch_size)
 
 
 class EpochBatches(Sampler[list[int]]):
@@ -121,6 +127,9 @@ class EpochBatches(Sampler[list[int]]):
     into global batches of ``batch_size * num_processes`` positions; the process takes its
     ``batch_size`` slice. The last, smaller global batch is split evenly (at most ``num_processes - 1``
     examples of it are left out), so every process runs the same number of steps on equal batch sizes.
+    A last batch that would give each process a single example is left out altogether (unless
+    ``batch_size`` is 1): BatchNorm in train mode cannot normalize one example; ``Trainer`` warns when
+    that happens.
 
     Args:
         num_examples: Size of the dataset.
@@ -146,7 +155,7 @@ class EpochBatches(Sampler[list[int]]):
         for first in range(self.start * global_size, self.num_examples, global_size):
             chunk = order[first : first + global_size]
             per_process = len(chunk) // self.num_processes
-            if per_process == 0:
+            if per_process < _smallest_batch(self.batch_size):
                 return
             rank = self.process_index
             yield chunk[rank * per_process : (rank + 1) * per_process].tolist()
@@ -313,6 +322,8 @@ class Trainer:
             raise ValueError(f"grad_clip must be a positive number, got {grad_clip}")
         if not isinstance(train_data, Sized) or len(train_data) == 0:
             raise ValueError("train_data must be a non-empty map-style dataset")
+        if batch_size == 1 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            raise ValueError("batch_size 1 cannot train a model with BatchNorm (it normalizes over the batch)")
         mixed_precision = mixed_precision or (accelerator.mixed_precision if accelerator else step.mixed_precision)
         if mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got {mixed_precision!r}")
@@ -367,7 +378,14 @@ class Trainer:
 
         self.steps_per_epoch = batches_per_epoch(len(train_data), batch_size, accelerator.num_processes)
         if self.steps_per_epoch == 0:
-            raise ValueError(f"train_data has {len(train_data)} examples, fewer than one per process")
+            raise ValueError(f"train_data has {len(train_data)} examples, too few for one batch on every process")
+        rest = len(train_data) % (batch_size * accelerator.num_processes)
+        if batch_size > 1 and accelerator.num_processes <= rest < 2 * accelerator.num_processes:
+            warnings.warn(
+                f"train_data has {len(train_data)} examples: the last batch of every epoch would hold one example "
+                f"per process, which BatchNorm cannot train on; it is left out ({rest} examples of each epoch)",
+                UserWarning, stacklevel=2,
+            )  # fmt: skip
         planned = epochs * self.steps_per_epoch
         #: Optimizer steps this fit will run in all: define the lr schedule with this number.
         self.total_steps = planned if max_steps is None else min(max_steps, planned)
@@ -862,7 +880,7 @@ class Trainer:
         differ = {k: (state[k], v) for k, v in here.items() if state[k] != v}
         if differ:
             detail = ", ".join(f"{k} {saved} (checkpoint) vs {now} (now)" for k, (saved, now) in differ.items())
-            raise ValueError(f"cannot resume {checkpoint} exactly: {detail}")
+            raise CheckpointError(f"cannot resume {checkpoint} exactly: {detail}")
         self.step.load_state_dict(contents["callback_state"])
         restore_checkpoint(
             self.accelerator, contents, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler

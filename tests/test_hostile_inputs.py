@@ -7,6 +7,7 @@ resumed run still ends bit for bit where an uninterrupted one does.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -22,6 +23,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 from torch.optim.lr_scheduler import MultiStepLR
 
+from robustmix import AdversarialCE, AdversarialStep, PGDAttack
 from robustmix.checkpoint import (
     LATEST,
     MANIFEST,
@@ -31,9 +33,9 @@ from robustmix.checkpoint import (
     resolve_checkpoint,
 )
 from robustmix.safestate import decode_state, encode_state, load_state, save_state
-from robustmix.trainer import Trainer
+from robustmix.trainer import EpochBatches, Trainer, batches_per_epoch
 from tests.conftest import load_recipe, quick_flags
-from tests.test_trainer import digits, make_trainer, weights  # noqa: F401  (digits is a fixture)
+from tests.test_trainer import digits, make_model, make_trainer, weights  # noqa: F401  (digits is a fixture)
 
 
 class _Planted:
@@ -407,3 +409,43 @@ def test_a_checkpoint_of_the_old_format_is_a_one_line_error(tiny, unfinished, tm
     line = exit_line(lambda: PGD_AT.main(quick_flags(tiny, unfinished, *RUN_FLAGS, "--resume", "latest")), capsys)
     assert line.startswith("pgd_at.py: error: --resume: no intact checkpoint") and "older robustmix" in line
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------------- a last batch of one example
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 80), st.integers(1, 12), st.integers(1, 4))
+def test_no_epoch_ends_with_a_batch_of_one_example(n, batch, world):
+    ranks = [list(EpochBatches(n, batch, num_processes=world, process_index=r, seed=0)) for r in range(world)]
+    assert all(len(batches) == batches_per_epoch(n, batch, world) for batches in ranks)
+    sizes = {len(b) for batches in ranks for b in batches}
+    assert batch == 1 or 1 not in sizes
+    seen = [i for batches in ranks for b in batches for i in b]
+    assert len(seen) == len(set(seen)) >= n - (2 * world - 1 if batch > 1 else world - 1)
+
+
+def test_a_dataset_that_leaves_one_example_trains_and_warns(digits):  # noqa: F811
+    train, val = digits
+    train = dataclasses.replace(train, images=train.images[:33], labels=train.labels[:33], index=train.index[:33])
+    with pytest.warns(UserWarning, match=r"33 examples: the last batch .* one example per process.*left out \(1 "):
+        trainer = make_trainer((train, val), epochs=2)
+    assert trainer.steps_per_epoch == 2
+    assert trainer.fit()["step"] == 4
+
+
+def test_a_step_on_one_example_refuses_before_batchnorm_moves(digits):  # noqa: F811
+    model = make_model().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    step = AdversarialStep([PGDAttack(0.1, 0.05, 2), AdversarialCE()])
+    x, y = digits[0].images[:1], digits[0].labels[:1]
+    with pytest.raises(ValueError, match="a batch of one example cannot train a model with BatchNorm in train mode"):
+        step(model, x, y)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # running statistics untouched
+    loss, _ = step(model.eval(), x, y)  # frozen statistics: one example is fine
+    assert torch.isfinite(loss)
+
+
+def test_batch_size_one_with_batchnorm_is_refused_by_the_trainer(digits):  # noqa: F811
+    with pytest.raises(ValueError, match="batch_size 1 cannot train a model with BatchNorm"):
+        make_trainer(digits, batch_size=1)

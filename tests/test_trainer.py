@@ -107,7 +107,9 @@ class Recorder(Callback):
 
 
 @pytest.mark.parametrize(
-    ("n", "batch", "world", "expected"), [(40, 16, 1, 3), (40, 8, 2, 3), (33, 8, 2, 2), (35, 8, 2, 3), (2, 1, 3, 0)]
+    ("n", "batch", "world", "expected"),
+    # A last batch of one example per process is left out (35 = 2 x 16 + 3, 33 = 2 x 16 + 1), unless batch is 1.
+    [(40, 16, 1, 3), (40, 8, 2, 3), (33, 8, 2, 2), (35, 8, 2, 2), (36, 8, 2, 3), (33, 16, 1, 2), (2, 1, 3, 0)],
 )
 def test_batches_per_epoch(n, batch, world, expected):
     assert batches_per_epoch(n, batch, world) == expected
