@@ -7,6 +7,7 @@ the run folder. Failed sanity checks are printed as a WARNING block and recorded
 
     python recipes/evaluate.py --run-dir runs/pgd_at-digits-seed0
     python recipes/evaluate.py --run-dir runs/pgd_at-digits-seed0 --attacks pgd20 apgd-ce square --n-examples 200
+    python recipes/evaluate.py --run-dir runs/pgd_at-digits-seed0 --quick        # a first look: eval_quick.json
     accelerate launch recipes/evaluate.py --run-dir runs/pgd_at-cifar10-seed0 --mixed-precision bf16
 
 Several processes split the examples between them and give the numbers of one process.
@@ -15,9 +16,22 @@ Several processes split the examples between them and give the numbers of one pr
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
-from robustmix.evaluate import EVAL_FILE, add_evaluation_flags, check_run, evaluate_run, evaluation_kwargs
+from robustmix.evaluate import (
+    DEFAULT_ATTACKS,
+    EVAL_FILE,
+    add_evaluation_flags,
+    check_run,
+    evaluate_run,
+    evaluation_kwargs,
+    split_size,
+)
+
+#: --quick: two attacks (120 nominal passes per example, attack_cost; the default suite about 3,700) on the
+#: first QUICK_EXAMPLES examples, no eps sweep, written beside the full report, never over it.
+QUICK_ATTACKS, QUICK_EXAMPLES, QUICK_FILE = ("pgd20", "apgd-ce"), 500, "eval_quick.json"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -27,6 +41,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--run-dir", required=True, help="the training run's folder (its output_dir)")
     parser.add_argument("--output", help=f"path of the JSON report (default: RUN_DIR/{EVAL_FILE})")
     add_evaluation_flags(parser)
+    parser.add_argument(
+        "--quick", action="store_true",
+        help=f"a first look: {' and '.join(a.upper() for a in QUICK_ATTACKS)} on the first {QUICK_EXAMPLES} "
+        f"examples, no eps sweep, written to RUN_DIR/{QUICK_FILE}; --attacks, --n-examples, --sweep-eps and "
+        "--output still choose",
+    )  # fmt: skip
+    parser.set_defaults(attacks=None)  # to tell a given --attacks from the default under --quick
     args = parser.parse_args(argv)
 
     # The run folder is checked here too, so that a wrong path ends with a one-line message.
@@ -34,6 +55,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         check_run(args.run_dir, args.weights)
     except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))
+    if not args.quick:
+        args.attacks = args.attacks or list(DEFAULT_ATTACKS)
+        return args
+    args.attacks = args.attacks or list(QUICK_ATTACKS)
+    args.sweep_eps = [] if args.sweep_eps is None else args.sweep_eps
+    args.output = args.output or str(Path(args.run_dir) / QUICK_FILE)
+    if args.n_examples is None:
+        size = split_size(args.run_dir, args.split)
+        args.n_examples = None if size <= QUICK_EXAMPLES else QUICK_EXAMPLES
     return args
 
 

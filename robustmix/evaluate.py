@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import inspect
 import itertools
@@ -48,7 +49,7 @@ from robustmix.attacks.objectives import get_objective
 from robustmix.attacks.pgd import perturb
 from robustmix.attacks.square import square_attack
 from robustmix.checkpoint import atomic_write_json, atomic_write_text
-from robustmix.data import SPLITS, load_dataset
+from robustmix.data import SPLITS, ImageDataset, load_dataset
 from robustmix.margins import probability_margin
 from robustmix.modes import BNMode, model_mode
 from robustmix.recipe import device_name, nonnegative_int, nonnegative_number, positive_int
@@ -251,10 +252,7 @@ def evaluate_run(
 
     device = accelerator.device
     with accelerator.main_process_first():  # one process fills the dataset cache, the others read it
-        data = load_dataset(
-            config["data"]["dataset"], split, path=config["data"]["path"], val_size=config["data"].get("val_size"),
-            seed=run["split_seed"],
-        )  # fmt: skip
+        data = _load_split(config, split)
     n = len(data) if n_examples is None else n_examples
     if n > len(data):
         raise ValueError(f"n_examples is {n_examples} but the {split} split of {run['dataset']} has {len(data)}")
@@ -266,23 +264,39 @@ def evaluate_run(
     chunks = np.array_split(np.arange(math.ceil(n / batch_size)), accelerator.num_processes)
     mine = chunks[accelerator.process_index].tolist()
     attacked_sweep = [value for value in sweep if value > 0]
+    # The bar advances by each attack's nominal cost (attack_cost x examples), so its rate and ETA stay steady
+    # from a cheap PGD-20 to a 5,000-query Square.
+    chunk_sizes = {c: len(range(n)[c * batch_size : (c + 1) * batch_size]) for c in mine}
+    passes = [*specs, *sweep_specs * len(attacked_sweep)]
     bar = tqdm(
-        total=len(mine) * (1 + len(attacked_sweep)),
+        total=sum(round(attack_cost(spec) * size) for size in chunk_sizes.values() for spec in passes),
         desc=f"evaluating {run_dir.name}",
+        unit="pass",
+        unit_scale=True,
         disable=not (progress and accelerator.is_main_process),
     )
+
+    def advance(spec: AttackSpec, *, eps: float, c: int) -> None:
+        first, size = c * batch_size, chunk_sizes[c]
+        bar.set_postfix_str(f"{spec.label} at eps {eps:.4g}, examples {first}-{first + size - 1}")
+        bar.update(round(attack_cost(spec) * size))
+
     records = []
     for c in mine:
         xc, yc = (t[c * batch_size : (c + 1) * batch_size].to(device) for t in (x, y))
         with _autocast(device, mixed_precision):
-            main = worst_case(model, xc, yc, specs, eps=eps, batch_size=batch_size, seed=seed + c, record_loss=True)
-        bar.update()
+            main = worst_case(
+                model, xc, yc, specs, eps=eps, batch_size=batch_size, seed=seed + c, record_loss=True,
+                after_attack=functools.partial(advance, eps=eps, c=c),
+            )  # fmt: skip
         swept = {}
         for value in attacked_sweep:
             with _autocast(device, mixed_precision):
-                result = worst_case(model, xc, yc, sweep_specs, eps=value, batch_size=batch_size, seed=seed + c)
+                result = worst_case(
+                    model, xc, yc, sweep_specs, eps=value, batch_size=batch_size, seed=seed + c,
+                    after_attack=functools.partial(advance, eps=value, c=c),
+                )  # fmt: skip
             swept[value] = result["per_example"]
-            bar.update()
         records.append({key: main[key] for key in ("per_example", "attacked", "loss_trace")} | {"sweep": swept})
     bar.close()
     # Objects, not tensors: shards differ in length, and gather_object keeps the processes' order.
@@ -336,6 +350,7 @@ def worst_case(
     batch_size: int = 256,
     seed: int = 0,
     record_loss: bool = False,
+    after_attack: Callable[[AttackSpec], None] | None = None,
 ) -> dict[str, Any]:
     """Per-example worst case of several attacks at L-inf ``eps``, AutoAttack-style.
 
@@ -363,6 +378,7 @@ def worst_case(
         seed: Seed of the attacks' randomness; batch ``j`` uses ``seed + j``.
         record_loss: For PGD-type attacks, also return the mean attack loss per iteration, read
             from the logits the attack computes anyway.
+        after_attack: Called with each attack's spec once it has run (e.g. to advance a progress bar).
 
     Returns:
         A dict with ``"attack"`` (the combination's name, e.g. "worst case over APGD-CE, APGD-T,
@@ -434,6 +450,8 @@ def worst_case(
             results["attacked"][spec.name] = todo.numel()
             if trace is not None and todo.numel() > 0:
                 results["loss_trace"][spec.name] = (trace / todo.numel()).tolist()
+            if after_attack is not None:
+                after_attack(spec)
         results["worst_case"] = robust.float().mean().item()
         results["robust"] = robust.cpu()
         results["per_example"] = per_example | {"margin_clean": margin_clean.cpu(), "margin_adv": margin_adv.cpu()}
@@ -527,6 +545,16 @@ def sanity_flags(results: Mapping[str, Any], *, tolerance: float = 0.01, zero_ac
                 f"step, {trace[-1]:.4g} at the last); its gradients are zero or useless (gradient masking?)"
             )
     return flags
+
+
+def attack_cost(attack: str | AttackSpec) -> float:
+    """An attack's nominal cost per example in forward-and-backward passes: iterations x target classes x
+    restarts for the gradient attacks, a third of a pass per query for the forward-only Square. For progress
+    and planning, not a measurement."""
+    spec = get_attack(attack) if isinstance(attack, str) else attack
+    settings = spec.kwargs
+    passes = settings.get("steps", 0) * settings.get("n_target_classes", 1) * settings.get("restarts", 1)
+    return float(passes + settings.get("queries", 0) / 3)
 
 
 def get_attack(name: str) -> AttackSpec:
@@ -793,6 +821,19 @@ def _check_run_settings(
         raise ValueError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
     if mixed_precision not in MIXED_PRECISION:
         raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got {mixed_precision!r}")
+
+
+def split_size(run_dir: str | Path, split: str = "test") -> int:
+    """How many examples the ``split`` of a run's data has, made as in its training (``evaluate_run``'s data)."""
+    config, _ = check_run(run_dir)
+    return len(_load_split(config, split))
+
+
+def _load_split(config: dict[str, Any], split: str) -> ImageDataset:
+    data = config["data"]
+    return load_dataset(
+        data["dataset"], split, path=data["path"], val_size=data.get("val_size"), seed=data["split_seed"]
+    )
 
 
 def _sha256(path: Path) -> str:

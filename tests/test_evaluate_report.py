@@ -14,6 +14,7 @@ import shutil
 import sys
 from datetime import datetime
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -560,3 +561,64 @@ def test_an_attack_bn_mode_other_than_the_releases_names_the_row():
     del older["flags"]["attack_bn_mode"]
     assert results.attack_bn_mode(older) == "eval"
     assert results.row_name(older) == "pgd_at --attack-bn-mode eval"
+
+
+def test_attack_cost_counts_nominal_passes_per_example():
+    assert evaluate.attack_cost("pgd20") == 20 and evaluate.attack_cost("apgd-ce") == 100
+    assert evaluate.attack_cost("apgd-t") == evaluate.attack_cost("fab-t") == 900  # 100 steps x 9 targets
+    assert evaluate.attack_cost("square") == pytest.approx(5000 / 3)  # forward-only queries
+    assert evaluate.attack_cost(with_budget("apgd-ce", steps=5)) == 5
+
+
+def test_worst_case_calls_after_attack_once_per_attack_in_order(run_dir):
+    x, y = load_dataset("digits", "test").tensors()
+    seen = []
+    evaluate.worst_case(load_model(run_dir), x[:8], y[:8], CHEAP[:3], eps=EPS, after_attack=seen.append)
+    assert seen == CHEAP[:3]
+
+
+class _Bar:
+    """tqdm's part that evaluate_run uses, recording what it is told."""
+
+    made: ClassVar[list[_Bar]] = []
+
+    def __init__(self, total, **kwargs):
+        self.total, self.done, self.postfix = total, 0, []
+        _Bar.made.append(self)
+
+    def update(self, n=1):
+        self.done += n
+
+    def set_postfix_str(self, text):
+        self.postfix.append(text)
+
+    def close(self):
+        pass
+
+
+def test_progress_advances_by_attack_cost_to_its_total(run_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluate, "tqdm", _Bar)
+    _Bar.made.clear()
+    evaluate_run(run_dir, **{**SMALL, "n_examples": 10}, output=tmp_path / "e.json", plots=False)
+    (bar,) = _Bar.made
+    # 10 examples in chunks of 6 and 4; the main attacks once, the sweep's at its one eps > 0 below 0.8 and at 0.8.
+    passes = [*CHEAP, *SWEEP, *SWEEP]
+    assert bar.total == bar.done == sum(round(evaluate.attack_cost(a) * size) for size in (6, 4) for a in passes)
+    assert bar.postfix[0] == "PGD-20 at eps 0.02, examples 0-5" and bar.postfix[-1].endswith("examples 6-9")
+
+
+def test_quick_evaluation_is_a_first_look_beside_the_full_report(run_dir, tmp_path, monkeypatch):
+    run = _copy_run(run_dir, tmp_path / "run", seed=0)
+    full = run / "eval.json"
+    full.write_text('{"kept": true}')
+    monkeypatch.setitem(evaluate.ATTACKS, "apgd-ce", with_budget("apgd-ce", steps=3))
+    monkeypatch.setitem(evaluate.ATTACKS, "pgd20", with_budget("pgd20", steps=3))
+    report = load_recipe("evaluate").main(["--run-dir", str(run), "--quick", "--no-progress", "--no-plots"])
+    assert [a["name"] for a in report["settings"]["attacks"]] == ["pgd20", "apgd-ce"]
+    assert report["settings"]["eps_sweep"]["eps"] == [] and report["results"]["n"] == 360  # digits: all 360 < 500
+    assert json.loads((run / "eval_quick.json").read_text()) == report
+    assert full.read_text() == '{"kept": true}'  # the full report is never overwritten
+    report = load_recipe("evaluate").main(
+        ["--run-dir", str(run), "--quick", "--n-examples", "6", "--attacks", "pgd20", "--no-progress", "--no-plots"]
+    )
+    assert report["results"]["n"] == 6 and report["results"]["attacks"] == ["pgd20"]
