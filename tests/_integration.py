@@ -54,7 +54,7 @@ class Probe(Callback):
         self.steps.append({
             "epoch": ctx.epoch, "step": ctx.step, "total_epochs": ctx.total_epochs, "total_steps": ctx.total_steps,
             "loss": ctx.loss.item(), "refined": refined,
-            "index": ctx.index.tolist(),
+            "index": ctx.index.tolist() if ctx.index is not None else None,
         })  # fmt: skip
         self.count += 1
 

@@ -1,6 +1,8 @@
 """robustmix inside Hugging Face's transformers.Trainer, against the real library."""
 
 import copy
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +11,8 @@ transformers = pytest.importorskip("transformers")
 
 from robustmix.integrations.hf import AdversarialTrainer  # noqa: E402
 from tests._integration import BATCH, EPOCHS, digits, make_step, robustmix_reference, sgd, tiny_model  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _trainer(tmp_path, recipe, model, train, **overrides):
@@ -110,3 +114,14 @@ def test_refuses_settings_that_would_break_the_step(tmp_path):
         _trainer(tmp_path, "pgd_at", tiny_model(), digits("train", BATCH), gradient_accumulation_steps=2)
     with pytest.raises(ValueError, match=r"mixed_precision='bf16'"):
         _trainer(tmp_path, "pgd_at", tiny_model(), digits("train", BATCH), bf16=True)
+
+
+def test_example_trains_evaluates_and_resumes(tmp_path):
+    spec = importlib.util.spec_from_file_location("hf_trainer", ROOT / "docs" / "examples" / "hf_trainer.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    flags = ["--epochs", "1", "--output-dir", str(tmp_path)]
+    metrics = example.main([*flags, "--max-steps", "2"])
+    assert 0 <= metrics["eval_pgd_acc"] <= metrics["eval_clean_acc"] <= 1
+    resumed = example.main([*flags, "--max-steps", "3", "--resume"])
+    assert resumed["epoch"] > metrics["epoch"]

@@ -5,7 +5,7 @@
     module = AdversarialModule(
         create_model("resnet18", num_classes=10),
         AdversarialStep([PGDAttack(eps=8 / 255, step_size=2 / 255, steps=10), AdversarialCE()]),
-        make_optimizer=lambda model: torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+        make_optimizer=lambda module: torch.optim.SGD(module.model.parameters(), lr=0.1, momentum=0.9),
     )
     trainer = lightning.Trainer(max_epochs=10)        # any accelerator, devices, strategy="ddp"
     trainer.fit(module, train_loader, val_loader)      # trainer.fit(..., ckpt_path="last") resumes
@@ -62,8 +62,9 @@ class AdversarialModule(pl.LightningModule):
     Args:
         model: Classifier taking pixels in [0, 1] (e.g. from ``robustmix.models.create_model``).
         adversarial_step: The step (callbacks) that turns a batch into the training loss.
-        make_optimizer: Called with ``model`` by ``configure_optimizers``; returns what that hook returns (an
-            optimizer, or a dict with an optimizer and an ``lr_scheduler``).
+        make_optimizer: Called with this module by ``configure_optimizers``; returns what that hook returns (an
+            optimizer, or a dict with an optimizer and an ``lr_scheduler``). The module's ``model`` holds the
+            parameters, and ``trainer.estimated_stepping_batches`` the planned steps of a schedule.
         eval_eps: L-inf budget in pixels of the validation PGD; defaults to the eps of the step's attack.
         eval_steps: Steps of the validation PGD (20: PGD-20).
         seed: Seeds the random starts of the validation attack (once per validation, per process).
@@ -76,7 +77,7 @@ class AdversarialModule(pl.LightningModule):
         self,
         model: nn.Module,
         adversarial_step: AdversarialStep,
-        make_optimizer: Callable[[nn.Module], Any],
+        make_optimizer: Callable[[AdversarialModule], Any],
         *,
         eval_eps: float | None = None,
         eval_steps: int = 20,
@@ -104,7 +105,7 @@ class AdversarialModule(pl.LightningModule):
         return self.model(x)
 
     def configure_optimizers(self) -> Any:
-        return self.make_optimizer(self.model)
+        return self.make_optimizer(self)
 
     def _fire(self, event: str, *args: Any) -> None:
         self.adversarial_step.fire(event, self.host, *args)
