@@ -302,7 +302,7 @@ class AntiAdversary(Callback):
         loss_scale: float = DEFAULT_LOSS_SCALE,
         generator: torch.Generator | None = None,
     ) -> None:
-        _check_budget(eps, step_size, steps)
+        _check_budget(eps, step_size, steps, norm)
         _check_options(norm, bn_mode, start)
         if relative_step_size and eps is not None:
             raise ValueError("relative_step_size needs the per-sample eps of the context: leave eps=None")

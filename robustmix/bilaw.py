@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from robustmix.attacks.pgd import pgd
+from robustmix.attacks.pgd import check_eps, pgd
 from robustmix.context import Stage, StepContext
 from robustmix.labels import one_hot
 from robustmix.meta import LookaheadReweighter, functional_forward, virtual_sgd_step
@@ -117,8 +117,9 @@ class BiLAWWeights(LookaheadReweighter):
     ) -> None:
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
-        if not (0 <= eps < math.inf) or not (0 <= step_size < math.inf):
-            raise ValueError(f"eps and step_size must be finite numbers >= 0, got {eps}, {step_size}")
+        check_eps(eps)
+        if not (0 <= step_size < math.inf):
+            raise ValueError(f"step_size must be a finite number >= 0, got {step_size}")
         if isinstance(attack_steps, bool) or not isinstance(attack_steps, int) or attack_steps < 0:
             raise ValueError(f"attack_steps must be an integer >= 0, got {attack_steps!r}")
         super().__init__(

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from robustmix.attacks.objectives import kl_divergence
-from robustmix.attacks.pgd import pgd
+from robustmix.attacks.pgd import check_eps, pgd
 from robustmix.callbacks import Callback
 from robustmix.context import Stage, StepContext
 from robustmix.labels import one_hot
@@ -175,8 +175,7 @@ class ClassWiseBudget(Callback):
     writes = ("eps",)
 
     def __init__(self, eps: float, multipliers: Sequence[float] | Tensor) -> None:
-        if not (0 <= eps < math.inf):
-            raise ValueError(f"eps must be a finite number >= 0 (pixels in [0, 1]), got {eps}")
+        check_eps(eps)
         multipliers = torch.as_tensor(multipliers, dtype=torch.float32).clone()
         if multipliers.dim() != 1 or len(multipliers) < 2 or not bool(torch.isfinite(multipliers).all()):
             raise ValueError(f"multipliers must be finite numbers, one per class, got {multipliers.tolist()}")

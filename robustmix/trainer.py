@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from robustmix.attacks import pgd
+from robustmix.attacks.pgd import check_eps
 from robustmix.checkpoint import (
     CheckpointError,
     atomic_save_weights,
@@ -333,8 +334,7 @@ class Trainer:
                 f"{mixed_precision!r}; pass the same value to both"
             )
         self.eval_eps = _attack_eps(step) if eval_eps is None else eval_eps
-        if not (0 <= self.eval_eps < math.inf):
-            raise ValueError(f"eval_eps must be a finite number >= 0 (pixels), got {self.eval_eps}")
+        check_eps(self.eval_eps, name="eval_eps")
 
         several_forwards = len(training_forwards(step)) > 1
         self.output_dir = Path(output_dir) if output_dir is not None else None

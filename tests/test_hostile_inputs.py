@@ -23,7 +23,10 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 from torch.optim.lr_scheduler import MultiStepLR
 
-from robustmix import AdversarialCE, AdversarialStep, PGDAttack
+from robustmix import AdversarialCE, AdversarialStep, FGSMAttack, PGDAttack
+from robustmix.anti import AntiAdversary, anti_adversary
+from robustmix.attacks import apgd, fab_targeted, fgsm_rs, perturb, pgd, square_attack
+from robustmix.caat import ClassWiseBudget
 from robustmix.checkpoint import (
     LATEST,
     MANIFEST,
@@ -449,3 +452,43 @@ def test_a_step_on_one_example_refuses_before_batchnorm_moves(digits):  # noqa: 
 def test_batch_size_one_with_batchnorm_is_refused_by_the_trainer(digits):  # noqa: F811
     with pytest.raises(ValueError, match="batch_size 1 cannot train a model with BatchNorm"):
         make_trainer(digits, batch_size=1)
+
+
+# ---------------------------------------------------------------------- L-inf budgets above 1
+
+
+def _budget_calls(splits) -> dict:
+    """Every public entry point that takes an L-inf budget, as ``{name: eps -> call}``."""
+    model = make_model().eval()
+    x, y = torch.rand(2, 1, 32, 32), torch.tensor([0, 1])
+    return {
+        "PGDAttack": lambda eps: PGDAttack(eps, 0.01, 1),
+        "FGSMAttack": lambda eps: FGSMAttack(eps),
+        "AntiAdversary": lambda eps: AntiAdversary(eps, 0.01, 1),
+        "ClassWiseBudget": lambda eps: ClassWiseBudget(eps, [1.0, 1.0]),
+        "perturb": lambda eps: perturb(model, x, y, eps=eps, step_size=0.01, steps=1),
+        "perturb per sample": lambda eps: perturb(model, x, y, eps=torch.tensor([0.1, eps]), step_size=0.01, steps=1),
+        "pgd": lambda eps: pgd(model, x, y, eps=eps, step_size=0.01, steps=1),
+        "fgsm_rs": lambda eps: fgsm_rs(model, x, y, eps=eps),
+        "anti_adversary": lambda eps: anti_adversary(model, x, y, eps=eps, step_size=0.01, steps=1),
+        "apgd": lambda eps: apgd(model, x, y, eps=eps, steps=1),
+        "square_attack": lambda eps: square_attack(model, x, y, eps=eps, queries=1),
+        "fab_targeted": lambda eps: fab_targeted(model, x, y, eps=eps, steps=1),
+        "Trainer eval_eps": lambda eps: make_trainer(splits, eval_eps=eps),
+    }
+
+
+@pytest.mark.parametrize("name", list(_budget_calls(None)))
+def test_an_linf_budget_above_one_is_refused_with_the_command_line_hint(name, digits):  # noqa: F811
+    call = _budget_calls(digits)[name]
+    hint = r"in pixels in \[0, 1\](, got 8(\.0)?; for 8/255 write 8/255)?"
+    with pytest.raises(ValueError, match=hint):
+        call(8.0)
+    call(1.0)  # the whole pixel range is still a budget
+
+
+def test_an_l2_budget_above_one_is_a_budget():
+    PGDAttack(3.0, 0.5, 1, norm="l2")
+    x_adv = pgd(make_model().eval(), torch.rand(2, 1, 32, 32), torch.tensor([0, 1]), eps=3.0, step_size=0.5, steps=1,
+                norm="l2")  # fmt: skip
+    assert x_adv.shape == (2, 1, 32, 32)

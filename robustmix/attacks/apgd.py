@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from robustmix.attacks.objectives import Objective, cross_entropy, dlr, targeted_dlr
-from robustmix.attacks.pgd import DEFAULT_LOSS_SCALE, Norm, _check, _flat_norm, project, random_start
+from robustmix.attacks.pgd import DEFAULT_LOSS_SCALE, Norm, _check, _flat_norm, check_eps, project, random_start
 from robustmix.modes import BNMode, check_bn_mode, model_mode
 
 APGDLoss = Literal["ce", "dlr", "targeted_dlr"]
@@ -266,8 +266,9 @@ def _check_apgd(
     x: Tensor, y: Tensor, eps: float, steps: int, norm: str, loss: str, restarts: int, rho: float, momentum: float
 ) -> Objective:
     _check(x, y, steps, norm, "uniform")
-    if isinstance(eps, Tensor) or not 0 <= float(eps) < float("inf"):
-        raise ValueError(f"eps must be a finite number >= 0 (pixels in [0, 1]), got {eps!r}")
+    if isinstance(eps, Tensor):
+        raise ValueError(f"eps must be a number of pixels, got a tensor {eps!r}")
+    check_eps(float(eps), norm)
     if loss not in _OBJECTIVES:
         raise ValueError(f"unknown APGD loss {loss!r}; expected one of {sorted(_OBJECTIVES)}")
     if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:

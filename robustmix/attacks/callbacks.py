@@ -6,7 +6,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from robustmix.attacks.pgd import DEFAULT_LOSS_SCALE, NORMS, STARTS, Norm, Start, check_loss_scale, perturb
+from robustmix.attacks.pgd import (
+    DEFAULT_LOSS_SCALE,
+    NORMS,
+    STARTS,
+    Norm,
+    Start,
+    check_eps,
+    check_loss_scale,
+    perturb,
+)
 from robustmix.callbacks import Callback
 from robustmix.context import Stage, StepContext
 from robustmix.modes import BNMode, check_bn_mode
@@ -16,14 +25,14 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _check_budget(eps: float | None, step_size: float, steps: int) -> None:
+def _check_budget(eps: float | None, step_size: float, steps: int, norm: Norm = "linf") -> None:
     for name, value in (("eps", eps), ("step_size", step_size)):
         if not (_is_number(value) or (name == "eps" and value is None)):
             hint = "; per-sample budgets come from a budget callback writing ctx.eps (eps=None)"
             hint = hint if name == "eps" else ""
             raise TypeError(f"{name} must be a number of pixels, got {type(value).__name__}{hint}")
-    if eps is not None and not (0 <= eps < float("inf")):
-        raise ValueError(f"eps must be a finite number >= 0 (pixels in [0, 1]), got {eps}")
+    if eps is not None:
+        check_eps(eps, norm if norm in NORMS else "linf")
     if not (0 <= step_size < float("inf")):
         raise ValueError(f"step_size must be a finite number >= 0, got {step_size}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
@@ -67,7 +76,7 @@ class PGDAttack(Callback):
         loss_scale: float = DEFAULT_LOSS_SCALE,
         generator: torch.Generator | None = None,
     ) -> None:
-        _check_budget(eps, step_size, steps)
+        _check_budget(eps, step_size, steps, norm)
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         if start not in STARTS:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustmix.attacks.apgd import _usable, ranked_targets
-from robustmix.attacks.pgd import DEFAULT_LOSS_SCALE, _check
+from robustmix.attacks.pgd import DEFAULT_LOSS_SCALE, _check, check_eps
 from robustmix.modes import BNMode, check_bn_mode, model_mode
 
 
@@ -73,8 +73,9 @@ def fab_targeted(
             misclassified point of the first target run whose closest one lies in the ball, else ``x``.
     """
     _check(x, y, steps, "linf", "none")
-    if isinstance(eps, Tensor) or not 0 <= float(eps) < float("inf"):
-        raise ValueError(f"eps must be a finite number >= 0 (pixels in [0, 1]), got {eps!r}")
+    if isinstance(eps, Tensor):
+        raise ValueError(f"eps must be a number of pixels, got a tensor {eps!r}")
+    check_eps(float(eps))
     if isinstance(n_target_classes, bool) or not isinstance(n_target_classes, int) or n_target_classes < 1:
         raise ValueError(f"n_target_classes must be an integer >= 1, got {n_target_classes!r}")
     if not 0 <= alpha_max <= 1:

@@ -39,21 +39,39 @@ STARTS = ("uniform", "normal", "none")
 DEFAULT_LOSS_SCALE = 2.0**10
 
 
-def _per_sample(value: float | Tensor, x: Tensor, name: str) -> Tensor | float:
-    """Check a scalar or ``[B]`` budget and shape it to broadcast against ``x``."""
+def check_eps(eps: float, norm: Norm = "linf", name: str = "eps") -> None:
+    """Check a budget in pixels: a finite number >= 0, and at most 1 for L-inf.
+
+    An L-inf radius above 1 lets every pixel take any value: it is a budget in 0-255 units by mistake
+    (``8`` meant ``8/255``). L2 radii above 1 are legitimate (ImageNet's L2 budget is 3).
+
+    Raises:
+        ValueError: naming ``name`` (the command line's hint for an L-inf radius above 1).
+    """
+    if not 0 <= eps < float("inf"):
+        raise ValueError(f"{name} must be a finite number >= 0 (pixels in [0, 1]), got {eps}")
+    if norm == "linf" and eps > 1:
+        raise ValueError(f"{name} is an L-inf radius in pixels in [0, 1], got {eps}; for 8/255 write 8/255")
+
+
+def _per_sample(value: float | Tensor, x: Tensor, name: str, maximum: float = float("inf")) -> Tensor | float:
+    """Check a scalar or ``[B]`` budget (finite, >= 0, <= ``maximum``) and shape it to broadcast against ``x``."""
     if isinstance(value, Tensor):
         if value.dim() == 0:
             value = value.item()
         else:
             if value.shape != (x.shape[0],):
                 raise ValueError(f"per-sample {name} must have shape [B] = [{x.shape[0]}], got {list(value.shape)}")
-            # One host read for both conditions: on CUDA every read is a synchronization.
-            if not bool((torch.isfinite(value) & (value >= 0)).all()):
-                raise ValueError(f"{name} must be finite and >= 0 for every sample")
+            # One host read for every condition: on CUDA every read is a synchronization.
+            if not bool((torch.isfinite(value) & (value >= 0) & (value <= maximum)).all()):
+                at_most = f", and <= {maximum:g}: an L-inf radius in pixels in [0, 1]" if maximum < 1e300 else ""
+                raise ValueError(f"{name} must be finite and >= 0 for every sample{at_most}")
             return value.to(device=x.device, dtype=x.dtype).view(-1, *([1] * (x.dim() - 1)))
     value = float(value)
     if not value >= 0 or value == float("inf"):
         raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    if value > maximum:
+        raise ValueError(f"{name} is an L-inf radius in pixels in [0, 1], got {value}; for 8/255 write 8/255")
     return value
 
 
@@ -185,7 +203,7 @@ def perturb(
                          "or a negative label)")  # fmt: skip
     objective = get_objective(loss)
     check_bn_mode(bn_mode)
-    eps = _per_sample(eps, x, "eps")
+    eps = _per_sample(eps, x, "eps", maximum=1.0 if norm == "linf" else float("inf"))
     step_size = _per_sample(step_size, x, "step_size")
     sign = -1.0 if descend else 1.0
 

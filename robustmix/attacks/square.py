@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from robustmix.attacks.objectives import cw_margin
+from robustmix.attacks.pgd import check_eps
 from robustmix.modes import BNMode, model_mode
 
 #: Iterations after which ``p`` halves once more (on the 10,000-query scale when the schedule is rescaled).
@@ -149,8 +150,9 @@ def _check_square(x: Tensor, y: Tensor, eps: float, queries: int, p_init: float)
         raise ValueError(f"x must be a non-empty float batch of images [B, C, H, W], got {getattr(x, 'shape', x)!r}")
     if y.shape != (x.shape[0],):
         raise ValueError(f"y must have shape [B] = [{x.shape[0]}], got {list(y.shape)}")
-    if isinstance(eps, Tensor) or not 0 <= float(eps) < float("inf"):
-        raise ValueError(f"eps must be a finite number >= 0 (pixels in [0, 1]), got {eps!r}")
+    if isinstance(eps, Tensor):
+        raise ValueError(f"eps must be a number of pixels, got a tensor {eps!r}")
+    check_eps(float(eps))
     if isinstance(queries, bool) or not isinstance(queries, int) or queries < 0:
         raise ValueError(f"queries must be an integer >= 0, got {queries!r}")
     if not 0 < p_init <= 1:
