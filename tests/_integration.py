@@ -13,7 +13,18 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from robustmix import AWP, AdaLabLabels, AdaLabWeights, AdversarialCE, AdversarialStep, PGDAttack, ProbabilityMargin
+from robustmix import (
+    AWP,
+    AdaLabLabels,
+    AdaLabWeights,
+    AdversarialCE,
+    AdversarialStep,
+    BiLAWWeights,
+    MetaBatches,
+    MultiClassMargin,
+    PGDAttack,
+    ProbabilityMargin,
+)
 from robustmix.anti import AdversarysAdversary
 from robustmix.callbacks import Callback
 from robustmix.data import ImageDataset, load_dataset
@@ -75,7 +86,8 @@ class Probe(Callback):
 
 
 def make_step(recipe: str) -> tuple[AdversarialStep, Probe]:
-    """PGD-AT, ADA-Lab (burn-in of one epoch) or PGD-AT with AWP, with a probe."""
+    """PGD-AT, ADA-Lab (burn-in of one epoch), PGD-AT with AWP or with BiLAW's weights, with a probe."""
+    torch.manual_seed(0)  # BiLAW's weight net starts the same in every trainer
     probe = Probe()
     callbacks: list[Callback] = [PGDAttack(EPS, STEP_SIZE, ATTACK_STEPS), AdversarialCE()]
     if recipe == "adalab":
@@ -84,6 +96,11 @@ def make_step(recipe: str) -> tuple[AdversarialStep, Probe]:
         callbacks += refine
     elif recipe == "awp":
         callbacks.append(AWP(gamma=0.01))
+    elif recipe == "bilaw":  # a lookahead meta step of the weight net at every step, on held-out digits
+        meta_images, meta_labels = digits("validation", BATCH).tensors()
+        meta = MetaBatches(meta_images, meta_labels, 8)
+        bilaw = BiLAWWeights(10, meta, eps=EPS, step_size=STEP_SIZE, attack_steps=1, meta_every=1)
+        callbacks += [MultiClassMargin(), bilaw]
     return AdversarialStep([*callbacks, probe]), probe
 
 

@@ -35,7 +35,7 @@ def _without(events, *names):
     return [e for e in events if e[0] not in names]
 
 
-@pytest.mark.parametrize("recipe", ["pgd_at", "adalab", "awp"])
+@pytest.mark.parametrize("recipe", ["pgd_at", "adalab", "awp", "bilaw"])
 def test_trains_as_robustmix_trainer_does_and_resumes(tmp_path, recipe):
     train = digits("train", BATCH)  # one batch per epoch: both trainers see the same batches
     model = tiny_model()

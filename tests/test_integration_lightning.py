@@ -46,7 +46,7 @@ def _assert_same_steps(ours, theirs):
     assert [s["loss"] for s in ours] == pytest.approx([s["loss"] for s in theirs], rel=1e-5, abs=1e-6)
 
 
-@pytest.mark.parametrize("recipe", ["pgd_at", "adalab", "awp"])
+@pytest.mark.parametrize("recipe", ["pgd_at", "adalab", "awp", "bilaw"])
 def test_trains_as_robustmix_trainer_does_and_resumes(tmp_path, recipe):
     train = digits("train", BATCH)  # one batch per epoch: both trainers see the same batches
     model = tiny_model()

@@ -65,8 +65,8 @@ def robust_accuracy(prediction: EvalPrediction) -> dict[str, float]:
             and ``label_ids`` ``[N]``.
 
     Returns:
-        ``{"clean_acc", "pgd_acc"}`` as fractions; an example counts as robust when it is classified correctly
-        both clean and after the attack.
+        ``{"clean_acc", "pgd_acc"}`` as fractions; an example counts as robust when it is classified
+            correctly both clean and after the attack.
     """
     logits, labels = np.asarray(prediction.predictions), np.asarray(prediction.label_ids)
     clean_ok = logits[:, 0].argmax(-1) == labels
@@ -200,7 +200,7 @@ class AdversarialTrainerMixin:
 
         Returns:
             ``(loss, logits [B, 2, C]: clean and PGD, labels [B])``; ``(loss, None, None)`` with
-            ``prediction_loss_only``.
+                ``prediction_loss_only``.
         """
         inputs = self._prepare_inputs(inputs)
         x, y = inputs[self.image_key], inputs[self.label_key]
