@@ -28,6 +28,10 @@ from robustmix.losses import TRADESLoss
 from robustmix.recipe import RecipeInfo, base_parser, nonnegative_int, nonnegative_number, parse_args, run_recipe
 
 NAME = "awp"
+#: --preset cifar10-paper: the AT-AWP release (csdongxian/AWP, on Rice et al.'s loop): 200 epochs, lr 0.1
+#: divided by 10 at epochs 100 and 150, weight decay 5e-4, momentum 0.9, batch 128, PGD-10 at 2/255 within
+#: 8/255, gamma 0.01 (trades_AWP drops the lr one epoch earlier, from the 100th counted from 1).
+PAPER = {"epochs": 200, "milestones": [100, 150]}
 #: The released code's settings for each base method: gamma, warm-up epochs (of 200).
 RELEASED = {"at": (0.01, 0), "trades": (0.005, 10)}
 #: Flag defaults that depend on --base; the warm-up is capped at half the epochs so short runs perturb too.
@@ -68,7 +72,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = parser()
-    args = parse_args(p, argv, recipe_defaults=DEFAULTS)
+    args = parse_args(p, argv, recipe_defaults=DEFAULTS, paper=PAPER)
     if args.warmup_epochs >= args.epochs:
         p.error(f"--warmup-epochs {args.warmup_epochs} leaves no AWP epoch out of --epochs {args.epochs}")
     return run_recipe(args, build_callbacks)

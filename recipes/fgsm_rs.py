@@ -38,6 +38,9 @@ from robustmix.recipe import RecipeInfo, base_parser, parse_args, run_recipe
 from robustmix.trainer import Trainer, mix_seed
 
 NAME = "fgsm_rs"
+#: --preset cifar10-paper: Wong et al.'s release (locuslab/fast_adversarial, CIFAR10/train_fgsm.py): 15 epochs of
+#: the cyclic lr peaking at 0.2, weight decay 5e-4, momentum 0.9, batch 128, one step of 10/255 within 8/255.
+PAPER = {"epochs": 15, "lr": 0.2}
 STEP_SIZE_RATIO = 1.25  # alpha = 1.25 * eps (Wong et al., section 4)
 PROTOCOLS = ("wong", "shared")
 #: What this recipe uses instead of the preset for flags not given on the command line.
@@ -145,7 +148,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = parser()
-    args = parse_args(p, argv, recipe_defaults=DEFAULTS)
+    args = parse_args(p, argv, recipe_defaults=DEFAULTS, paper=PAPER)
     if args.attack_steps != 1:
         p.error(f"FGSM-RS takes exactly one attack step, got --attack-steps {args.attack_steps}")
     return run_recipe(args, build_callbacks)

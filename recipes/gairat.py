@@ -27,6 +27,12 @@ from robustmix.recipe import RecipeInfo, base_parser, epoch_or_first_decay, numb
 from robustmix.weights import GAIRAT_KINDS
 
 NAME = "gairat"
+#: --preset cifar10-paper: the release (zjfheart/Geometry-aware-Instance-reweighted-Adversarial-Training,
+#: GAIRAT.py, its 120-epoch "piecewise" schedule): lr 0.1 divided by 10 from the 60th epoch and by 100 from the
+#: 90th (its last piece, lr / 200 from the 110th, is not a x0.1 step and is left out), weight decay 2e-4,
+#: momentum 0.9, batch 128, PGD-10 at 0.007 within 0.031; weights from the 60th epoch, the first drop (the
+#: default burn-in under it).
+PAPER = {"epochs": 120, "milestones": [59, 89], "weight_decay": 2e-4, "eps": 0.031, "step_size": 0.007}
 
 
 def build_callbacks(args: argparse.Namespace, info: RecipeInfo) -> list[Callback]:
@@ -61,7 +67,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = parser()
-    args = parse_args(p, argv)
+    args = parse_args(p, argv, paper=PAPER)
     if args.attack_steps < 1:
         p.error("GAIRAT needs --attack-steps >= 1 (kappa counts attack iterations)")
     try:

@@ -38,6 +38,12 @@ from robustmix.recipe import (
 )
 
 NAME = "mail"
+#: --preset cifar10-paper: the release (QizhouWang/MAIL, train.py lines 24-45, 121-131, 199): 120 epochs, lr 0.01
+#: divided by 10 from epochs 75, 90 and 100 (counted from 0), weight decay 3.5e-3, momentum 0.9, batch 128, 10
+#: steps of 0.007 within 0.031; MAIL from epoch 76, one after the first drop (the default burn-in under it).
+PAPER = {
+    "epochs": 120, "milestones": [75, 90, 100], "lr": 0.01, "weight_decay": 3.5e-3, "eps": 0.031, "step_size": 0.007
+}  # fmt: skip
 BASES = ("at", "trades", "mart")
 #: The base method's KL/boost weight beta when --beta is not given (TRADES 6, MART 5; AT has none).
 DEFAULT_BETA = {"trades": 6.0, "mart": 5.0}
@@ -92,7 +98,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = parser()
-    args = parse_args(p, argv)
+    args = parse_args(p, argv, paper=PAPER)
     if args.base == "at":
         if args.beta is not None:
             p.error("--beta applies to --base trades or mart, not at")

@@ -22,6 +22,10 @@ from robustmix.callbacks import Callback
 from robustmix.recipe import RecipeInfo, base_parser, parse_args, run_recipe
 
 NAME = "pgd_at"
+#: --preset cifar10-paper: Rice, Wong & Kolter's release (locuslab/robust_overfitting, train_cifar.py): 200
+#: epochs, lr 0.1 divided by 10 at epochs 100 and 150, SGD momentum 0.9, weight decay 5e-4, batch 128, PGD-10
+#: at 2/255 within 8/255.
+PAPER = {"epochs": 200, "milestones": [100, 150]}
 #: Rice et al.'s release attacks the model as it trains (model.train() for the whole epoch).
 DEFAULTS = {"attack_bn_mode": "train"}
 
@@ -39,7 +43,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(parser(), argv, recipe_defaults=DEFAULTS)
+    args = parse_args(parser(), argv, recipe_defaults=DEFAULTS, paper=PAPER)
     return run_recipe(args, build_callbacks)
 
 

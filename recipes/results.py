@@ -40,7 +40,7 @@ from accelerate import Accelerator
 from robustmix import stats
 from robustmix.checkpoint import atomic_write_json, atomic_write_text
 from robustmix.evaluate import ATTACKS, add_evaluation_flags, check_run, evaluate_run, evaluation_kwargs
-from robustmix.recipe import PRESETS, base_parser
+from robustmix.recipe import PAPER_PRESET, PRESETS, base_parser
 from robustmix.report import plot_clean_vs_robust, results_page, results_statistics
 from robustmix.runs import load_config
 
@@ -137,6 +137,8 @@ def training_command(config: dict[str, Any]) -> str:
     """
     flags = config["flags"]
     preset = PRESETS[flags["preset"]]
+    if flags["preset"] == PAPER_PRESET:  # what parse_args puts over it: the recipe's release settings
+        preset = {**preset, **getattr(_recipe_module(flags["recipe"]), "PAPER", {})}
     defaults = base_parser(flags["recipe"])  # not the recipe's parser: its own flags are always written out
     own = _recipe_defaults(flags["recipe"])
     words = [f"recipes/{flags['recipe']}.py"]

@@ -26,6 +26,9 @@ from robustmix.recipe import RecipeInfo, base_parser, nonnegative_int, number, p
 from robustmix.sglr import SGLRLabels
 
 NAME = "sglr"
+#: --preset cifar10-paper: the release's train.py: 200 epochs, lr 0.1 divided by 10 at its --lr-milestones 100 and
+#: 150, weight decay 5e-4, momentum 0.9, batch 128, PGD-10 at 2/255 within 8/255; refined labels from epoch 90.
+PAPER = {"epochs": 200, "milestones": [100, 150], "start_epoch": 90}
 
 
 def build_callbacks(args: argparse.Namespace, info: RecipeInfo) -> list[Callback]:
@@ -58,7 +61,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = parser()
-    args = parse_args(p, argv)
+    args = parse_args(p, argv, paper=PAPER)
     for flag, value in (
         ("--momentum-sglr", args.momentum_sglr),
         ("--clean-weight", args.clean_weight),

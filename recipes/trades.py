@@ -23,6 +23,10 @@ from robustmix.losses import TRADESLoss
 from robustmix.recipe import RecipeInfo, base_parser, nonnegative_number, parse_args, run_recipe
 
 NAME = "trades"
+#: --preset cifar10-paper: the release (yaodongyu/TRADES, train_trades_cifar10.py): 76 epochs, lr 0.1 divided by
+#: 10 from epoch 75 (counted from 1), weight decay 2e-4, momentum 0.9, batch 128, 10 KL steps of 0.007 within
+#: 0.031, beta 6.
+PAPER = {"epochs": 76, "milestones": [74], "weight_decay": 2e-4, "eps": 0.031, "step_size": 0.007}
 
 
 def build_callbacks(args: argparse.Namespace, info: RecipeInfo) -> list[Callback]:
@@ -43,7 +47,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = parser()
-    args = parse_args(p, argv)
+    args = parse_args(p, argv, paper=PAPER)
     return run_recipe(args, build_callbacks)
 
 

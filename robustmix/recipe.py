@@ -32,7 +32,6 @@ import math
 import os
 import platform
 import re
-import shutil
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -62,10 +61,13 @@ from robustmix.runs import (
     METRICS_FILE,
     METRICS_LOG,
     MODEL_FILE,
+    RunFolderInUse,
     flag_differences,
     load_config,
     load_model,
+    locked_run_folder,
     read_json,
+    replacing_run,
 )
 from robustmix.step import MIXED_PRECISION, AdversarialStep
 from robustmix.trainer import NONFINITE_POLICIES, Trainer, batches_per_epoch
@@ -149,6 +151,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "eval_every": 1,
     },
 }
+#: The CIFAR-10 preset that each recipe overrides with its release's own training settings (the recipe
+#: module's ``PAPER``, passed to ``parse_args``); ResNet-18 with a CIFAR stem stays the model.
+PAPER_PRESET = "cifar10-paper"
+PRESETS[PAPER_PRESET] = dict(PRESETS["cifar10-resnet18"])
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("warmup-cosine", "multistep", "constant", "cyclic")
 #: Files of a run folder that ``--overwrite`` removes before a fresh start.
@@ -355,6 +361,7 @@ def parse_args(
     parser: argparse.ArgumentParser,
     argv: Sequence[str] | None = None,
     recipe_defaults: dict[str, Any | Callable[[argparse.Namespace], Any]] | None = None,
+    paper: dict[str, Any] | None = None,
 ) -> argparse.Namespace:
     """Parse flags, fill the unset ones from the preset, and check everything before any work.
 
@@ -364,6 +371,9 @@ def parse_args(
         recipe_defaults: Values this recipe uses instead of the preset's, for flags that default to
             ``None`` and were not given on the command line; a callable receives the namespace after the
             preset filled it in (e.g. FGSM-RS's step ``1.25 * eps``).
+        paper: The method's release settings (epochs, lr schedule, weight decay, attack budget...) that
+            ``--preset cifar10-paper`` puts over the CIFAR-10 preset; ``None``: the recipe has none, and that
+            preset is refused.
 
     Returns:
         The namespace, every preset flag filled in, ``output_dir`` resolved.
@@ -375,6 +385,13 @@ def parse_args(
     args = parser.parse_args(argv)
     unset = {key for key, value in vars(args).items() if value is None}
     preset = PRESETS[args.preset]
+    if args.preset == PAPER_PRESET:
+        if paper is None:
+            parser.error(
+                f"--preset {PAPER_PRESET}: {parser.prog} has no release settings of its own to reproduce; "
+                "use --preset cifar10-resnet18"
+            )
+        preset = {**preset, **paper}
     for key, value in preset.items():
         if key in unset:
             setattr(args, key, value)
@@ -521,6 +538,14 @@ def run_recipe(args: argparse.Namespace, build_callbacks: BuildCallbacks, *, met
         The content of ``metrics.json``: test clean and PGD accuracy of the final weights (and of the best
             ones) with the attack settings, and the best checkpoint's validation metrics.
     """
+    # The run folder's lock, and the run that --overwrite replaces, are held until the new run has finished.
+    with contextlib.ExitStack() as held:
+        return _run_recipe(args, build_callbacks, meta_size, held)
+
+
+def _run_recipe(
+    args: argparse.Namespace, build_callbacks: BuildCallbacks, meta_size: int, held: contextlib.ExitStack
+) -> dict[str, Any]:
     # Accelerate's AcceleratorState honours ACCELERATE_USE_CPU (needed for several CPU processes) but a bare
     # PartialState does not: created first, it would leave every process alone.
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
@@ -596,10 +621,10 @@ def run_recipe(args: argparse.Namespace, build_callbacks: BuildCallbacks, *, met
         output_dir=output, seed=args.seed, augment=args.augment, num_workers=args.num_workers,
         nonfinite=args.on_nonfinite,
     )  # fmt: skip
-    if args.overwrite and state.is_main_process:
-        for name in _RUN_FILES:
-            path = output / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    if state.is_main_process:
+        with _flag_errors(args, state, "--output-dir", kind=RunFolderInUse):
+            held.enter_context(locked_run_folder(output))
+        held.enter_context(replacing_run(output, _RUN_FILES, replace=args.overwrite))
     state.wait_for_everyone()
     # A resumed run keeps the config.json it started with: parse_args checked that the flags are the same.
     if state.is_main_process and args.resume is None:
@@ -635,7 +660,7 @@ def run_recipe(args: argparse.Namespace, build_callbacks: BuildCallbacks, *, met
 
 @contextlib.contextmanager
 def _flag_errors(
-    args: argparse.Namespace, state: PartialState, *flags: str, kind: type[ValueError] = ValueError
+    args: argparse.Namespace, state: PartialState, *flags: str, kind: type[Exception] = ValueError
 ) -> Iterator[None]:
     """Turn a ``ValueError`` (or only a ``kind`` of them) raised while flags become data, callbacks or a resumed
     checkpoint into the command line's exit status 2.

@@ -34,15 +34,25 @@ def test_explicit_flags_override_the_preset():
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_step_size_follows_eps_unless_given(preset, capsys):
+    # paper={}: a recipe whose release settings are the CIFAR-10 preset's, so cifar10-paper is accepted too.
     fraction = PRESETS[preset]["step_size"] / PRESETS[preset]["eps"]
-    args = parse_args(base_parser("t"), ["--preset", preset, "--eps", "2/255"])
+    args = parse_args(base_parser("t"), paper={}, argv=["--preset", preset, "--eps", "2/255"])
     assert args.step_size == pytest.approx(fraction * 2 / 255)
-    assert parse_args(base_parser("t"), ["--preset", preset]).step_size == PRESETS[preset]["step_size"]
-    assert parse_args(base_parser("t"), ["--preset", preset, "--eps", "0.2", "--step-size", "0.01"]).step_size == 0.01
+    assert parse_args(base_parser("t"), paper={}, argv=["--preset", preset]).step_size == PRESETS[preset]["step_size"]
+    assert (
+        parse_args(
+            base_parser("t"), paper={}, argv=["--preset", preset, "--eps", "0.2", "--step-size", "0.01"]
+        ).step_size
+        == 0.01
+    )
     assert "warning" not in capsys.readouterr().err
-    parse_args(base_parser("t"), ["--preset", preset, "--eps", "0.01", "--step-size", "0.05"])
+    parse_args(base_parser("t"), paper={}, argv=["--preset", preset, "--eps", "0.01", "--step-size", "0.05"])
     assert "--step-size 0.05 is larger than --eps 0.01" in capsys.readouterr().err
-    parse_args(base_parser("t"), ["--preset", preset, "--eps", "0.01", "--step-size", "0.05", "--attack-steps", "1"])
+    parse_args(
+        base_parser("t"),
+        paper={},
+        argv=["--preset", preset, "--eps", "0.01", "--step-size", "0.05", "--attack-steps", "1"],
+    )
     assert "warning" not in capsys.readouterr().err  # one step larger than eps is FGSM-RS's design
 
 

@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from robustmix.recipe import FIRST_DECAY, epoch_or_first_decay, first_decay_epoch, start_epoch
+from robustmix.recipe import FIRST_DECAY, epoch_or_first_decay, first_decay_epoch, parse_args, start_epoch
 from tests.conftest import load_recipe
 
 
@@ -83,3 +83,55 @@ def test_first_decay_without_a_drop_is_a_one_line_error(name, capsys):
         load_recipe(name).main(["--burn-in", "first-decay"])
     assert exit_info.value.code == 2
     assert "--burn-in: first-decay needs --schedule multistep with --milestones" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- --preset cifar10-paper
+
+
+def _parsed(name: str, argv: list[str], monkeypatch, tmp_path):
+    recipe = load_recipe(name)
+    monkeypatch.setattr(recipe, "run_recipe", lambda args, build, **_: args)
+    return recipe.main([*argv, "--output-dir", str(tmp_path / "run")])
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("pgd_at", {"epochs": 200, "milestones": [100, 150], "lr": 0.1, "weight_decay": 5e-4, "eps": 8 / 255}),
+        ("trades", {"epochs": 76, "milestones": [74], "weight_decay": 2e-4, "eps": 0.031, "step_size": 0.007}),
+        ("mart", {"epochs": 120, "milestones": [74, 89, 99], "lr": 0.01, "weight_decay": 3.5e-3, "eps": 0.031}),
+        ("mail", {"epochs": 120, "milestones": [75, 90, 100], "lr": 0.01, "weight_decay": 3.5e-3}),
+        ("gairat", {"epochs": 120, "milestones": [59, 89], "weight_decay": 2e-4, "step_size": 0.007}),
+        ("fgsm_rs", {"epochs": 15, "lr": 0.2, "schedule": "cyclic", "step_size": pytest.approx(10 / 255)}),
+    ],
+)
+def test_paper_preset_is_each_release(name, expected, monkeypatch, tmp_path):
+    args = _parsed(name, ["--preset", "cifar10-paper"], monkeypatch, tmp_path)
+    assert {key: getattr(args, key) for key in expected} == expected
+    assert args.dataset == "cifar10" and args.model == "resnet18" and args.batch_size == 128
+    assert _parsed(name, ["--preset", "cifar10-paper", "--lr", "0.05"], monkeypatch, tmp_path).lr == 0.05
+
+
+def test_paper_preset_switches_methods_on_where_the_releases_do(monkeypatch, tmp_path):
+    gairat = _callbacks("gairat", ["--preset", "cifar10-paper"], monkeypatch, tmp_path)
+    mail = _callbacks("mail", ["--preset", "cifar10-paper"], monkeypatch, tmp_path)
+    assert next(c for c in gairat if hasattr(c, "burn_in_epochs")).burn_in_epochs == 59  # the 60th epoch
+    assert next(c for c in mail if hasattr(c, "burn_in_epochs")).burn_in_epochs == 76  # `epoch <= 75`: base
+
+
+@pytest.mark.parametrize("name", ["caat", "bilaw", "adalab"])
+def test_recipes_without_release_settings_refuse_the_paper_preset(name, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load_recipe(name).main(["--preset", "cifar10-paper"])
+    assert exit_info.value.code == 2
+    assert "has no release settings of its own to reproduce; use --preset cifar10-resnet18" in capsys.readouterr().err
+
+
+def test_training_command_of_a_paper_run_reproduces_it():
+    results = load_recipe("results")
+    recipe = load_recipe("pgd_at")
+    args = parse_args(recipe.parser(), ["--preset", "cifar10-paper", "--epochs", "110"], recipe.DEFAULTS, recipe.PAPER)
+    command = results.training_command({"flags": vars(args), "num_processes": 1})
+    assert "--preset cifar10-paper" in command and "--epochs 110" in command  # 110 is the base preset's, not 200
+    args = parse_args(recipe.parser(), ["--preset", "cifar10-paper"], recipe.DEFAULTS, recipe.PAPER)
+    assert "--epochs" not in results.training_command({"flags": vars(args), "num_processes": 1})
