@@ -11,15 +11,21 @@ A run folder holds:
     best/                model.safetensors and metrics.json of the checkpoint with the best validation
                          PGD accuracy (never chosen on test data)
     checkpoints/         step_<N>/ resumable training states and the ``latest`` pointer file
+    .lock                locked (``flock``) by the process training into the folder, for the run's life
+    .replaced/           the run that ``--overwrite`` replaces, kept until the new run has finished
 
 Every file is written atomically (temporary file, fsync, rename), so a reader never sees half a file.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import re
-from collections.abc import Callable, Mapping
+import shutil
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,6 +42,15 @@ METRICS_FILE = "metrics.json"
 METRICS_LOG = "metrics.jsonl"
 BEST_DIR = "best"
 CHECKPOINTS_DIR = "checkpoints"
+LOCK_FILE = ".lock"
+REPLACED_DIR = ".replaced"
+#: ``timm.create_model`` keyword arguments a config.json may hold: architecture settings only. Others can make
+#: timm read files (``checkpoint_path``, ``pretrained_cfg_overlay``) or the network (``pretrained``).
+TIMM_KWARGS = frozenset(
+    {"img_size", "patch_size", "embed_dim", "depth", "depths", "dims", "num_heads", "mlp_ratio", "window_size",
+     "drop_rate", "drop_path_rate", "attn_drop_rate", "proj_drop_rate", "global_pool", "class_token", "qkv_bias",
+     "init_values", "output_stride", "stem_width", "stem_type"}
+)  # fmt: skip
 
 #: Recipe flags that may change between a run and its resumption: where the run lives, how it is resumed,
 #: replaced, logged, checkpointed and sped up. Every other flag decides what the run computes.
@@ -67,7 +82,8 @@ def load_config(run_dir: str | Path) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: the folder or its config.json does not exist.
-        ValueError: config.json is corrupted, has no ``"model"`` entry or a malformed one.
+        ValueError: config.json is corrupted, has no ``"model"`` entry or a malformed one, or timm_kwargs other
+            than ``TIMM_KWARGS``.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -79,6 +95,17 @@ def load_config(run_dir: str | Path) -> dict[str, Any]:
         check_model_config(config["model"])
     except ValueError as err:
         raise ValueError(f"{run_dir / CONFIG_FILE} is corrupted: {err}") from err
+    kwargs = config["model"]["timm_kwargs"]
+    unknown = sorted(set(kwargs) - TIMM_KWARGS)
+    scalar = (bool, int, float, str, type(None))
+    if unknown or not all(
+        isinstance(v, scalar) or (isinstance(v, list) and all(isinstance(i, scalar) for i in v))
+        for v in kwargs.values()
+    ):
+        raise ValueError(
+            f"{run_dir / CONFIG_FILE}: the model's timm_kwargs may hold only architecture settings "
+            f"({', '.join(sorted(TIMM_KWARGS))}) with plain values; got {unknown or kwargs}"
+        )
     return config
 
 
@@ -196,3 +223,75 @@ def flag_differences(
         if saved != now:
             differences.append((name, saved, now))
     return differences
+
+
+class RunFolderInUse(RuntimeError):
+    """Another process is training into the run folder (it holds the folder's lock)."""
+
+
+@contextlib.contextmanager
+def locked_run_folder(run_dir: str | Path) -> Iterator[None]:
+    """Hold the run folder's lock (``.lock``, created with the folder if need be) for the ``with`` block.
+
+    The lock is an ``flock``: the system releases it when the process ends, also when it is killed, so a
+    crashed run never leaves the folder locked.
+
+    Raises:
+        RunFolderInUse: another process (or another open of the lock file) holds it.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as err:
+            raise RunFolderInUse(f"{run_dir} is in use: another run is training into it") from err
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+@contextlib.contextmanager
+def replacing_run(run_dir: str | Path, names: Iterable[str], *, replace: bool) -> Iterator[None]:
+    """Keep the run being replaced until its replacement, trained inside the ``with`` block, has finished.
+
+    With ``replace``, the entries ``names`` of ``run_dir`` (config, weights, metrics, checkpoints) move to
+    ``.replaced/`` first. When the block completes, ``.replaced/`` is deleted; when it raises, what the new
+    run wrote is deleted and the old run moves back. A process killed inside the block leaves both: the new
+    run resumable, the old one in ``.replaced/``, deleted when the new run finishes. When ``.replaced/``
+    exists already, the folder holds such an unfinished replacement: with ``replace`` it is discarded for
+    the new one (the old run stays set aside); without, the block finishes it.
+
+    Args:
+        run_dir: The run folder (locked by the caller: ``locked_run_folder``).
+        names: The entries of a run folder that belong to its run.
+        replace: Whether the block starts a new run in place of the one in ``run_dir``.
+    """
+    run_dir = Path(run_dir)
+    aside = run_dir / REPLACED_DIR
+    names = [name for name in names if name != REPLACED_DIR]
+    if replace:
+        if aside.exists():
+            _remove_entries(run_dir, names)
+        else:
+            aside.mkdir()
+            for name in names:
+                if (run_dir / name).exists():
+                    os.replace(run_dir / name, aside / name)
+    try:
+        yield
+    except BaseException:
+        if replace:
+            _remove_entries(run_dir, names)
+            for entry in aside.iterdir():
+                os.replace(entry, run_dir / entry.name)
+            aside.rmdir()
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _remove_entries(run_dir: Path, names: Iterable[str]) -> None:
+    for name in names:
+        path = run_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)

@@ -13,6 +13,9 @@ import math
 import os
 import pickle
 import shutil
+import signal
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -35,6 +38,7 @@ from robustmix.checkpoint import (
     read_checkpoint,
     resolve_checkpoint,
 )
+from robustmix.runs import RunFolderInUse, load_config, load_model, locked_run_folder, replacing_run
 from robustmix.safestate import decode_state, encode_state, load_state, save_state
 from robustmix.trainer import EpochBatches, Trainer, batches_per_epoch
 from tests.conftest import load_recipe, quick_flags
@@ -492,3 +496,102 @@ def test_an_l2_budget_above_one_is_a_budget():
     x_adv = pgd(make_model().eval(), torch.rand(2, 1, 32, 32), torch.tensor([0, 1]), eps=3.0, step_size=0.5, steps=1,
                 norm="l2")  # fmt: skip
     assert x_adv.shape == (2, 1, 32, 32)
+
+
+# ---------------------------------------------------------------------- the run folder: lock, --overwrite, config
+
+
+def test_a_second_run_into_a_folder_in_use_is_a_one_line_error(tiny, unfinished, capsys):
+    before = tree(unfinished)
+    with locked_run_folder(unfinished):  # as the first run holds it while it trains
+        argv = quick_flags(tiny, unfinished, *RUN_FLAGS, "--resume", "latest")
+        line = exit_line(lambda: PGD_AT.main(argv), capsys)
+        with pytest.raises(RunFolderInUse), locked_run_folder(unfinished):
+            pass
+    assert line == f"pgd_at.py: error: --output-dir: {unfinished} is in use: another run is training into it"
+    assert tree(unfinished) == before
+    PGD_AT.main(argv)  # released with the block
+
+
+def test_a_killed_run_leaves_its_folder_unlocked(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from robustmix.runs import locked_run_folder\n"
+         f"with locked_run_folder({str(tmp_path)!r}):\n    print('locked', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1],
+    )  # fmt: skip
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(RunFolderInUse), locked_run_folder(tmp_path):
+        pass
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    with locked_run_folder(tmp_path):
+        pass
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_has_finished(tiny, unfinished, monkeypatch):
+    before = tree(unfinished)
+    crash_at(monkeypatch, 2)  # the replacement dies in training
+    with pytest.raises(KeyboardInterrupt):
+        PGD_AT.main(quick_flags(tiny, unfinished, *RUN_FLAGS, "--lr", "0.05", "--overwrite"))
+    monkeypatch.undo()
+    assert tree(unfinished) == before and not (unfinished / ".replaced").exists()
+
+    PGD_AT.main(quick_flags(tiny, unfinished, *RUN_FLAGS, "--lr", "0.05", "--overwrite"))
+    assert json.loads((unfinished / "config.json").read_text())["flags"]["lr"] == 0.05
+    assert (unfinished / "metrics.json").is_file() and not (unfinished / ".replaced").exists()
+
+
+def kill_inside_replacement(folder: Path, names: tuple[str, ...], new_config: str) -> None:
+    """Start replacing the run in ``folder`` in a process that writes ``new_config`` and dies (``os._exit``)."""
+    code = (
+        "import os; from pathlib import Path; from robustmix.runs import replacing_run\n"
+        f"with replacing_run({str(folder)!r}, {names!r}, replace=True):\n"
+        f"    Path({str(folder / 'config.json')!r}).write_text({new_config!r}); os._exit(9)"
+    )
+    killed = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1])
+    assert killed.returncode == 9
+
+
+def test_a_replacement_killed_half_way_is_discarded_by_the_next_overwrite(tmp_path):
+    names = ("config.json", "model.safetensors", "checkpoints")
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "config.json").write_text("old")
+    kill_inside_replacement(tmp_path, names, "new, unfinished")
+    assert (tmp_path / ".replaced" / "config.json").read_text() == "old"
+
+    with replacing_run(tmp_path, names, replace=True):  # --overwrite again: the unfinished one goes
+        assert not (tmp_path / "config.json").exists()
+        assert (tmp_path / ".replaced" / "config.json").read_text() == "old"
+        (tmp_path / "config.json").write_text("newer")
+    assert (tmp_path / "config.json").read_text() == "newer" and not (tmp_path / ".replaced").exists()
+
+
+def test_a_replacement_killed_half_way_removes_the_old_run_once_resumed_to_the_end(tmp_path):
+    (tmp_path / "config.json").write_text("old")
+    kill_inside_replacement(tmp_path, ("config.json",), "new")
+    with pytest.raises(KeyboardInterrupt), replacing_run(tmp_path, ["config.json"], replace=False):
+        raise KeyboardInterrupt  # the resumed run dies too: nothing is touched
+    assert (tmp_path / ".replaced" / "config.json").read_text() == "old"
+    with replacing_run(tmp_path, ["config.json"], replace=False):
+        pass
+    assert (tmp_path / "config.json").read_text() == "new" and not (tmp_path / ".replaced").exists()
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"checkpoint_path": "/etc/passwd"}, {"pretrained_cfg_overlay": {"file": "/etc/passwd"}}, {"pretrained": True},
+     {"img_size": {"nested": 1}}],
+)  # fmt: skip
+def test_a_config_cannot_pass_timm_anything_but_architecture_settings(unfinished, kwargs):
+    config = json.loads((unfinished / "config.json").read_text())
+    config["model"]["timm_kwargs"] = kwargs
+    (unfinished / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"config\.json: the model's timm_kwargs may hold only architecture settings"):
+        load_model(unfinished)
+
+
+def test_architecture_settings_in_timm_kwargs_load(unfinished):
+    config = json.loads((unfinished / "config.json").read_text())
+    config["model"]["timm_kwargs"] = {"drop_rate": 0.1, "img_size": [32, 32]}
+    (unfinished / "config.json").write_text(json.dumps(config))
+    assert load_config(unfinished)["model"]["timm_kwargs"] == {"drop_rate": 0.1, "img_size": [32, 32]}
