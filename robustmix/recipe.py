@@ -557,8 +557,10 @@ def _run_recipe(
     # Flag values that only the data or the callbacks can judge end the program as parse_args does (status 2,
     # naming the flags), before --overwrite removes anything and before the run folder is made.
     with _flag_errors(args, state, "--dataset", "--data-path"), state.main_process_first():
-        # One process downloads and caches, the others read the cache.
-        train, val = (_load(args, split) for split in ("train", "validation"))
+        # One process downloads and caches, the others read the cache. The test split is loaded and checked
+        # now too: a test split that cannot be evaluated must stop the run before training, not after it.
+        train, val, test = (_load(args, split) for split in ("train", "validation", "test"))
+        _check_same_images(train, test)
     meta = unused = None
     if args.train_size is not None:
         with _flag_errors(args, state, "--train-size"):
@@ -634,8 +636,6 @@ def _run_recipe(
     with _flag_errors(args, state, "--resume", kind=CheckpointError):
         summary = trainer.fit(resume=args.resume)
 
-    with state.main_process_first():
-        test = _load(args, "test")
     if args.data_on_device:
         test = test.to(state.device)
     metrics: dict[str, Any] = {"test": {**trainer.evaluate(test), "weights": "final", "step": summary["step"]}}
@@ -689,6 +689,16 @@ def _check_same_model(source: str, theirs: dict[str, Any], ours: dict[str, Any])
     ]
     if differences:
         raise ValueError(f"{source} trained another model than this run's: {'; '.join(differences)}")
+
+
+def _check_same_images(train: ImageDataset, test: ImageDataset) -> None:
+    """Raise a one-line ``ValueError`` unless the test split has the training split's image shape and classes."""
+    if test.image_shape != train.image_shape or test.num_classes != train.num_classes:
+        raise ValueError(
+            f"the test split holds {test.num_classes}-class images of shape {list(test.image_shape)}, the training "
+            f"split {train.num_classes}-class images of shape {list(train.image_shape)}: a model trained on one "
+            "cannot be tested on the other"
+        )
 
 
 def _subset(train: ImageDataset, size: int) -> tuple[ImageDataset, ImageDataset]:

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -19,6 +20,9 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import datasets
+import numpy as np
+import PIL.Image
 import pytest
 import torch
 from hypothesis import given, settings
@@ -38,6 +42,7 @@ from robustmix.checkpoint import (
     read_checkpoint,
     resolve_checkpoint,
 )
+from robustmix.data import load_dataset
 from robustmix.runs import RunFolderInUse, load_config, load_model, locked_run_folder, replacing_run
 from robustmix.safestate import decode_state, encode_state, load_state, save_state
 from robustmix.trainer import EpochBatches, Trainer, batches_per_epoch
@@ -595,3 +600,28 @@ def test_architecture_settings_in_timm_kwargs_load(unfinished):
     config["model"]["timm_kwargs"] = {"drop_rate": 0.1, "img_size": [32, 32]}
     (unfinished / "config.json").write_text(json.dumps(config))
     assert load_config(unfinished)["model"]["timm_kwargs"] == {"drop_rate": 0.1, "img_size": [32, 32]}
+
+
+# ---------------------------------------------------------------------- the test split, checked before training
+
+
+def _local_dataset(folder: Path, test_mode: str, test_side: int) -> str:
+    """A saved DatasetDict: 40 grayscale 32x32 training digits, 10 test digits in ``test_mode`` at ``test_side``."""
+    images, labels = load_dataset("digits", "test").tensors()
+    pil = [PIL.Image.fromarray(np.asarray(image[0] * 255, dtype=np.uint8), mode="L") for image in images[:50]]
+    test = [image.convert(test_mode).resize((test_side, test_side)) for image in pil[40:]]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)})
+    datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"image": pil[:40], "label": labels[:40].tolist()}, features=features),
+        "test": datasets.Dataset.from_dict({"image": test, "label": labels[40:50].tolist()}, features=features),
+    }).save_to_disk(folder)  # fmt: skip
+    return str(folder)
+
+
+@pytest.mark.parametrize(("mode", "side", "shape"), [("RGB", 32, r"\[3, 32, 32\]"), ("L", 16, r"\[1, 16, 16\]")])
+def test_a_test_split_that_cannot_be_evaluated_stops_the_run_before_training(tmp_path, capsys, mode, side, shape):
+    data = _local_dataset(tmp_path / "data", mode, side)
+    argv = ["--dataset", data, "--output-dir", str(tmp_path / "run"), "--max-steps", "1", "--val-size", "10"]
+    line = exit_line(lambda: PGD_AT.main(argv), capsys)
+    assert re.search(rf"--dataset, --data-path: the test split holds 10-class images of shape {shape}", line), line
+    assert not (tmp_path / "run").exists()
