@@ -430,7 +430,8 @@ def restore_checkpoint(
 
     Raises:
         CheckpointError: the checkpoint lacks a state this run has (scheduler, GradScaler, this process's RNG
-            states) or has one it lacks; checked before anything is restored.
+            states) or has one it lacks, checked before anything is restored; or a state does not fit the model
+            or optimizer.
     """
     scaler = accelerator.scaler
     for name, here in (("scheduler", scheduler), ("scaler", scaler)):
@@ -447,12 +448,15 @@ def restore_checkpoint(
     device = accelerator.device.type
     if device != "cpu" and device not in contents["rng"][accelerator.process_index]:
         raise CheckpointError(f"the checkpoint holds no {device} RNG states (it was written on another device)")
-    unwrap_model(model).load_state_dict(contents["model"])
-    optimizer.load_state_dict(contents["optimizer"])
-    if scheduler is not None:
-        scheduler.load_state_dict(contents["scheduler"])
-    if scaler is not None:
-        scaler.load_state_dict(contents["scaler"])
+    try:
+        unwrap_model(model).load_state_dict(contents["model"])
+        optimizer.load_state_dict(contents["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(contents["scheduler"])
+        if scaler is not None:
+            scaler.load_state_dict(contents["scaler"])
+    except (ValueError, KeyError, TypeError, RuntimeError) as err:  # torch's messages for a state of another shape
+        raise CheckpointError(f"the checkpoint's state does not fit this run's model or optimizer: {err}") from err
     _set_rng_state(contents["rng"][accelerator.process_index], accelerator.device)
 
 

@@ -624,7 +624,7 @@ def _run_recipe(
         nonfinite=args.on_nonfinite,
     )  # fmt: skip
     if state.is_main_process:
-        with _flag_errors(args, state, "--output-dir", kind=RunFolderInUse):
+        with _flag_errors(args, state, "--output-dir", kind=(RunFolderInUse, OSError)):  # OSError: cannot create
             held.enter_context(locked_run_folder(output))
         held.enter_context(replacing_run(output, _RUN_FILES, replace=args.overwrite))
     state.wait_for_everyone()
@@ -660,7 +660,10 @@ def _run_recipe(
 
 @contextlib.contextmanager
 def _flag_errors(
-    args: argparse.Namespace, state: PartialState, *flags: str, kind: type[Exception] = ValueError
+    args: argparse.Namespace,
+    state: PartialState,
+    *flags: str,
+    kind: type[Exception] | tuple[type[Exception], ...] = ValueError,
 ) -> Iterator[None]:
     """Turn a ``ValueError`` (or only a ``kind`` of them) raised while flags become data, callbacks or a resumed
     checkpoint into the command line's exit status 2.

@@ -881,7 +881,12 @@ class Trainer:
         if differ:
             detail = ", ".join(f"{k} {saved} (checkpoint) vs {now} (now)" for k, (saved, now) in differ.items())
             raise CheckpointError(f"cannot resume {checkpoint} exactly: {detail}")
-        self.step.load_state_dict(contents["callback_state"])
+        try:
+            self.step.load_state_dict(contents["callback_state"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as err:  # callbacks raise what their state gives
+            raise CheckpointError(
+                f"the callbacks' state in {checkpoint} does not load into this run's: {err}"
+            ) from err
         restore_checkpoint(
             self.accelerator, contents, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler
         )

@@ -27,7 +27,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch.optim.lr_scheduler import MultiStepLR
 
 from robustmix import AdversarialCE, AdversarialStep, FGSMAttack, PGDAttack
@@ -625,3 +625,23 @@ def test_a_test_split_that_cannot_be_evaluated_stops_the_run_before_training(tmp
     line = exit_line(lambda: PGD_AT.main(argv), capsys)
     assert re.search(rf"--dataset, --data-path: the test split holds 10-class images of shape {shape}", line), line
     assert not (tmp_path / "run").exists()
+
+
+def test_callback_state_that_does_not_load_is_a_one_line_error(tiny, tmp_path, capsys):
+    """An SGLR checkpoint whose table is missing: the recipe says so in one line instead of a traceback."""
+    sglr = load_recipe("sglr")
+    flags = quick_flags(tiny, tmp_path / "run", *RUN_FLAGS, "--start-epoch", "0", "--max-steps", "2")
+    sglr.main(flags)
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_2"
+    (checkpoint / "callbacks.json").write_text("{}")
+    save_file({}, checkpoint / "callbacks.safetensors")
+    _rehash(checkpoint)
+    line = exit_line(lambda: sglr.main([*flags, "--resume", "latest"]), capsys)
+    assert line.startswith("sglr.py: error: --resume: the callbacks' state in ") and "do not match" in line, line
+
+
+def test_an_output_dir_that_cannot_be_created_is_a_one_line_error(tiny, tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    argv = quick_flags(tiny, tmp_path / "file" / "run", *RUN_FLAGS)
+    line = exit_line(lambda: PGD_AT.main(argv), capsys)
+    assert line.startswith("pgd_at.py: error: --output-dir: ") and "file/run" in line, line
