@@ -270,9 +270,10 @@ def start_epoch(args: argparse.Namespace, value: int | str | None, fallback: int
 
 
 def base_parser(name: str, description: str | None = None) -> argparse.ArgumentParser:
-    """The flags every recipe shares; add the method's own flags to it, then call ``parse_args``.
+    """The flags every recipe shares, in ``--help`` groups; add the method's own flags to it, then ``parse_args``.
 
-    Flags a preset sets default to ``None`` here and are filled from the preset by ``parse_args``.
+    Flags a preset sets default to ``None`` here and are filled from the preset by ``parse_args``; their help
+    lists each preset's value. Flags the recipe adds itself show under "method".
 
     Args:
         name: Recipe name, recorded in ``config.json`` and used in the default output folder.
@@ -282,79 +283,122 @@ def base_parser(name: str, description: str | None = None) -> argparse.ArgumentP
         prog=f"{name}.py", description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.set_defaults(recipe=name)
-    add = parser.add_argument
-    add("--preset", choices=sorted(PRESETS), default="digits", help="flag values to start from (default: digits)")
-    add("--dataset", help=f"registry name ({', '.join(DATASETS)}) or a local dataset path")
+    parser._optionals.title = "method"  # the recipe's own flags; the shared ones go to the groups below
+    groups = {
+        title: parser.add_argument_group(title)
+        for title in ("data", "model", "optimization", "attack", "run", "evaluation", "performance")
+    }
+
+    def add(group: str, *flags: str, help: str | None = None, **kwargs: Any) -> None:
+        key = kwargs.get("dest") or flags[0].lstrip("-").replace("-", "_")
+        if key in PRESETS["digits"]:
+            help = f"{help}; " if help else ""
+            help += "presets: " + ", ".join(
+                f"{preset} {_preset_value(values[key])}"
+                for preset, values in PRESETS.items()
+                if preset != PAPER_PRESET
+            )
+        groups[group].add_argument(*flags, help=help, **kwargs)
+
     add(
-        "--data-path",
+        "data", "--preset", choices=sorted(PRESETS), default="digits",
+        help="flag values to start from (default: digits); cifar10-paper: cifar10-resnet18 with the method's "
+        "release settings (docs/recipes.md)",
+    )  # fmt: skip
+    add("data", "--dataset", help=f"registry name ({', '.join(DATASETS)}) or a local dataset path")
+    add(
+        "data", "--data-path",
         help="local copy of a registry dataset (load_from_disk folder, parquet, or for fashion-mnist the IDX files)",
-    )
+    )  # fmt: skip
     add(
-        "--val-size",
-        type=positive_int,
+        "data", "--val-size", type=positive_int,
         help="examples held out of the training split for validation (default: "
         "the dataset's: 5000 for fashion-mnist, 1000 for CIFAR and SVHN, 180 for digits, 10%% for local data)",
-    )
-    add(
-        "--train-size", type=positive_int,
-        help="train on a fixed stratified subset of this many examples of the training split (seeded like the "
-        "validation hold-out, the same for every run seed); default: all of it",
     )  # fmt: skip
-    add("--model", help="timm model name")
-    add("--cifar-stem", action=argparse.BooleanOptionalAction, help="3x3 stride-1 stem, no max-pool (ResNets)")
-    add("--epochs", type=positive_int)
-    add("--max-steps", type=positive_int, help="stop after this many optimizer steps")
-    add("--batch-size", type=positive_int, help="examples per process per step")
-    add("--optimizer", choices=OPTIMIZERS)
-    add("--lr", type=positive_number, help="peak learning rate")
-    add("--momentum", type=nonnegative_number, help="SGD momentum")
-    add("--weight-decay", type=nonnegative_number)
-    add("--schedule", choices=SCHEDULES, help="lr schedule over the optimizer steps")
-    add("--milestones", type=positive_int, nargs="*", help="epochs where multistep multiplies the lr by 0.1")
-    add("--augment", action=argparse.BooleanOptionalAction, help="random crop (pad 4) + horizontal flip")
-    add("--eps", type=nonnegative_number, help="L-inf budget in pixels in [0, 1], e.g. 8/255")
-    add("--step-size", type=nonnegative_number, help="attack step in pixels")
-    add("--attack-steps", type=nonnegative_int, help="attack iterations K")
     add(
-        "--attack-bn-mode", choices=BN_MODES,
+        "data", "--train-size", type=positive_int,
+        help="train on a fixed stratified subset of this many examples of the training split (seeded like the "
+        "validation hold-out, the same for every run seed); all of it when not given",
+    )  # fmt: skip
+    add("data", "--augment", action=argparse.BooleanOptionalAction, help="random crop (pad 4) + horizontal flip")
+    add("model", "--model", help="timm model name")
+    add("model", "--cifar-stem", action=argparse.BooleanOptionalAction, help="3x3 stride-1 stem, no max-pool")
+    add("model", "--init-from", metavar="RUN_DIR",
+        help="start from the final weights (model.safetensors) of another run of the same model, with a fresh "
+        "optimizer, lr schedule and step count (unlike --resume, which continues a run exactly)",
+    )  # fmt: skip
+    add("optimization", "--epochs", type=positive_int)
+    add("optimization", "--max-steps", type=positive_int, help="stop after this many optimizer steps")
+    add("optimization", "--batch-size", type=positive_int, help="examples per process per step")
+    add("optimization", "--optimizer", choices=OPTIMIZERS)
+    add("optimization", "--lr", type=positive_number, help="peak learning rate")
+    add("optimization", "--momentum", type=nonnegative_number, help="SGD momentum")
+    add("optimization", "--weight-decay", type=nonnegative_number)
+    add("optimization", "--schedule", choices=SCHEDULES, help="lr schedule over the optimizer steps")
+    add(
+        "optimization", "--milestones", type=positive_int, nargs="*",
+        help="epochs (from 0) from which multistep divides the lr by 10",
+    )  # fmt: skip
+    add("optimization", "--grad-clip", type=positive_number, help="clip the gradient norm to this value")
+    add("attack", "--eps", type=nonnegative_number, help="L-inf budget in pixels in [0, 1], e.g. 8/255")
+    add(
+        "attack", "--step-size", type=nonnegative_number,
+        help="attack step in pixels (not given: the preset's fraction of --eps)",
+    )  # fmt: skip
+    add("attack", "--attack-steps", type=nonnegative_int, help="attack iterations K")
+    add(
+        "attack", "--attack-bn-mode", choices=BN_MODES,
         help="BatchNorm and dropout while the training attack runs: eval (running statistics), train (batch "
         "statistics, running statistics updated by every attack step, as in the PGD-AT, AWP and FGSM-RS "
         "releases) or train_frozen_bn (batch statistics, running statistics untouched); default: what the "
         "method's release does (docs/recipes.md lists it per recipe)",
     )  # fmt: skip
-    add("--seed", type=nonnegative_int, default=0)
-    add("--output-dir", help="run folder (default: runs/<recipe>-<dataset>-seed<seed>)")
-    add("--resume", help="'latest' or a checkpoint folder to continue exactly")
+    add("run", "--seed", type=nonnegative_int, default=0, help="training seed (default: 0)")
+    add("run", "--output-dir", help="run folder (default: runs/<recipe>-<dataset>-seed<seed>)")
+    add("run", "--resume", help="'latest' or a checkpoint folder to continue exactly")
+    add("run", "--overwrite", action="store_true", help="replace the run already in --output-dir")
+    add("run", "--checkpoint-every", type=positive_int, default=1, help="checkpoint every this many epochs")
+    add("run", "--checkpoint-every-steps", type=positive_int, help="also checkpoint every this many steps")
+    add("run", "--keep-checkpoints", type=positive_int, default=2, help="most recent checkpoints to keep")
     add(
-        "--init-from", metavar="RUN_DIR",
-        help="start from the final weights (model.safetensors) of another run of the same model, with a fresh "
-        "optimizer, lr schedule and step count (unlike --resume, which continues a run exactly)",
-    )  # fmt: skip
-    add("--overwrite", action="store_true", help="replace the run already in --output-dir")
-    add("--mixed-precision", choices=MIXED_PRECISION, help="default: accelerate launch's setting, else no")
-    add("--grad-clip", type=positive_number, help="clip the gradient norm to this value")
-    add("--eval-every", type=positive_int, help="validate every this many epochs (and always after the last step)")
-    add("--checkpoint-every", type=positive_int, default=1, help="checkpoint every this many epochs")
-    add("--checkpoint-every-steps", type=positive_int, help="also checkpoint every this many steps")
-    add("--keep-checkpoints", type=positive_int, default=2, help="most recent checkpoints to keep")
-    add("--num-workers", type=nonnegative_int, default=0, help="DataLoader worker processes")
-    add(
-        "--data-on-device", action="store_true",
-        help="keep the whole dataset on the accelerator (small datasets: no per-batch host-to-device copy; "
-        "needs --num-workers 0)",
-    )  # fmt: skip
-    add("--channels-last", action="store_true", help="model weights in channels_last memory format (GPU convs)")
-    add(
-        "--compile", nargs="?", const="inductor", metavar="BACKEND",
-        help="torch.compile the model in place (default backend: inductor); attacks and training share it",
-    )  # fmt: skip
-    add("--threads", type=nonnegative_int, help="intra-op CPU threads of torch (0: torch's default)")
-    add(
-        "--on-nonfinite", choices=NONFINITE_POLICIES, default="raise",
+        "run", "--on-nonfinite", choices=NONFINITE_POLICIES, default="raise",
         help="a step with a NaN/inf loss or gradient: stop with an error naming the step and the batch's dataset "
         "indices (raise, the default), or skip its update and count it in metrics.jsonl (skip)",
     )  # fmt: skip
+    add(
+        "evaluation", "--eval-every", type=positive_int,
+        help="validate every this many epochs (and always after the last step)",
+    )  # fmt: skip
+    add("performance", "--mixed-precision", choices=MIXED_PRECISION, help="default: accelerate launch's, else no")
+    add("performance", "--num-workers", type=nonnegative_int, default=0, help="DataLoader worker processes")
+    add(
+        "performance", "--data-on-device", action="store_true",
+        help="keep the whole dataset on the accelerator (small datasets: no per-batch host-to-device copy; "
+        "needs --num-workers 0)",
+    )  # fmt: skip
+    add(
+        "performance", "--channels-last", action="store_true",
+        help="model weights in channels_last memory format (GPU convs)",
+    )  # fmt: skip
+    add(
+        "performance", "--compile", nargs="?", const="inductor", metavar="BACKEND",
+        help="torch.compile the model in place (default backend: inductor); attacks and training share it",
+    )  # fmt: skip
+    add("performance", "--threads", type=nonnegative_int, help="intra-op CPU threads of torch (0: torch's default)")
     return parser
+
+
+def _preset_value(value: Any) -> str:
+    """A preset's value as --help shows it: 8/255 as 0.03137, lists spaced, unset as 'all' or 'none'."""
+    if value is None:
+        return "all"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        return " ".join(map(str, value)) or "none"
+    return str(value)
 
 
 def parse_args(

@@ -237,3 +237,17 @@ def test_default_run_reaches_the_documented_accuracy(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     test = json.loads((tmp_path / "runs" / "pgd_at-digits-seed0" / "metrics.json").read_text())["test"]
     assert test["clean_acc"] >= 0.95 and test["pgd_acc"] >= 0.60
+
+
+def test_help_groups_the_shared_flags_and_shows_every_presets_value(capsys):
+    with pytest.raises(SystemExit):
+        load_recipe("mail").main(["--help"])
+    text = capsys.readouterr().out
+    titles = ["method:", "data:", "model:", "optimization:", "attack:", "run:", "evaluation:", "performance:"]
+    positions = [text.index(f"\n{title}\n") for title in titles]
+    assert positions == sorted(positions)
+    method = text[positions[0] : positions[1]]
+    assert "--burn-in" in method and "--lr" not in method  # the recipe's own flags, alone
+    flat = " ".join(text.split())
+    assert "--epochs EPOCHS presets: digits 10, fashion-mnist 6, cifar10-resnet18 110" in flat
+    assert "presets: digits 0.1, fashion-mnist 0.1, cifar10-resnet18 0.03137" in flat  # --eps, 8/255 as a number
