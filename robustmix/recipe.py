@@ -42,6 +42,7 @@ from typing import Any
 import accelerate
 import timm
 import torch
+import yaml
 from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env, set_seed
 from safetensors.torch import load_file
@@ -67,6 +68,7 @@ from robustmix.runs import (
     load_model,
     locked_run_folder,
     read_json,
+    recorded_flags,
     replacing_run,
 )
 from robustmix.step import MIXED_PRECISION, AdversarialStep
@@ -353,6 +355,13 @@ def base_parser(name: str, description: str | None = None) -> argparse.ArgumentP
         "releases) or train_frozen_bn (batch statistics, running statistics untouched); default: what the "
         "method's release does (docs/recipes.md lists it per recipe)",
     )  # fmt: skip
+    add(
+        "run", "--config", metavar="FILE",
+        help="flag values from a JSON or YAML object (keys: flag names, e.g. eps or step-size), or a run's "
+        "config.json to run it again; flags given here win over the file, the file over the preset. From a "
+        "config.json the run's own folder and bookkeeping (output_dir, resume, overwrite, config) are not taken; "
+        "resume and overwrite are command-line only",
+    )  # fmt: skip
     add("run", "--seed", type=nonnegative_int, default=0, help="training seed (default: 0)")
     add("run", "--output-dir", help="run folder (default: runs/<recipe>-<dataset>-seed<seed>)")
     add("run", "--resume", help="'latest' or a checkpoint folder to continue exactly")
@@ -427,6 +436,9 @@ def parse_args(
         data path or checkpoint, an occupied output folder, or a flag value out of range.
     """
     args = parser.parse_args(argv)
+    if args.config is not None:
+        # The file's values stand in for the parser's defaults: the command line still wins over them.
+        args = parser.parse_args(argv, argparse.Namespace(**config_file_values(parser, args.config)))
     unset = {key for key, value in vars(args).items() if value is None}
     preset = PRESETS[args.preset]
     if args.preset == PAPER_PRESET:
@@ -514,6 +526,83 @@ def parse_args(
         if source.resolve() == output.resolve():
             parser.error(f"--init-from {source} is this run's own --output-dir")
     return args
+
+
+#: Flags a ``--config`` file may not set: they say what to do with an existing run folder, a decision of the
+#: command line. A run's config.json records them (and its ``output_dir``): those entries are not taken.
+_COMMAND_LINE_ONLY = ("resume", "overwrite", "config")
+
+
+def config_file_values(parser: argparse.ArgumentParser, path: str | Path) -> dict[str, Any]:
+    """The flag values of a ``--config`` file, each checked and converted as its flag would be on the command line.
+
+    The file holds a JSON object (YAML for ``.yaml`` / ``.yml``) of flag names (``step_size`` or ``step-size``)
+    to values, ``null`` meaning not set; or it is a run's ``config.json``, whose recorded ``flags`` are taken
+    except ``output_dir``, ``resume``, ``overwrite`` and ``config``: the new run gets its own folder.
+
+    Exits:
+        With status 2 and a one-line message (``parser.error``) naming the file: unreadable, not an object,
+        unknown flag names (all of them), a value its flag refuses, a run of another recipe, or ``resume``,
+        ``overwrite`` or ``config`` set in a file that is not a run's config.json.
+    """
+    path = Path(path)
+    where = f"--config {path}"
+    try:
+        text = path.read_text()
+        data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as err:
+        parser.error(f"{where}: cannot be read: {' '.join(str(err).split())}")
+    if not isinstance(data, dict):
+        parser.error(f"{where}: expected an object of flag values, got {type(data).__name__}")
+    recipe = parser.get_default("recipe")
+    if isinstance(data.get("flags"), dict) and "recipe" in data:  # a run folder's config.json
+        if data["recipe"] != recipe:
+            parser.error(
+                f"{where} is the config.json of a {data['recipe']} run; this is {recipe}.py: "
+                f"run recipes/{data['recipe']}.py --config {path}"
+            )
+        skipped = ("output_dir", "recipe", *_COMMAND_LINE_ONLY)
+        data = {key: value for key, value in recorded_flags(data).items() if key not in skipped}
+    actions = {action.dest: action for action in parser._actions if action.dest != "help"}
+    values = {str(key).replace("-", "_"): value for key, value in data.items()}
+    unknown = sorted(key for key in values if key not in actions)
+    if unknown:
+        parser.error(f"{where}: unknown flags {', '.join(unknown)} (not flags of {recipe}.py)")
+    refused = [key for key in _COMMAND_LINE_ONLY if key in values]
+    if refused:
+        parser.error(f"{where}: {', '.join(refused)} can only be given on the command line")
+    return {key: _config_value(parser, actions[key], value, where) for key, value in values.items()}
+
+
+def _config_value(parser: argparse.ArgumentParser, action: argparse.Action, value: Any, where: str) -> Any:
+    """A file's ``value`` for ``action``'s flag, through the flag's type and choices (numbers go through their
+    text, so ``8/255`` and YAML's ``1e-3``, read as text, parse as on the command line)."""
+    flag = action.option_strings[0]
+    if value is None:
+        return None
+    if action.nargs == 0:  # switches: store_true, --x/--no-x
+        if not isinstance(value, bool):
+            parser.error(f"{where}: {flag} takes true or false, got {json.dumps(value)}")
+        return value
+    listed = action.nargs in ("*", "+")
+    if listed != isinstance(value, list) or (action.nargs == "+" and not value):
+        expected = "a list" if listed else "a single value"
+        parser.error(f"{where}: {flag} takes {expected}, got {json.dumps(value)}")
+    items = value if listed else [value]
+    converted = []
+    for item in items:
+        if isinstance(item, (dict, list, bool)) and action.type is not None:
+            parser.error(f"{where}: {flag}: invalid value {json.dumps(item)}")
+        try:
+            item = action.type(str(item)) if action.type is not None else item
+        except (argparse.ArgumentTypeError, ValueError) as err:
+            parser.error(f"{where}: {flag}: {err}")
+        if not isinstance(item, str) and action.type is None:
+            parser.error(f"{where}: {flag} takes text, got {json.dumps(item)}")
+        if action.choices is not None and item not in action.choices:
+            parser.error(f"{where}: {flag}: {item!r} is not one of {', '.join(map(str, action.choices))}")
+        converted.append(item)
+    return converted if listed else converted[0]
 
 
 def _check_resumed_flags(

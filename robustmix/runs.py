@@ -57,7 +57,7 @@ TIMM_KWARGS = frozenset(
 BOOKKEEPING_FLAGS = frozenset(
     {"output_dir", "resume", "overwrite", "preset", "data_path", "num_workers", "threads", "eval_every",
      "checkpoint_every", "checkpoint_every_steps", "keep_checkpoints", "on_nonfinite", "data_on_device",
-     "channels_last", "compile"}
+     "channels_last", "compile", "config"}
 )  # fmt: skip
 
 
