@@ -308,7 +308,11 @@ def test_state_files_refuse_what_they_do_not_write(tree):
 
 
 PGD_AT = load_recipe("pgd_at")
-RUN_FLAGS = ["--max-steps", "3", "--attack-steps", "1", "--checkpoint-every-steps", "1", "--eval-every", "9"]
+#: --attack-bn-mode is given: the tests compare it with what a run recorded, whatever the recipe's default.
+RUN_FLAGS = [
+    "--max-steps", "3", "--attack-steps", "1", "--checkpoint-every-steps", "1", "--eval-every", "9",
+    "--attack-bn-mode", "train",
+]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
