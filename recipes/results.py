@@ -9,8 +9,9 @@ table with one row per recipe (config.json's recipe name): clean, every attack a
 over the recipe's runs (seeds), with the number of failed sanity checks; then, per recipe and metric, the
 difference to the --reference recipe paired by training seed (mean with a 95% Student-t interval, McNemar's
 exact test on the per-example results, pooled over seeds) and whether it is beyond noise; then the exact
-training commands and a clean-vs-robust scatter plot written next to the page (results_scatter.png for
-results.md). Every number of the page is also in a JSON file next to it (results.json for results.md).
+training commands, a clean-vs-robust scatter plot and the runs' training curves, written next to the page
+(results_scatter.png and results_curves.png for results.md). Every number of the page is also in a JSON file
+next to it (results.json for results.md).
 
 --full-split-attacks adds a second evaluation of every run (eval_full_split.json for eval.json): those attacks
 on the whole split, no eps sweep, the other settings as given; its accuracies are more columns of the table,
@@ -39,17 +40,18 @@ from accelerate import Accelerator
 
 from robustmix import stats
 from robustmix.checkpoint import atomic_write_json, atomic_write_text
+from robustmix.curves import plot_training_curves
 from robustmix.evaluate import ATTACKS, add_evaluation_flags, check_run, evaluate_run, evaluation_kwargs
 from robustmix.recipe import PAPER_PRESET, PRESETS, base_parser
 from robustmix.report import plot_clean_vs_robust, results_page, results_statistics
-from robustmix.runs import load_config
+from robustmix.runs import load_config, load_metrics_log
 
 #: Training flags that runs of one recipe may differ in: they change where a run is written or how it is
 #: checkpointed and logged, not what it computes (a resumed run continues exactly); ``init_from`` names each
 #: seed's own starting run (a hot start from the same recipe's run of that seed).
 _PER_RUN_FLAGS = {
     "seed", "output_dir", "resume", "overwrite", "num_workers", "eval_every", "checkpoint_every",
-    "checkpoint_every_steps", "keep_checkpoints", "init_from",
+    "checkpoint_every_steps", "keep_checkpoints", "init_from", "config", "log_every", "log_with",
 }  # fmt: skip
 
 
@@ -209,6 +211,7 @@ def main(argv: list[str] | None = None) -> str:
     }
     output = Path(args.output)
     scatter = output.with_name(f"{output.stem}_scatter.png") if args.plots else None
+    curves = output.with_name(f"{output.stem}_curves.png") if args.plots else None
     command = shlex.join(["python", "recipes/results.py", *(sys.argv[1:] if argv is None else argv)])
     date = datetime.now(timezone.utc).isoformat(timespec="seconds")
     page = results_page(
@@ -243,10 +246,29 @@ def main(argv: list[str] | None = None) -> str:
         output.parent.mkdir(parents=True, exist_ok=True)
         if scatter is not None:
             plot_clean_vs_robust(tables, scatter)
+        if curves is not None and _plot_curves(configs, curves):
+            page += f"\n## Training curves\n\n![Training curves of the runs]({curves.name})\n"
         atomic_write_json(output.with_suffix(".json"), numbers)
         atomic_write_text(output, page)
         print(f"results of {len(configs)} run(s) written to {output} and {output.with_suffix('.json')}")
     return page
+
+
+def _plot_curves(configs: dict[str, dict[str, Any]], path: Path) -> bool:
+    """Write the training curves of the runs that kept their metrics.jsonl (one colour per run); whether any did."""
+    datasets = {config["data"]["dataset"] for config in configs.values()}
+    runs = {}
+    for run_dir, config in sorted(configs.items(), key=lambda item: (row_name(item[1]), item[1]["seed"])):
+        label = f"{row_name(config)} seed {config['seed']}"
+        if len(datasets) > 1:
+            label += f" ({Path(config['data']['dataset']).name})"
+        try:
+            runs[label] = load_metrics_log(run_dir)
+        except (FileNotFoundError, ValueError):  # an archive without its metrics.jsonl
+            continue
+    if runs:
+        plot_training_curves(runs, path, title="validation: the training run's PGD at its eps")
+    return bool(runs)
 
 
 def _evaluations(

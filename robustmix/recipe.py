@@ -44,7 +44,8 @@ import timm
 import torch
 import yaml
 from accelerate import PartialState
-from accelerate.utils import parse_flag_from_env, set_seed
+from accelerate.tracking import get_available_trackers
+from accelerate.utils import LoggerType, parse_flag_from_env, set_seed
 from safetensors.torch import load_file
 from torch.optim import SGD, AdamW, Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, MultiStepLR
@@ -52,6 +53,7 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler, MultiStepLR
 import robustmix
 from robustmix.callbacks import Callback
 from robustmix.checkpoint import CheckpointError, atomic_write_json, list_checkpoints, resolve_checkpoint
+from robustmix.console import copy_console
 from robustmix.data import DATASETS, ImageDataset, load_dataset
 from robustmix.models import create_model, model_config, unwrap_model
 from robustmix.modes import BN_MODES
@@ -59,12 +61,15 @@ from robustmix.runs import (
     BEST_DIR,
     CHECKPOINTS_DIR,
     CONFIG_FILE,
+    CURVES_FILE,
+    LOG_FILE,
     METRICS_FILE,
     METRICS_LOG,
     MODEL_FILE,
     RunFolderInUse,
     flag_differences,
     load_config,
+    load_metrics_log,
     load_model,
     locked_run_folder,
     read_json,
@@ -159,8 +164,10 @@ PAPER_PRESET = "cifar10-paper"
 PRESETS[PAPER_PRESET] = dict(PRESETS["cifar10-resnet18"])
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("warmup-cosine", "multistep", "constant", "cyclic")
+#: Accelerate's trackers, for --log-with.
+TRACKERS = tuple(t.value for t in LoggerType if t != LoggerType.ALL)
 #: Files of a run folder that ``--overwrite`` removes before a fresh start.
-_RUN_FILES = (CONFIG_FILE, MODEL_FILE, METRICS_FILE, METRICS_LOG, BEST_DIR, CHECKPOINTS_DIR)
+_RUN_FILES = (CONFIG_FILE, MODEL_FILE, METRICS_FILE, METRICS_LOG, LOG_FILE, CURVES_FILE, BEST_DIR, CHECKPOINTS_DIR)
 
 
 @dataclass
@@ -375,6 +382,16 @@ def base_parser(name: str, description: str | None = None) -> argparse.ArgumentP
         "indices (raise, the default), or skip its update and count it in metrics.jsonl (skip)",
     )  # fmt: skip
     add(
+        "run", "--log-every", type=positive_int, default=10,
+        help="a training row in metrics.jsonl (and the trackers) every this many optimizer steps, averaged over "
+        "them, and at every epoch's end (default: 10)",
+    )  # fmt: skip
+    add(
+        "run", "--log-with", nargs="+", choices=TRACKERS, metavar="TRACKER",
+        help=f"also send metrics.jsonl's rows to these Accelerate trackers ({', '.join(TRACKERS)}; installed "
+        f"here: {', '.join(map(str, get_available_trackers())) or 'none'}); TensorBoard writes into the run folder",
+    )  # fmt: skip
+    add(
         "evaluation", "--eval-every", type=positive_int,
         help="validate every this many epochs (and always after the last step)",
     )  # fmt: skip
@@ -492,6 +509,14 @@ def parse_args(
         parser.error("--schedule multistep needs --milestones (epochs)")
     if args.compile is not None and args.compile not in torch._dynamo.list_backends(exclude_tags=()):
         parser.error(f"--compile: unknown backend {args.compile!r}; known: {sorted(torch._dynamo.list_backends())}")
+    installed = ", ".join(map(str, get_available_trackers())) or "none"
+    missing = [name for name in args.log_with or () if name not in installed.split(", ")]
+    if missing:
+        packages = " ".join(name.replace("_", "-") for name in missing)
+        parser.error(
+            f"--log-with {' '.join(missing)}: not installed (pip install {packages}); trackers installed here: "
+            f"{installed}"
+        )
     if args.data_on_device and args.num_workers:
         parser.error("--data-on-device needs --num-workers 0: worker processes cannot share accelerator tensors")
 
@@ -754,12 +779,13 @@ def _run_recipe(
         eval_eps=args.eps, checkpoint_every=args.checkpoint_every,
         checkpoint_every_steps=args.checkpoint_every_steps, keep_checkpoints=args.keep_checkpoints,
         output_dir=output, seed=args.seed, augment=args.augment, num_workers=args.num_workers,
-        nonfinite=args.on_nonfinite,
+        nonfinite=args.on_nonfinite, log_every=args.log_every, log_with=args.log_with,
     )  # fmt: skip
     if state.is_main_process:
         with _flag_errors(args, state, "--output-dir", kind=(RunFolderInUse, OSError)):  # OSError: cannot create
             held.enter_context(locked_run_folder(output))
         held.enter_context(replacing_run(output, _RUN_FILES, replace=args.overwrite))
+        held.enter_context(copy_console(output / LOG_FILE, append=args.resume is not None))
     state.wait_for_everyone()
     # A resumed run keeps the config.json it started with: parse_args checked that the flags are the same.
     if state.is_main_process and args.resume is None:
@@ -782,6 +808,7 @@ def _run_recipe(
         metrics["nonfinite_skipped"] = summary["nonfinite_skipped"]
     if state.is_main_process:
         atomic_write_json(output / METRICS_FILE, metrics)
+        _plot_curves(args, output, trainer.eval_attack)
     final, attack = metrics["test"], trainer.eval_attack
     state.print(
         f"{args.recipe} on {args.dataset}: test clean {final['clean_acc']:.2%}, PGD-{attack['steps']} "
@@ -789,6 +816,20 @@ def _run_recipe(
         f"run folder {output}"
     )
     return metrics
+
+
+def _plot_curves(args: argparse.Namespace, output: Path, attack: dict[str, Any]) -> None:
+    """Write the run's training curves (``curves.png``), or say in one line why not (no matplotlib)."""
+    try:
+        from robustmix.curves import plot_training_curves
+
+        plot_training_curves(
+            {f"{args.recipe} seed {args.seed}": load_metrics_log(output)}, output / CURVES_FILE,
+            title=f"{args.recipe} on {Path(args.dataset).name}; validation PGD-{attack['steps']} at eps "
+            f"{attack['eps']:.4g}",
+        )  # fmt: skip
+    except ImportError:
+        print(f"{CURVES_FILE} not written: matplotlib is not installed (pip install 'robustmix[plot]')")
 
 
 @contextlib.contextmanager

@@ -7,7 +7,9 @@ A run folder holds:
     model.safetensors    final weights: the state_dict of the model from ``create_model``
     metrics.json         final test clean / PGD accuracy with the attack settings, and the best
                          checkpoint's validation metrics
-    metrics.jsonl        one JSON object per line: training progress and per-epoch validation metrics
+    metrics.jsonl        one JSON object per line: training progress, per-epoch throughput and validation metrics
+    log.txt              what the run printed (progress bar in its last state), appended to by a resumed run
+    curves.png           training curves: loss, training adversarial accuracy, validation clean and PGD accuracy
     best/                model.safetensors and metrics.json of the checkpoint with the best validation
                          PGD accuracy (never chosen on test data)
     checkpoints/         step_<N>/ resumable training states and the ``latest`` pointer file
@@ -40,6 +42,8 @@ CONFIG_FILE = "config.json"
 MODEL_FILE = "model.safetensors"
 METRICS_FILE = "metrics.json"
 METRICS_LOG = "metrics.jsonl"
+LOG_FILE = "log.txt"
+CURVES_FILE = "curves.png"
 BEST_DIR = "best"
 CHECKPOINTS_DIR = "checkpoints"
 LOCK_FILE = ".lock"
@@ -57,7 +61,7 @@ TIMM_KWARGS = frozenset(
 BOOKKEEPING_FLAGS = frozenset(
     {"output_dir", "resume", "overwrite", "preset", "data_path", "num_workers", "threads", "eval_every",
      "checkpoint_every", "checkpoint_every_steps", "keep_checkpoints", "on_nonfinite", "data_on_device",
-     "channels_last", "compile", "config"}
+     "channels_last", "compile", "config", "log_with", "log_every"}
 )  # fmt: skip
 
 

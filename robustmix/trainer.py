@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
-from accelerate.utils import is_tensorboard_available, set_seed
+from accelerate.tracking import GeneralTracker
+from accelerate.utils import set_seed
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
@@ -176,6 +177,9 @@ _RESUMED_STATE = frozenset(
     {"epoch", "batch_in_epoch", "global_step", "best", "val_metrics", "last_eval_step", "elapsed_s", "num_processes",
      "batch_size", "num_train_examples", "seed", "total_steps"}
 )  # fmt: skip
+#: Keys of metrics.jsonl rows that measure wall-clock time: the only values that differ between a run and the same
+#: run interrupted and resumed.
+WALL_CLOCK_KEYS = frozenset({"elapsed_s", "epoch_time_s", "images_per_s"})
 #: Keys of a training row in metrics.jsonl that callbacks' ``ctx.extras`` may not take.
 _TRAIN_ROW_KEYS = frozenset(
     {"step", "epoch", "loss", "lr", "train_adv_acc", "train_clean_acc", "forwards_per_step", "backwards_per_step",
@@ -250,7 +254,7 @@ class Trainer:
         val_data: Validation split for per-epoch evaluation and best-checkpoint selection; ``None`` skips both.
         scheduler: lr scheduler defined in optimizer steps (``total_steps`` of them).
         accelerator: An Accelerator to use; by default one is created with ``mixed_precision``, DDP kwargs as
-            above and a TensorBoard tracker when TensorBoard is installed.
+            above and the trackers of ``log_with``.
         mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"`` for the created accelerator; must match
             ``step.mixed_precision``. Defaults to the step's.
         epochs: Number of epochs.
@@ -270,6 +274,9 @@ class Trainer:
         augment: Random crop (4-pixel padding) and horizontal flip of every training batch, on the device.
         num_workers: DataLoader worker processes.
         log_every: Log training metrics (averaged over the window) every this many steps and at epoch ends.
+        log_with: Accelerate trackers (``"tensorboard"``, ``"wandb"``, ``"mlflow"``..., or ``GeneralTracker``
+            instances) that receive every row of ``metrics.jsonl``, for the created accelerator; trackers that
+            write files write them under ``output_dir``. Default: none.
         progress: Show a progress bar on the main process.
         nonfinite: ``"raise"`` or ``"skip"``: what a step with a NaN or inf loss or gradient does (above).
     """
@@ -300,6 +307,7 @@ class Trainer:
         augment: bool = False,
         num_workers: int = 0,
         log_every: int = 10,
+        log_with: str | GeneralTracker | list[str | GeneralTracker] | None = None,
         progress: bool = True,
         nonfinite: str = "raise",
     ) -> None:
@@ -342,7 +350,7 @@ class Trainer:
             accelerator = Accelerator(
                 mixed_precision=mixed_precision,
                 kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)] if several_forwards else [],
-                log_with="tensorboard" if is_tensorboard_available() and self.output_dir else None,
+                log_with=log_with,
                 project_dir=self.output_dir,
             )
         elif accelerator.mixed_precision != mixed_precision:
@@ -380,7 +388,8 @@ class Trainer:
         if self.steps_per_epoch == 0:
             raise ValueError(f"train_data has {len(train_data)} examples, too few for one batch on every process")
         rest = len(train_data) % (batch_size * accelerator.num_processes)
-        if batch_size > 1 and accelerator.num_processes <= rest < 2 * accelerator.num_processes:
+        lone = batch_size > 1 and accelerator.num_processes <= rest < 2 * accelerator.num_processes
+        if lone and accelerator.is_main_process:
             warnings.warn(
                 f"train_data has {len(train_data)} examples: the last batch of every epoch would hold one example "
                 f"per process, which BatchNorm cannot train on; it is left out ({rest} examples of each epoch)",
@@ -482,7 +491,7 @@ class Trainer:
         # Callbacks' ctx.extras, per name: [sum over the window's steps (device tensor), number of steps].
         self._window_extras: dict[str, list] = {}
         self._bar = tqdm(
-            total=self.total_steps, initial=self.global_step, desc="train", dynamic_ncols=True,
+            total=self.total_steps, initial=self.global_step, desc=f"epoch {self.epoch}", dynamic_ncols=True,
             disable=not (self.progress and self.accelerator.is_main_process),
         )  # fmt: skip
         try:
@@ -569,8 +578,12 @@ class Trainer:
     def _run_epoch(self) -> None:
         if self.batch_in_epoch == 0:
             self.step.fire("on_epoch_start", self, self.epoch)
+        self._bar.set_description(f"epoch {self.epoch}")
         self._batches.set_position(self.epoch, self.batch_in_epoch)
+        # Throughput of this epoch's training steps (from the resumed position on), validation left out.
+        self._epoch_start, self._epoch_images = time.perf_counter(), 0
         for batch in self._loader:
+            self._epoch_images += len(batch["label"]) * self.accelerator.num_processes
             self._train_step(batch)
             self.batch_in_epoch += 1
             self.global_step += 1
@@ -698,6 +711,9 @@ class Trainer:
 
     def _end_epoch(self) -> None:
         self._log_train()
+        # Every step ends with a host read (the non-finite check), so the clock has seen the epoch's work.
+        seconds = time.perf_counter() - self._epoch_start
+        self._log({"images_per_s": round(self._epoch_images / seconds, 1), "epoch_time_s": round(seconds, 3)})
         last = self.epoch + 1 == self.epochs or self.global_step >= self.total_steps
         if self.val_data is not None and (last or (self.eval_every and (self.epoch + 1) % self.eval_every == 0)):
             self._validate()
@@ -743,10 +759,11 @@ class Trainer:
         self.val_metrics = {f"val_{name}": value for name, value in metrics.items()}
         self._last_eval_step = self.global_step
         self._log({**self.val_metrics})
-        self._bar.write(
-            f"epoch {self.epoch} step {self.global_step}: val clean {metrics['clean_acc']:.2%}, "
-            f"PGD-{self.eval_steps} {metrics['pgd_acc']:.2%} (n={metrics['n']})"
-        )
+        if self.accelerator.is_main_process:
+            self._bar.write(
+                f"epoch {self.epoch} step {self.global_step}: val clean {metrics['clean_acc']:.2%}, "
+                f"PGD-{self.eval_steps} {metrics['pgd_acc']:.2%} (n={metrics['n']})"
+            )
         self.step.fire("on_evaluate", self, dict(self.val_metrics))
         if self.best is None or metrics["pgd_acc"] > self.best["val_pgd_acc"]:
             self.best = {"step": self.global_step, "epoch": self.epoch, **self.val_metrics}

@@ -43,6 +43,7 @@ from robustmix.checkpoint import (
     resolve_checkpoint,
 )
 from robustmix.runs import BEST_DIR, METRICS_FILE, MODEL_FILE, load_metrics_log
+from robustmix.trainer import WALL_CLOCK_KEYS
 from tests.conftest import quick_flags
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,7 +160,7 @@ def equal(a: Any, b: Any) -> bool:
 
 
 def without_time(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{k: v for k, v in row.items() if k != "elapsed_s"} for row in rows]
+    return [{k: v for k, v in row.items() if k not in WALL_CLOCK_KEYS} for row in rows]
 
 
 def assert_same_run(reference: Path, resumed: Path) -> None:

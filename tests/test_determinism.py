@@ -7,10 +7,8 @@ import pytest
 from safetensors.torch import load_file
 
 from robustmix.runs import MODEL_FILE
+from robustmix.trainer import WALL_CLOCK_KEYS
 from tests.conftest import load_recipe, quick_flags
-
-#: Wall-clock fields of metrics.jsonl rows (everything else must repeat exactly).
-WALL_CLOCK = {"elapsed_s", "time", "step_time_s", "examples_per_s"}
 
 #: Flags that switch each method's own machinery (and its randomness) on within a few steps.
 RECIPES = {
@@ -38,7 +36,7 @@ def _train(name: str, tiny: str, out, seed: int) -> tuple[bytes, dict]:
 def _metrics_rows(out) -> list[dict]:
     """metrics.jsonl without its wall-clock fields."""
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in row.items() if k not in WALL_CLOCK} for row in rows]
+    return [{k: v for k, v in row.items() if k not in WALL_CLOCK_KEYS} for row in rows]
 
 
 #: In the default suite: one of each kind of randomness (augmentation, attack starts, per-example table, meta batches

@@ -19,7 +19,7 @@ from robustmix.data import DATASETS, load_dataset
 from robustmix.models import create_model
 from robustmix.recipe import PRESETS, build_scheduler, triangular
 from robustmix.runs import MODEL_FILE, load_metrics_log
-from robustmix.trainer import Trainer
+from robustmix.trainer import WALL_CLOCK_KEYS, Trainer
 from robustmix.weights import MAILWeights
 from tests.conftest import crash_then_resume, load_recipe, quick_flags
 
@@ -305,7 +305,7 @@ def test_fgsm_rs_checks_after_every_epoch_and_resumes_exactly(tiny, tmp_path, mo
     rows = {run: load_metrics_log(tmp_path / run) for run in ("straight", "crashed")}
     checks = [r for r in rows["straight"] if "overfit_check_pgd_acc" in r]
     assert [r["step"] for r in checks] == [6, 12] and all(0 <= r["overfit_check_pgd_acc"] <= 1 for r in checks)
-    drop_time = lambda rows: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rows]  # noqa: E731
+    drop_time = lambda rows: [{k: v for k, v in r.items() if k not in WALL_CLOCK_KEYS} for r in rows]  # noqa: E731
     assert drop_time(rows["crashed"]) == drop_time(rows["straight"])
     straight, resumed = (load_file(tmp_path / run / MODEL_FILE) for run in ("straight", "crashed"))
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)

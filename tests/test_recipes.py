@@ -16,6 +16,7 @@ import robustmix
 from robustmix.data import load_dataset
 from robustmix.recipe import PRESETS, base_parser, parse_args
 from robustmix.runs import load_metrics_log, load_model
+from robustmix.trainer import WALL_CLOCK_KEYS
 from tests.conftest import crash_then_resume, launch_two_processes, load_recipe, quick_flags
 
 REPO = Path(__file__).resolve().parents[1]
@@ -195,7 +196,7 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tiny, tmp_path, monke
 
     straight, resumed = (load_file(tmp_path / run / "model.safetensors") for run in ("straight", "crashed"))
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
-    drop_time = lambda rows: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rows]  # noqa: E731
+    drop_time = lambda rows: [{k: v for k, v in r.items() if k not in WALL_CLOCK_KEYS} for r in rows]  # noqa: E731
     assert drop_time(load_metrics_log(tmp_path / "crashed")) == drop_time(load_metrics_log(tmp_path / "straight"))
 
 
@@ -217,11 +218,14 @@ def test_accelerate_launch_runs_a_recipe(tiny, tmp_path):
 def test_recipe_under_two_cpu_processes(tiny, tmp_path):
     out = tmp_path / "ddp"
     flags = quick_flags(tiny, out, "--max-steps", "3", "--attack-steps", "1", "--batch-size", "8")
-    launch_two_processes(REPO / "recipes" / "pgd_at.py", *flags, timeout=600)
+    result = launch_two_processes(REPO / "recipes" / "pgd_at.py", *flags, timeout=600)
     config = json.loads((out / "config.json").read_text())
     assert (config["num_processes"], config["global_batch_size"], config["steps_per_epoch"]) == (2, 16, 6)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["test"]["n"] == 20 and metrics["best"]["val_n"] == 10  # each example once across ranks
+    # Only the main process prints, and only its console goes to log.txt.
+    for text in (result.stdout + result.stderr, (out / "log.txt").read_text()):
+        assert text.count("epoch 0 step 3: val clean") == 1 and text.count("pgd_at on ") == 1, text
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ from robustmix.data import DATASETS, ImageDataset, load_dataset
 from robustmix.losses import classification_loss
 from robustmix.models import create_model, unwrap_model
 from robustmix.runs import BEST_DIR, METRICS_FILE, MODEL_FILE, load_metrics_log
-from robustmix.trainer import EpochBatches, Trainer, batches_per_epoch, training_forwards
+from robustmix.trainer import WALL_CLOCK_KEYS, EpochBatches, Trainer, batches_per_epoch, training_forwards
 from tests.conftest import launch_two_processes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -342,7 +342,7 @@ def test_resume_continues_bit_for_bit(digits, tmp_path):
     assert resumed.optimizer.param_groups[0]["lr"] == straight.optimizer.param_groups[0]["lr"]
     assert torch.equal(resumed_recorder.seen, straight_recorder.seen) and resumed_recorder.batches == 6
     # The resumed run logs exactly the rows the straight run logged after the checkpoint.
-    drop_time = lambda rows: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rows]  # noqa: E731
+    drop_time = lambda rows: [{k: v for k, v in r.items() if k not in WALL_CLOCK_KEYS} for r in rows]  # noqa: E731
     later = [r for r in load_metrics_log(tmp_path / "straight") if r["step"] > 4]
     assert drop_time(load_metrics_log(tmp_path / "resumed")) == drop_time(later)
 
