@@ -3,6 +3,7 @@
 A checkpoint is a folder ``checkpoints/step_<N>/`` holding
 
 - ``model.safetensors``: the model's weights (``state_dict`` of the unwrapped model);
+- ``model_ema.safetensors``: the moving average of the weights, for a run that keeps one;
 - ``optimizer``, ``scheduler`` (when there is an lr scheduler) and ``scaler`` (the fp16 GradScaler): each a
   ``.safetensors`` file with its tensors and a ``.json`` file with the rest (``robustmix.safestate``);
 - ``rng_<rank>``: every process's RNG states (Python, NumPy, torch, and the accelerator's), the same way;
@@ -56,6 +57,7 @@ from robustmix.models import unwrap_model
 from robustmix.safestate import load_state, save_state, state_files
 
 MODEL = "model.safetensors"
+EMA_MODEL = "model_ema.safetensors"
 TRAINER_STATE = "trainer_state.json"
 CALLBACK_TENSORS = "callbacks.safetensors"
 CALLBACK_VALUES = "callbacks.json"
@@ -214,6 +216,7 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     callback_state: dict[str, Any],
     keep: int | None = None,
+    ema: nn.Module | None = None,
 ) -> Path:
     """Write ``checkpoints_dir/step_<step>/`` atomically and point ``latest`` at it; call it on every process.
 
@@ -227,6 +230,7 @@ def save_checkpoint(
         trainer_state: JSON counters of the trainer.
         callback_state: ``AdversarialStep.state_dict()`` of the main process.
         keep: Keep only this many most recent checkpoints (by step); ``None`` keeps all.
+        ema: The moving average of the model's weights (a module of the same architecture), if the run keeps one.
 
     Returns:
         The checkpoint folder.
@@ -251,6 +255,10 @@ def save_checkpoint(
     if accelerator.is_main_process:
         weights = unwrap_model(model).state_dict()
         save_file({name: t.detach().to("cpu", copy=True).contiguous() for name, t in weights.items()}, tmp / MODEL)
+        if ema is not None:
+            save_file(
+                {k: t.detach().to("cpu", copy=True).contiguous() for k, t in ema.state_dict().items()}, tmp / EMA_MODEL
+            )
         save_state(optimizer.state_dict(), tmp, "optimizer")
         if scheduler is not None:
             save_state(scheduler.state_dict(), tmp, "scheduler")
@@ -350,8 +358,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Verify a checkpoint (``verify_checkpoint``) and read every file of it, without a model or an accelerator.
 
     Returns:
-        ``{"trainer_state", "callback_state", "model": model tensors, "optimizer", "scheduler", "scaler": the
-            state dicts (``None`` when absent), "rng": one RNG state per process}``; tensors are on the CPU.
+        ``{"trainer_state", "callback_state", "model": model tensors, "ema": moving-average tensors, "optimizer",
+            "scheduler", "scaler": the state dicts (``None`` when absent), "rng": one RNG state per process}``;
+            tensors are on the CPU.
 
     Raises:
         CheckpointError: a file is missing, altered or does not load (names the file).
@@ -360,6 +369,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     files = verify_checkpoint(path)
     try:
         model = _load_tensors(path / MODEL)
+        ema = _load_tensors(path / EMA_MODEL) if EMA_MODEL in files else None
         trainer_state = json.loads((path / TRAINER_STATE).read_text())
         if not isinstance(trainer_state, dict):
             raise ValueError(f"{path / TRAINER_STATE} is not a JSON object")
@@ -379,7 +389,10 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         if isinstance(err, CheckpointError):
             raise
         raise CheckpointError(f"checkpoint {path}: {err}") from err
-    return {"trainer_state": trainer_state, "callback_state": callback_state, "model": model, **states, "rng": rng}
+    return {
+        "trainer_state": trainer_state, "callback_state": callback_state, "model": model, "ema": ema, **states,
+        "rng": rng,
+    }  # fmt: skip
 
 
 def open_checkpoint(resume: str | Path, checkpoints_dir: str | Path) -> tuple[Path, dict[str, Any]]:
@@ -424,9 +437,10 @@ def restore_checkpoint(
     model: nn.Module,
     optimizer: Optimizer,
     scheduler: LRScheduler | None = None,
+    ema: nn.Module | None = None,
 ) -> None:
-    """Restore model, optimizer, lr scheduler, GradScaler and this process's RNG states from ``read_checkpoint``'s
-    ``contents``; call it on every process.
+    """Restore model, optimizer, lr scheduler, GradScaler, moving average of the weights (``ema``) and this
+    process's RNG states from ``read_checkpoint``'s ``contents``; call it on every process.
 
     Raises:
         CheckpointError: the checkpoint lacks a state this run has (scheduler, GradScaler, this process's RNG
@@ -434,7 +448,7 @@ def restore_checkpoint(
             or optimizer.
     """
     scaler = accelerator.scaler
-    for name, here in (("scheduler", scheduler), ("scaler", scaler)):
+    for name, here in (("scheduler", scheduler), ("scaler", scaler), ("ema", ema)):
         if (here is None) != (contents[name] is None):
             saved = "no" if contents[name] is None else "a"
             raise CheckpointError(
@@ -455,6 +469,8 @@ def restore_checkpoint(
             scheduler.load_state_dict(contents["scheduler"])
         if scaler is not None:
             scaler.load_state_dict(contents["scaler"])
+        if ema is not None:
+            ema.load_state_dict(contents["ema"])
     except (ValueError, KeyError, TypeError, RuntimeError) as err:  # torch's messages for a state of another shape
         raise CheckpointError(f"the checkpoint's state does not fit this run's model or optimizer: {err}") from err
     _set_rng_state(contents["rng"][accelerator.process_index], accelerator.device)

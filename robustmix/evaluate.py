@@ -53,7 +53,7 @@ from robustmix.data import SPLITS, ImageDataset, load_dataset
 from robustmix.margins import probability_margin
 from robustmix.modes import BNMode, model_mode
 from robustmix.recipe import device_name, nonnegative_int, nonnegative_number, positive_int
-from robustmix.runs import BEST_DIR, CONFIG_FILE, MODEL_FILE, load_config, load_model, read_json
+from robustmix.runs import CONFIG_FILE, WEIGHTS, load_config, load_model, read_json
 from robustmix.step import MIXED_PRECISION
 from robustmix.validation import check_batch, check_model_input
 
@@ -114,7 +114,7 @@ def evaluate_run(
     eps: float | None = None,
     n_examples: int | None = None,
     split: str = "test",
-    weights: Literal["final", "best"] = "final",
+    weights: Literal["final", "best", "ema"] = "final",
     batch_size: int = 256,
     seed: int = 0,
     mixed_precision: str = "no",
@@ -154,7 +154,8 @@ def evaluate_run(
         eps: L-inf radius in pixels in [0, 1]; defaults to the eps the run trained with.
         n_examples: Evaluate the first this many examples of the split; defaults to all of them.
         split: "test", "validation" or "train", as the run's training made them.
-        weights: "final" or "best" (the checkpoint chosen on validation PGD accuracy).
+        weights: "final", "best" (the checkpoint chosen on validation PGD accuracy) or "ema" (the moving average
+            of the weights of a run trained with ``--ema``).
         batch_size: Examples per chunk and per attack call.
         seed: Seed of the attacks' randomness (see above).
         mixed_precision: "no", "bf16" or "fp16": the autocast of the attacks' forwards and backwards.
@@ -564,7 +565,7 @@ def get_attack(name: str) -> AttackSpec:
     return ATTACKS[name]
 
 
-def check_run(run_dir: str | Path, weights: Literal["final", "best"] = "final") -> tuple[dict[str, Any], Path]:
+def check_run(run_dir: str | Path, weights: Literal["final", "best", "ema"] = "final") -> tuple[dict[str, Any], Path]:
     """Check that ``run_dir`` is a run folder with ``weights`` to evaluate, without loading them.
 
     Reads config.json and the header of the weights file (a few kilobytes), so a truncated or overwritten
@@ -576,14 +577,14 @@ def check_run(run_dir: str | Path, weights: Literal["final", "best"] = "final") 
     Raises:
         FileNotFoundError: The folder, its config.json or the weights file does not exist.
         ValueError: config.json is corrupted or lacks the ``data`` / ``attack`` entries evaluation reads; the
-            weights file is not a complete safetensors file; ``weights`` is not "final" or "best".
+            weights file is not a complete safetensors file; ``weights`` is not "final", "best" or "ema".
     """
     run_dir = Path(run_dir)
-    if weights not in ("final", "best"):
-        raise ValueError(f"weights must be 'final' or 'best', got {weights!r}")
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {', '.join(map(repr, WEIGHTS))}, got {weights!r}")
     config = load_config(run_dir)
     _check_run_config(config, run_dir / CONFIG_FILE)
-    weights_file = run_dir / MODEL_FILE if weights == "final" else run_dir / BEST_DIR / MODEL_FILE
+    weights_file = run_dir / WEIGHTS[weights]
     if not weights_file.is_file():
         raise FileNotFoundError(f"{weights_file} does not exist: the run has no {weights} weights (did it finish?)")
     try:
@@ -675,7 +676,10 @@ def add_evaluation_flags(parser: argparse.ArgumentParser) -> None:
     add("--eps", type=_eps_flag, help="L-inf radius in pixels in [0, 1], e.g. 8/255 (default: the run's)")
     add("--n-examples", type=positive_int, help="evaluate the first N examples of the split (default: all)")
     add("--split", choices=SPLITS, default="test", help="data split, made as in training (default: test)")
-    add("--weights", choices=("final", "best"), default="final", help="final weights or the best checkpoint")
+    add(
+        "--weights", choices=tuple(WEIGHTS), default="final",
+        help="final weights, the best checkpoint, or the moving average of a run trained with --ema",
+    )  # fmt: skip
     add("--batch-size", type=positive_int, default=256, help="examples per chunk and attack call (default: 256)")
     add("--seed", type=nonnegative_int, default=0, help="seed of the attacks (default: 0)")
     add(

@@ -5,6 +5,7 @@ A run folder holds:
     config.json          everything needed to rebuild the model and the data (model config, dataset,
                          split sizes, attack settings, seed, library version, recipe name and flags)
     model.safetensors    final weights: the state_dict of the model from ``create_model``
+    model_ema.safetensors  with ``--ema``: the final exponential moving average of the weights, same keys
     metrics.json         final test clean / PGD accuracy with the attack settings, and the best
                          checkpoint's validation metrics
     metrics.jsonl        one JSON object per line: training progress, per-epoch throughput and validation metrics
@@ -40,6 +41,7 @@ from robustmix.models import build_from_config, check_model_config
 
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.safetensors"
+EMA_MODEL_FILE = "model_ema.safetensors"
 METRICS_FILE = "metrics.json"
 METRICS_LOG = "metrics.jsonl"
 LOG_FILE = "log.txt"
@@ -113,27 +115,32 @@ def load_config(run_dir: str | Path) -> dict[str, Any]:
     return config
 
 
-def load_model(run_dir: str | Path, *, weights: Literal["final", "best"] = "final") -> nn.Module:
+#: The weights a run folder can hold, by name: their file in the folder.
+WEIGHTS = {"final": MODEL_FILE, "best": f"{BEST_DIR}/{MODEL_FILE}", "ema": EMA_MODEL_FILE}
+
+
+def load_model(run_dir: str | Path, *, weights: Literal["final", "best", "ema"] = "final") -> nn.Module:
     """Rebuild a trained model from its run folder, in eval mode, on the CPU.
 
     Args:
         run_dir: The run's ``output_dir``.
-        weights: ``"final"`` (``model.safetensors``, the weights after the last step) or ``"best"``
-            (``best/model.safetensors``, the checkpoint with the best validation PGD accuracy).
+        weights: ``"final"`` (``model.safetensors``, the weights after the last step), ``"best"``
+            (``best/model.safetensors``, the checkpoint with the best validation PGD accuracy) or ``"ema"``
+            (``model_ema.safetensors``, the moving average of the weights of a run trained with ``--ema``).
 
     Returns:
         The model, taking images ``[B, C, H, W]`` with pixels in [0, 1] and returning logits ``[B, num_classes]``.
 
     Raises:
         FileNotFoundError: the folder, its config.json or the weights file does not exist.
-        ValueError: ``weights`` is not "final" or "best"; a file is corrupted; the weights do not fit the model
+        ValueError: ``weights`` is not one of ``WEIGHTS``; a file is corrupted; the weights do not fit the model
             or hold NaN or inf.
     """
-    if weights not in ("final", "best"):
-        raise ValueError(f"weights must be 'final' or 'best', got {weights!r}")
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {', '.join(map(repr, WEIGHTS))}, got {weights!r}")
     run_dir = Path(run_dir)
     config = load_config(run_dir)
-    path = run_dir / MODEL_FILE if weights == "final" else run_dir / BEST_DIR / MODEL_FILE
+    path = run_dir / WEIGHTS[weights]
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: the run has no {weights} weights (did it finish?)")
     try:

@@ -31,6 +31,7 @@ import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.tracking import GeneralTracker
 from accelerate.utils import set_seed
+from timm.utils import ModelEmaV3
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
@@ -53,7 +54,7 @@ from robustmix.checkpoint import (
 from robustmix.data import augment_cifar, make_dataloader
 from robustmix.models import unwrap_model
 from robustmix.modes import model_mode
-from robustmix.runs import BEST_DIR, CHECKPOINTS_DIR, METRICS_FILE, METRICS_LOG, MODEL_FILE
+from robustmix.runs import BEST_DIR, CHECKPOINTS_DIR, EMA_MODEL_FILE, METRICS_FILE, METRICS_LOG, MODEL_FILE
 from robustmix.step import MIXED_PRECISION, AdversarialStep
 from robustmix.validation import check_trainer_arguments
 
@@ -200,6 +201,13 @@ class Trainer:
     PGD accuracy (CE, ``eval_steps`` steps of ``eval_eps / 4``, uniform start, eval mode). The weights with
     the best validation PGD accuracy are copied to ``output_dir/best/``; the test split is never used here.
 
+    With ``ema_decay``, an exponential moving average of the weights and buffers (timm's ``ModelEmaV3``:
+    ``ema = decay * ema + (1 - decay) * weights``) is updated after every optimizer step taken (after
+    ``on_after_optimizer_step``, so AWP's perturbation is off), validated beside the raw weights
+    (``val_ema_*`` metrics), checkpointed (a resumed run continues it bit for bit) and saved as
+    ``model_ema.safetensors``; ``evaluate(data, ema=True)`` evaluates it. The best weights are chosen on the
+    raw weights' validation PGD accuracy.
+
     The lr scheduler is stepped exactly once per optimizer step, on every process, also when the fp16
     GradScaler skipped the step (the lr is a function of the step count alone). It is deliberately not
     passed through ``accelerator.prepare``: Accelerate's scheduler wrapper steps ``num_processes`` times per
@@ -279,6 +287,8 @@ class Trainer:
             write files write them under ``output_dir``. Default: none.
         progress: Show a progress bar on the main process.
         nonfinite: ``"raise"`` or ``"skip"``: what a step with a NaN or inf loss or gradient does (above).
+        ema_decay: Keep a moving average of the weights with this decay per optimizer step, in (0, 1) (e.g.
+            0.999; about ``1 / (1 - decay)`` steps are averaged); ``None``: none.
     """
 
     def __init__(
@@ -310,6 +320,7 @@ class Trainer:
         log_with: str | GeneralTracker | list[str | GeneralTracker] | None = None,
         progress: bool = True,
         nonfinite: str = "raise",
+        ema_decay: float | None = None,
     ) -> None:
         check_trainer_arguments(
             model, step, optimizer, train_data, val_data, output_dir=output_dir, eval_eps=eval_eps, grad_clip=grad_clip
@@ -327,6 +338,8 @@ class Trainer:
                 _check_int(name, value, 1)
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+        if ema_decay is not None and not (0 < ema_decay < 1):
+            raise ValueError(f"ema_decay must be in (0, 1), got {ema_decay}")
         if grad_clip is not None and not (0 < grad_clip < math.inf):
             raise ValueError(f"grad_clip must be a positive number, got {grad_clip}")
         if not isinstance(train_data, Sized) or len(train_data) == 0:
@@ -371,6 +384,8 @@ class Trainer:
         self.accelerator = accelerator
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.scheduler = scheduler
+        #: The moving average of the weights (``ema.module``: a copy of the model), or ``None``.
+        self.ema = None if ema_decay is None else ModelEmaV3(unwrap_model(self.model), decay=ema_decay)
 
         self.step = step
         self.train_data, self.val_data = train_data, val_data
@@ -504,7 +519,7 @@ class Trainer:
         finally:
             self._bar.close()
 
-    def evaluate(self, data: Dataset, *, batch_size: int | None = None) -> dict[str, float]:
+    def evaluate(self, data: Dataset, *, batch_size: int | None = None, ema: bool = False) -> dict[str, float]:
         """Clean and PGD accuracy of the model on ``data``, every example counted once across processes.
 
         Runs the model in eval mode; the attack is ``eval_attack`` (its random start is seeded by the
@@ -515,14 +530,17 @@ class Trainer:
         Args:
             data: Map-style dataset of ``{"image", "label", ...}`` dicts, pixels in [0, 1].
             batch_size: Examples per process per batch; defaults to the training ``batch_size``.
+            ema: Evaluate the moving average of the weights (``ema_decay``) instead of the model's weights.
 
         Returns:
             ``{"clean_acc", "pgd_acc"}`` as fractions in [0, 1], and ``"n"``, the number of examples.
         """
         if not isinstance(data, Sized) or len(data) == 0:
             raise ValueError("evaluate needs a non-empty map-style dataset")
+        if ema and self.ema is None:
+            raise ValueError("evaluate(ema=True) needs a trainer with ema_decay")
         self._sync_buffers()
-        model = unwrap_model(self.model)
+        model = self.ema.module if ema else unwrap_model(self.model)
         device, rank = self.accelerator.device, self.accelerator.process_index
         generator = torch.Generator(device).manual_seed(mix_seed(self.seed, _EVAL_STREAM, rank))
         # Attacks need autograd: inference mode is switched off here (tensors made inside are then ordinary
@@ -627,6 +645,8 @@ class Trainer:
             self.optimizer.step()
             self.step_was_skipped = self.optimizer.step_was_skipped
             self.step.fire("on_after_optimizer_step", self, self.optimizer)
+            if self.ema is not None:
+                self.ema.update(unwrap_model(self.model))
             # Training accuracies come from logits the step computed anyway: no extra forward.
             targets = batch["label"]
             adv, clean = ctx.logits.get("adv"), ctx.logits.get("clean", ctx.eval_logits.get("clean"))
@@ -735,6 +755,8 @@ class Trainer:
             self._refuse_nonfinite_weights(f"the final weights {MODEL_FILE}")
         if self.output_dir is not None and self.accelerator.is_main_process:
             atomic_save_weights(unwrap_model(self.model).state_dict(), self.output_dir / MODEL_FILE)
+            if self.ema is not None:
+                atomic_save_weights(self.ema.module.state_dict(), self.output_dir / EMA_MODEL_FILE)
         self.accelerator.wait_for_everyone()
         # Not accelerator.end_training(): it also destroys the process group, and evaluate() must still work.
         for tracker in self.accelerator.trackers:
@@ -757,13 +779,17 @@ class Trainer:
     def _validate(self) -> None:
         metrics = self.evaluate(self.val_data)
         self.val_metrics = {f"val_{name}": value for name, value in metrics.items()}
+        line = (
+            f"val clean {metrics['clean_acc']:.2%}, PGD-{self.eval_steps} {metrics['pgd_acc']:.2%} (n={metrics['n']})"
+        )
+        if self.ema is not None:
+            averaged = self.evaluate(self.val_data, ema=True)
+            self.val_metrics |= {f"val_ema_{name}": averaged[name] for name in ("clean_acc", "pgd_acc")}
+            line += f"; EMA clean {averaged['clean_acc']:.2%}, PGD-{self.eval_steps} {averaged['pgd_acc']:.2%}"
         self._last_eval_step = self.global_step
         self._log({**self.val_metrics})
         if self.accelerator.is_main_process:
-            self._bar.write(
-                f"epoch {self.epoch} step {self.global_step}: val clean {metrics['clean_acc']:.2%}, "
-                f"PGD-{self.eval_steps} {metrics['pgd_acc']:.2%} (n={metrics['n']})"
-            )
+            self._bar.write(f"epoch {self.epoch} step {self.global_step}: {line}")
         self.step.fire("on_evaluate", self, dict(self.val_metrics))
         if self.best is None or metrics["pgd_acc"] > self.best["val_pgd_acc"]:
             self.best = {"step": self.global_step, "epoch": self.epoch, **self.val_metrics}
@@ -881,6 +907,7 @@ class Trainer:
         save_checkpoint(
             self.accelerator, self.checkpoints_dir, self.global_step, model=self.model, optimizer=self.optimizer,
             scheduler=self.scheduler, trainer_state=state, callback_state=callback_state, keep=self.keep_checkpoints,
+            ema=None if self.ema is None else self.ema.module,
         )  # fmt: skip
         self._last_saved_step = self.global_step
 
@@ -905,8 +932,9 @@ class Trainer:
                 f"the callbacks' state in {checkpoint} does not load into this run's: {err}"
             ) from err
         restore_checkpoint(
-            self.accelerator, contents, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler
-        )
+            self.accelerator, contents, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+            ema=None if self.ema is None else self.ema.module,
+        )  # fmt: skip
         self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
         self.global_step = self._last_saved_step = state["global_step"]
         self.best, self.val_metrics = state["best"], state["val_metrics"]
@@ -948,10 +976,12 @@ class Trainer:
             raise NonFiniteError(f"refusing to write {what} at step {self.global_step}: {'; '.join(parts)}")
 
     def _sync_buffers(self) -> None:
-        """Average floating-point buffers (BatchNorm statistics) across processes; a no-op on one process."""
+        """Average floating-point buffers (BatchNorm statistics, of the model and of its moving average) across
+        processes; a no-op on one process."""
         if self.accelerator.num_processes == 1:
             return
-        buffers = [b for b in unwrap_model(self.model).buffers() if b.is_floating_point()]
+        modules = [unwrap_model(self.model), *([self.ema.module] if self.ema is not None else [])]
+        buffers = [b for module in modules for b in module.buffers() if b.is_floating_point()]
         if not buffers:
             return
         flat = self.accelerator.reduce(torch.cat([b.detach().reshape(-1).float() for b in buffers]), "mean")

@@ -223,7 +223,7 @@ def test_load_model_names_the_problem(run_dir, tmp_path):
     folder, _ = run_dir
     with pytest.raises(FileNotFoundError, match=r"run folder .* does not exist"):
         load_model(tmp_path / "nowhere")
-    with pytest.raises(ValueError, match="weights must be 'final' or 'best'"):
+    with pytest.raises(ValueError, match="weights must be one of 'final', 'best', 'ema'"):
         load_model(folder, weights="last")
 
     (folder / MODEL_FILE).write_bytes(b"not safetensors at all")
