@@ -12,10 +12,7 @@ run() {  # run SUFFIX FLAGS...: adalab with FLAGS as runs/fashion-mnist/adalab-S
         --variant "$suffix" --archive benchmarks/runs/fashion-mnist -- "$@"
 }
 queue_a() {  # in order of priority: an interrupted session leaves the most informative runs done
-    # The reference: PGD-AT with its attack in eval mode, as ADA-Lab's, so the two differ only in labels and weights.
-    python recipes/compare.py --preset fashion-mnist --recipes pgd_at --seeds "$seed" --jobs 1 --variant attack-eval \
-        --archive benchmarks/runs/fashion-mnist -- --attack-bn-mode eval
-    python recipes/compare.py --preset fashion-mnist --recipes adalab --seeds "$seed" --jobs 1 \
+    python recipes/compare.py --preset fashion-mnist --recipes pgd_at adalab --seeds "$seed" --jobs 1 \
         --archive benchmarks/runs/fashion-mnist
     run recover "${recover[@]}"
     run keep-true --target keep-true

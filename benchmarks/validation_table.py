@@ -1,8 +1,7 @@
 """The validation numbers training runs end with, as one Markdown table: the screening step of a method's readings.
 
     runs=benchmarks/runs/fashion-mnist
-    python benchmarks/validation_table.py $runs/{adalab*,pgd_at-attack-eval}-seed0 \
-        --reference 'pgd_at --attack-bn-mode eval'
+    python benchmarks/validation_table.py $runs/{adalab*,pgd_at}-seed0
 
 Reads each run folder's metrics.json (the last validation: clean and PGD accuracy of the final weights on the
 validation split, never the test split) and metrics.jsonl (passes per step after any burn-in: the last logged

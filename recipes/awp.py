@@ -25,7 +25,15 @@ from robustmix import AdversarialCE, PGDAttack
 from robustmix.awp import AWP
 from robustmix.callbacks import Callback
 from robustmix.losses import TRADESLoss
-from robustmix.recipe import RecipeInfo, base_parser, nonnegative_int, nonnegative_number, parse_args, run_recipe
+from robustmix.recipe import (
+    PAPER_PRESET,
+    RecipeInfo,
+    base_parser,
+    nonnegative_int,
+    nonnegative_number,
+    parse_args,
+    run_recipe,
+)
 
 NAME = "awp"
 #: --preset cifar10-paper: the AT-AWP release (csdongxian/AWP, on Rice et al.'s loop): 200 epochs, lr 0.1
@@ -38,8 +46,9 @@ RELEASED = {"at": (0.01, 0), "trades": (0.005, 10)}
 DEFAULTS = {
     "gamma": lambda args: RELEASED[args.base][0],
     "warmup_epochs": lambda args: min(RELEASED[args.base][1], args.epochs // 2),
-    # AT_AWP attacks in train mode (Rice et al.'s loop), trades_AWP/train_trades_cifar.py in eval mode.
-    "attack_bn_mode": lambda args: "train" if args.base == "at" else "eval",
+    # Under --preset cifar10-paper the release's mode: AT-AWP attacks in train mode (Rice et al.'s loop),
+    # trades_AWP/train_trades_cifar.py in eval mode; otherwise eval, as every recipe.
+    "attack_bn_mode": lambda args: "train" if args.preset == PAPER_PRESET and args.base == "at" else "eval",
 }
 
 

@@ -2,8 +2,8 @@
 
 For every batch (x, y):
     1. x_adv = PGD_K(CE) from a uniform random start in the L-inf ball B(x, eps), steps of step_size,
-       BatchNorm in train mode during the attack (batch statistics, as in Rice et al.'s release,
-       train_cifar.py; --attack-bn-mode eval for running statistics);
+       BatchNorm in eval mode during the attack (--attack-bn-mode train: batch statistics, as in Rice et
+       al.'s release and under --preset cifar10-paper);
     2. loss = CE(f(x_adv), y), one backward, one optimizer step.
 
 Cost per step: K + 1 forwards and K + 1 backwards.
@@ -24,10 +24,8 @@ from robustmix.recipe import RecipeInfo, base_parser, parse_args, run_recipe
 NAME = "pgd_at"
 #: --preset cifar10-paper: Rice, Wong & Kolter's release (locuslab/robust_overfitting, train_cifar.py): 200
 #: epochs, lr 0.1 divided by 10 at epochs 100 and 150, SGD momentum 0.9, weight decay 5e-4, batch 128, PGD-10
-#: at 2/255 within 8/255.
-PAPER = {"epochs": 200, "milestones": [100, 150]}
-#: Rice et al.'s release attacks the model as it trains (model.train() for the whole epoch).
-DEFAULTS = {"attack_bn_mode": "train"}
+#: at 2/255 within 8/255, attacking the model in train mode (model.train() for the whole epoch).
+PAPER = {"epochs": 200, "milestones": [100, 150], "attack_bn_mode": "train"}
 
 
 def build_callbacks(args: argparse.Namespace, info: RecipeInfo) -> list[Callback]:
@@ -43,7 +41,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(parser(), argv, recipe_defaults=DEFAULTS, paper=PAPER)
+    args = parse_args(parser(), argv, paper=PAPER)
     return run_recipe(args, build_callbacks)
 
 

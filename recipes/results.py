@@ -358,8 +358,13 @@ def attack_bn_mode(config: dict[str, Any]) -> str | None:
 
 
 def _default_attack_bn_mode(flags: dict[str, Any]) -> str:
-    """What the recipe's ``--attack-bn-mode`` defaults to for these flags (the release's mode)."""
-    default = getattr(_recipe_module(flags["recipe"]), "DEFAULTS", {}).get("attack_bn_mode", "eval")
+    """What the recipe's ``--attack-bn-mode`` is when not given, for these flags: its ``DEFAULTS``' value, else
+    under ``--preset cifar10-paper`` its release's (``PAPER``), else eval."""
+    module = _recipe_module(flags["recipe"])
+    default = getattr(module, "DEFAULTS", {}).get("attack_bn_mode")
+    if default is None and flags.get("preset") == PAPER_PRESET:
+        default = getattr(module, "PAPER", {}).get("attack_bn_mode")
+    default = default or "eval"
     return default(argparse.Namespace(**flags)) if callable(default) else default
 
 

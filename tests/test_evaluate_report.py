@@ -50,8 +50,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def _make_run(folder: Path, seed: int = 0, steps: int = 60) -> Path:
     """A run folder as recipes/pgd_at.py writes it (the files evaluation reads), trained in seconds."""
-    argv = ["--eps", str(EPS), "--seed", str(seed), "--output-dir", str(folder)]
-    args = parse_args(base_parser("pgd_at"), argv, load_recipe("pgd_at").DEFAULTS)
+    args = parse_args(base_parser("pgd_at"), ["--eps", str(EPS), "--seed", str(seed), "--output-dir", str(folder)])
     x, y = load_dataset("digits", "train").tensors()
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -549,18 +548,21 @@ def test_an_attack_bn_mode_other_than_the_releases_names_the_row():
     def config(recipe, *argv, callbacks=()):
         return {"flags": vars(results._recipe_parser(recipe).parse_args(list(argv))), "callbacks": list(callbacks)}
 
-    # The release's mode (PGD-AT: train; FGSM-RS: train under wong, eval under shared) names nothing.
-    assert results.row_name(config("pgd_at", "--attack-bn-mode", "train")) == "pgd_at"
-    assert results.row_name(config("pgd_at", "--attack-bn-mode", "eval")) == "pgd_at --attack-bn-mode eval"
+    # The recipe's default (eval; FGSM-RS: train under wong, eval under shared; under cifar10-paper the
+    # release's: PGD-AT train) names nothing.
+    assert results.row_name(config("pgd_at", "--attack-bn-mode", "eval")) == "pgd_at"
+    assert results.row_name(config("pgd_at", "--attack-bn-mode", "train")) == "pgd_at --attack-bn-mode train"
+    paper = config("pgd_at", "--preset", "cifar10-paper", "--attack-bn-mode", "train")
+    assert results.row_name(paper) == "pgd_at"
     assert results.row_name(config("trades", "--attack-bn-mode", "eval")) == "trades"
     assert results.row_name(config("trades", "--attack-bn-mode", "train")) == "trades --attack-bn-mode train"
     shared = config("fgsm_rs", "--protocol", "shared", "--attack-bn-mode", "eval")
     assert results.row_name(shared) == "fgsm_rs --protocol shared"
     # A run that predates the flag: its attack callback's recorded bn_mode decides.
-    older = config("pgd_at", callbacks=["PGDAttack(eps=0.1, steps=5, bn_mode='eval')", "AdversarialCE()"])
+    older = config("pgd_at", callbacks=["PGDAttack(eps=0.1, steps=5, bn_mode='train')", "AdversarialCE()"])
     del older["flags"]["attack_bn_mode"]
-    assert results.attack_bn_mode(older) == "eval"
-    assert results.row_name(older) == "pgd_at --attack-bn-mode eval"
+    assert results.attack_bn_mode(older) == "train"
+    assert results.row_name(older) == "pgd_at --attack-bn-mode train"
 
 
 def test_attack_cost_counts_nominal_passes_per_example():

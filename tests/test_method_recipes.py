@@ -57,7 +57,7 @@ def test_method_recipe_runs_and_costs_what_its_docs_say(tiny, tmp_path, name, fl
         ("gairat", ["--attack-steps", "0"], "needs --attack-steps >= 1"),
         ("sglr", ["--r", "2"], "--r must be in [0, 1]"),
         ("mail", ["--beta", "6"], "--beta applies to --base trades or mart"),
-        ("mail", ["--burn-in", "3", "--epochs", "3"], "--burn-in: epoch 3 leaves no epoch of the method out of --epochs 3"),
+        ("mail", ["--burn-in", "3", "--epochs", "3"], "--burn-in: epoch 3 leaves no epoch of the method"),
         ("mail", ["--base", "awp"], "--base"),
     ],
 )

@@ -130,8 +130,8 @@ def test_recipes_without_release_settings_refuse_the_paper_preset(name, capsys):
 def test_training_command_of_a_paper_run_reproduces_it():
     results = load_recipe("results")
     recipe = load_recipe("pgd_at")
-    args = parse_args(recipe.parser(), ["--preset", "cifar10-paper", "--epochs", "110"], recipe.DEFAULTS, recipe.PAPER)
+    args = parse_args(recipe.parser(), ["--preset", "cifar10-paper", "--epochs", "110"], paper=recipe.PAPER)
     command = results.training_command({"flags": vars(args), "num_processes": 1})
     assert "--preset cifar10-paper" in command and "--epochs 110" in command  # 110 is the base preset's, not 200
-    args = parse_args(recipe.parser(), ["--preset", "cifar10-paper"], recipe.DEFAULTS, recipe.PAPER)
+    args = parse_args(recipe.parser(), ["--preset", "cifar10-paper"], paper=recipe.PAPER)
     assert "--epochs" not in results.training_command({"flags": vars(args), "num_processes": 1})
