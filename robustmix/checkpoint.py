@@ -269,7 +269,7 @@ def save_checkpoint(
         save_file(tensors, tmp / CALLBACK_TENSORS)
         (tmp / CALLBACK_VALUES).write_text(json.dumps(values, indent=2))
         (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
-        files = {file.name: _sha256(file) for file in sorted(tmp.iterdir())}
+        files = {file.name: file_sha256(file) for file in sorted(tmp.iterdir())}
         manifest = {"format": FORMAT, "version": VERSION, "robustmix_version": robustmix.__version__, "files": files}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         _fsync_tree(tmp)
@@ -349,7 +349,7 @@ def verify_checkpoint(path: str | Path) -> dict[str, str]:
             raise CheckpointError(f"{manifest_file} lists {name[:80]!r}, which is not a file of the checkpoint")
         if file.is_symlink() or not file.is_file():
             raise CheckpointError(f"{file} is missing (or not a plain file); {MANIFEST} lists it")
-        if _sha256(file) != digest:
+        if file_sha256(file) != digest:
             raise CheckpointError(f"{file} is corrupted: its SHA-256 differs from the one in {MANIFEST}")
     return files
 
@@ -493,7 +493,8 @@ def drop_checkpoints_after(checkpoints_dir: str | Path, checkpoint: Path) -> Non
             _remove_checkpoint(path)
 
 
-def _sha256(file: Path) -> str:
+def file_sha256(file: str | Path) -> str:
+    """The SHA-256 of a file's bytes, as hex, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(file, "rb") as stream:
         for block in iter(lambda: stream.read(1 << 20), b""):

@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import dataclasses
 import functools
-import hashlib
 import inspect
 import itertools
 import json
@@ -48,7 +47,7 @@ from robustmix.attacks.fab import fab_targeted
 from robustmix.attacks.objectives import get_objective
 from robustmix.attacks.pgd import perturb
 from robustmix.attacks.square import square_attack
-from robustmix.checkpoint import atomic_write_json, atomic_write_text
+from robustmix.checkpoint import atomic_write_json, atomic_write_text, file_sha256
 from robustmix.data import SPLITS, ImageDataset, load_dataset
 from robustmix.margins import probability_margin
 from robustmix.modes import BNMode, model_mode
@@ -239,7 +238,7 @@ def evaluate_run(
         "flags": config.get("flags"),
         "versions": config.get("versions"),
         "weights_file": weights_file.relative_to(run_dir).as_posix(),
-        "weights_sha256": _sha256(weights_file),
+        "weights_sha256": file_sha256(weights_file),
     }
     accelerator = accelerator or Accelerator()
     if reuse:
@@ -838,14 +837,6 @@ def _load_split(config: dict[str, Any], split: str) -> ImageDataset:
     return load_dataset(
         data["dataset"], split, path=data["path"], val_size=data.get("val_size"), seed=data["split_seed"]
     )
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _current_report(path: Path, settings: dict[str, Any], weights_sha256: str) -> dict[str, Any] | None:

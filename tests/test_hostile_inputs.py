@@ -185,10 +185,10 @@ def test_rng_state_that_matches_its_hash_but_is_invalid_is_refused(run):
 
 def _rehash(checkpoint: Path) -> None:
     """Rewrite the manifest for the files as they are now (what a crafted checkpoint would do)."""
-    from robustmix.checkpoint import _sha256
+    from robustmix.checkpoint import file_sha256
 
     manifest = json.loads((checkpoint / MANIFEST).read_text())
-    manifest["files"] = {name: _sha256(checkpoint / name) for name in manifest["files"]}
+    manifest["files"] = {name: file_sha256(checkpoint / name) for name in manifest["files"]}
     (checkpoint / MANIFEST).write_text(json.dumps(manifest))
 
 
