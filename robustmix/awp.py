@@ -124,6 +124,7 @@ class AWP(Callback):
 
     stage = Stage.PERTURB
     reads = ("x_adv",)
+    accumulates = False  # one perturbation per optimizer step, taken off after it
 
     def __init__(
         self, gamma: float = 0.01, proxy_lr: float = 0.01, warmup_epochs: int = 0, loss: str = "ce", beta: float = 6.0

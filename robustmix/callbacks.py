@@ -49,9 +49,13 @@ class Callback:
     ``detached_reads`` names the ``logits_<input>`` fields among the reads that the callback only
     reads detached: when no other callback of the step needs their gradient, the step runs that
     training forward under ``no_grad`` and keeps no autograd graph for it.
+    ``accumulates`` says whether the callback can run on the micro-batches of one optimizer step
+    (gradient accumulation); it cannot when it acts on the weights once per optimizer step, with the
+    step's whole batch (AWP's perturbation, a meta-learned lookahead).
     """
 
     stage: Stage | None = None
+    accumulates: bool = True
     reads: tuple[str, ...] = ()
     optional_reads: tuple[str, ...] = ()
     writes: tuple[str, ...] = ()

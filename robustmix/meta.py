@@ -220,6 +220,8 @@ class LookaheadReweighter(Callback):
         optimizer: The model's SGD optimizer; by default the trainer's.
     """
 
+    accumulates = False  # the lookahead takes the model's optimizer step on one batch
+
     def __init__(
         self,
         net: nn.Module,

@@ -184,7 +184,7 @@ class RecipeInfo:
             ``[0, int(train_data.index.max()) + 1)``).
         val_data: The validation split (held out from training; never the test split).
         epochs: Planned epochs.
-        steps_per_epoch: Optimizer steps per epoch (global batch ``batch_size * num_processes``).
+        steps_per_epoch: Optimizer steps per epoch (global batch ``batch_size * num_processes * grad_accum``).
         total_steps: Optimizer steps of the whole run (``max_steps`` included).
         num_processes: Data-parallel processes.
         meta_data: Clean examples held out from the training split for meta-learning (CAAT, BiLAW), or
@@ -342,7 +342,16 @@ def base_parser(name: str, description: str | None = None) -> argparse.ArgumentP
     )  # fmt: skip
     add("optimization", "--epochs", type=positive_int)
     add("optimization", "--max-steps", type=positive_int, help="stop after this many optimizer steps")
-    add("optimization", "--batch-size", type=positive_int, help="examples per process per step")
+    add(
+        "optimization", "--batch-size", type=positive_int,
+        help="examples per process per step (per micro-batch with --grad-accum)",
+    )  # fmt: skip
+    add(
+        "optimization", "--grad-accum", type=positive_int, default=1, metavar="N",
+        help="accumulate the gradients of N micro-batches of --batch-size per optimizer step (Accelerate's gradient "
+        "accumulation): the step's batch is N times larger, BatchNorm statistics stay per micro-batch; steps, "
+        "epochs, schedules and --max-steps count optimizer steps (default: 1)",
+    )  # fmt: skip
     add("optimization", "--optimizer", choices=OPTIMIZERS)
     add("optimization", "--lr", type=positive_number, help="peak learning rate")
     add("optimization", "--momentum", type=nonnegative_number, help="SGD momentum")
@@ -774,7 +783,7 @@ def _run_recipe(
     if args.data_on_device:
         train, val, meta = (None if data is None else data.to(state.device) for data in (train, val, meta))
 
-    steps_per_epoch = batches_per_epoch(len(train), args.batch_size, state.num_processes)
+    steps_per_epoch = batches_per_epoch(len(train), args.batch_size, state.num_processes, args.grad_accum)
     total_steps = min(args.max_steps or math.inf, args.epochs * steps_per_epoch)
     info = RecipeInfo(
         train.num_classes, train, val, args.epochs, steps_per_epoch, total_steps, state.num_processes, meta
@@ -784,15 +793,18 @@ def _run_recipe(
             build_callbacks(args, info), num_classes=train.num_classes, mixed_precision=args.mixed_precision
         )
     optimizer = build_optimizer(args, model)
-    trainer = Trainer(
-        model, step, optimizer, train, val, scheduler=build_scheduler(args, optimizer, steps_per_epoch, total_steps),
-        mixed_precision=args.mixed_precision, epochs=args.epochs, max_steps=args.max_steps,
-        batch_size=args.batch_size, grad_clip=args.grad_clip, eval_every=args.eval_every,
-        eval_eps=args.eps, checkpoint_every=args.checkpoint_every,
-        checkpoint_every_steps=args.checkpoint_every_steps, keep_checkpoints=args.keep_checkpoints,
-        output_dir=output, seed=args.seed, augment=args.augment, num_workers=args.num_workers,
-        nonfinite=args.on_nonfinite, log_every=args.log_every, log_with=args.log_with, ema_decay=args.ema,
-    )  # fmt: skip
+    scheduler = build_scheduler(args, optimizer, steps_per_epoch, total_steps)
+    with _flag_errors(args, state):  # e.g. a callback that cannot run on micro-batches (--grad-accum)
+        trainer = Trainer(
+            model, step, optimizer, train, val, scheduler=scheduler,
+            mixed_precision=args.mixed_precision, epochs=args.epochs, max_steps=args.max_steps,
+            batch_size=args.batch_size, grad_clip=args.grad_clip, eval_every=args.eval_every,
+            eval_eps=args.eps, checkpoint_every=args.checkpoint_every,
+            checkpoint_every_steps=args.checkpoint_every_steps, keep_checkpoints=args.keep_checkpoints,
+            output_dir=output, seed=args.seed, augment=args.augment, num_workers=args.num_workers,
+            nonfinite=args.on_nonfinite, log_every=args.log_every, log_with=args.log_with, ema_decay=args.ema,
+            grad_accum=args.grad_accum,
+        )  # fmt: skip
     if state.is_main_process:
         with _flag_errors(args, state, "--output-dir", kind=(RunFolderInUse, OSError)):  # OSError: cannot create
             held.enter_context(locked_run_folder(output))
@@ -999,7 +1011,7 @@ def _run_config(
         "seed": args.seed,
         "init_from": init_from,
         "num_processes": trainer.accelerator.num_processes,
-        "global_batch_size": args.batch_size * trainer.accelerator.num_processes,
+        "global_batch_size": args.batch_size * trainer.accelerator.num_processes * args.grad_accum,
         "steps_per_epoch": trainer.steps_per_epoch,
         "total_steps": trainer.total_steps,
         "flags": vars(args),

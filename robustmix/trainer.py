@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.tracking import GeneralTracker
-from accelerate.utils import set_seed
+from accelerate.utils import GradientAccumulationPlugin, set_seed
 from timm.utils import ModelEmaV3
 from torch import Tensor, nn
 from torch.optim import Optimizer
@@ -105,16 +105,17 @@ def mix_seed(*values: int) -> int:
     return int(np.random.SeedSequence(list(values)).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
 
-def batches_per_epoch(num_examples: int, batch_size: int, num_processes: int = 1) -> int:
+def batches_per_epoch(num_examples: int, batch_size: int, num_processes: int = 1, micro_batches: int = 1) -> int:
     """Optimizer steps in one epoch of ``EpochBatches``.
 
     Args:
         num_examples: Training examples.
-        batch_size: Examples per process per step.
+        batch_size: Examples per process per micro-batch (per step when not accumulating gradients).
         num_processes: Data-parallel processes.
+        micro_batches: Micro-batches per optimizer step (gradient accumulation).
     """
-    full, rest = divmod(num_examples, batch_size * num_processes)
-    return full + (rest >= _smallest_batch(batch_size) * num_processes)
+    full, rest = divmod(num_examples, batch_size * num_processes * micro_batches)
+    return full + (rest >= _smallest_batch(batch_size) * num_processes * micro_batches)
 
 
 def _smallest_batch(batch_size: int) -> int:
@@ -132,7 +133,9 @@ class EpochBatches(Sampler[list[int]]):
     examples of it are left out), so every process runs the same number of steps on equal batch sizes.
     A last batch that would give each process a single example is left out altogether (unless
     ``batch_size`` is 1): BatchNorm in train mode cannot normalize one example; ``Trainer`` warns when
-    that happens.
+    that happens. With ``micro_batches`` (gradient accumulation) every batch holds ``batch_size *
+    micro_batches`` positions per process (the examples of one step without accumulation at that batch
+    size), and the smallest last batch kept is ``micro_batches`` times larger.
 
     Args:
         num_examples: Size of the dataset.
@@ -140,10 +143,20 @@ class EpochBatches(Sampler[list[int]]):
         num_processes: Data-parallel processes.
         process_index: This process's rank.
         seed: Run seed (non-negative).
+        micro_batches: Micro-batches of ``batch_size`` per batch.
     """
 
-    def __init__(self, num_examples: int, batch_size: int, *, num_processes: int, process_index: int, seed: int):
-        self.num_examples, self.batch_size = num_examples, batch_size
+    def __init__(
+        self,
+        num_examples: int,
+        batch_size: int,
+        *,
+        num_processes: int,
+        process_index: int,
+        seed: int,
+        micro_batches: int = 1,
+    ):
+        self.num_examples, self.batch_size, self.micro_batches = num_examples, batch_size, micro_batches
         self.num_processes, self.process_index, self.seed = num_processes, process_index, seed
         self.epoch = self.start = 0
 
@@ -154,17 +167,18 @@ class EpochBatches(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         generator = torch.Generator().manual_seed(mix_seed(self.seed, _ORDER_STREAM, self.epoch))
         order = torch.randperm(self.num_examples, generator=generator)
-        global_size = self.batch_size * self.num_processes
+        global_size = self.batch_size * self.num_processes * self.micro_batches
         for first in range(self.start * global_size, self.num_examples, global_size):
             chunk = order[first : first + global_size]
             per_process = len(chunk) // self.num_processes
-            if per_process < _smallest_batch(self.batch_size):
+            if per_process < _smallest_batch(self.batch_size) * self.micro_batches:
                 return
             rank = self.process_index
             yield chunk[rank * per_process : (rank + 1) * per_process].tolist()
 
     def __len__(self) -> int:
-        return batches_per_epoch(self.num_examples, self.batch_size, self.num_processes) - self.start
+        total = batches_per_epoch(self.num_examples, self.batch_size, self.num_processes, self.micro_batches)
+        return total - self.start
 
 
 def training_forwards(step: AdversarialStep) -> set[str]:
@@ -207,6 +221,17 @@ class Trainer:
     (``val_ema_*`` metrics), checkpointed (a resumed run continues it bit for bit) and saved as
     ``model_ema.safetensors``; ``evaluate(data, ema=True)`` evaluates it. The best weights are chosen on the
     raw weights' validation PGD accuracy.
+
+    Gradient accumulation (``grad_accum`` N > 1, Accelerate's ``accumulate``: no DDP gradient sync before the
+    last micro-batch). A step's batch holds ``batch_size * N`` examples per process, the examples a step
+    of that batch size would see without accumulation; it is split into N micro-batches, each runs the
+    step's callbacks and a backward of its loss weighted by its share of the batch, and the optimizer steps
+    once on the summed gradient. Positions count optimizer steps: ``ctx.step``, ``global_step``, ``epochs``,
+    ``max_steps``, the lr schedule, ``log_every`` and checkpoints (which fall between optimizer steps, so a
+    resumed run continues exactly). ``on_batch_start`` fires once per step with the whole batch, the step's
+    stage callbacks once per micro-batch (all with the same ``ctx.step``), the optimizer hooks once per
+    step. Batch statistics (BatchNorm, a reweighter's normalization over the batch) are those of the
+    micro-batch. Callbacks with ``accumulates = False`` (AWP, the lookahead reweighters) are refused.
 
     The lr scheduler is stepped exactly once per optimizer step, on every process, also when the fp16
     GradScaler skipped the step (the lr is a function of the step count alone). It is deliberately not
@@ -289,6 +314,7 @@ class Trainer:
         nonfinite: ``"raise"`` or ``"skip"``: what a step with a NaN or inf loss or gradient does (above).
         ema_decay: Keep a moving average of the weights with this decay per optimizer step, in (0, 1) (e.g.
             0.999; about ``1 / (1 - decay)`` steps are averaged); ``None``: none.
+        grad_accum: Micro-batches of ``batch_size`` per optimizer step (gradient accumulation, above).
     """
 
     def __init__(
@@ -321,6 +347,7 @@ class Trainer:
         progress: bool = True,
         nonfinite: str = "raise",
         ema_decay: float | None = None,
+        grad_accum: int = 1,
     ) -> None:
         check_trainer_arguments(
             model, step, optimizer, train_data, val_data, output_dir=output_dir, eval_eps=eval_eps, grad_clip=grad_clip
@@ -328,6 +355,7 @@ class Trainer:
         for name, value, minimum in (
             ("epochs", epochs, 1), ("batch_size", batch_size, 1), ("eval_steps", eval_steps, 0),
             ("seed", seed, 0), ("num_workers", num_workers, 0), ("log_every", log_every, 1),
+            ("grad_accum", grad_accum, 1),
         ):  # fmt: skip
             _check_int(name, value, minimum)
         for name, value in (
@@ -336,6 +364,12 @@ class Trainer:
         ):  # fmt: skip
             if value is not None:
                 _check_int(name, value, 1)
+        unfit = [type(c).__name__ for c in step.callbacks if not c.accumulates]
+        if grad_accum > 1 and unfit:
+            raise ValueError(
+                f"grad_accum must be 1 with {', '.join(unfit)}: they act on the weights once per optimizer step, "
+                "with its whole batch, and gradient accumulation splits the batch"
+            )
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
         if ema_decay is not None and not (0 < ema_decay < 1):
@@ -364,7 +398,16 @@ class Trainer:
                 mixed_precision=mixed_precision,
                 kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)] if several_forwards else [],
                 log_with=log_with,
+                # The trainer's own loader is not Accelerate's: micro-batches alone decide when gradients sync.
+                gradient_accumulation_plugin=GradientAccumulationPlugin(
+                    num_steps=grad_accum, sync_with_dataloader=False
+                ),
                 project_dir=self.output_dir,
+            )
+        elif accelerator.gradient_accumulation_steps != grad_accum:
+            raise ValueError(
+                f"the accelerator accumulates {accelerator.gradient_accumulation_steps} micro-batches, not grad_accum "
+                f"{grad_accum}"
             )
         elif accelerator.mixed_precision != mixed_precision:
             raise ValueError(f"the accelerator runs {accelerator.mixed_precision!r}, not {mixed_precision!r}")
@@ -399,15 +442,17 @@ class Trainer:
         self._check_gradients = mixed_precision != "fp16"
         self._buffer_copy: list[Tensor] | None = None  # the model's buffers before the step ("skip")
 
-        self.steps_per_epoch = batches_per_epoch(len(train_data), batch_size, accelerator.num_processes)
+        self.grad_accum = grad_accum
+        slices = accelerator.num_processes * grad_accum  # micro-batches of a step, over all processes
+        self.steps_per_epoch = batches_per_epoch(len(train_data), batch_size, accelerator.num_processes, grad_accum)
         if self.steps_per_epoch == 0:
             raise ValueError(f"train_data has {len(train_data)} examples, too few for one batch on every process")
-        rest = len(train_data) % (batch_size * accelerator.num_processes)
-        lone = batch_size > 1 and accelerator.num_processes <= rest < 2 * accelerator.num_processes
-        if lone and accelerator.is_main_process:
+        rest = len(train_data) % (batch_size * slices)
+        if batch_size > 1 and slices <= rest < 2 * slices and accelerator.is_main_process:
             warnings.warn(
                 f"train_data has {len(train_data)} examples: the last batch of every epoch would hold one example "
-                f"per process, which BatchNorm cannot train on; it is left out ({rest} examples of each epoch)",
+                f"per process (and micro-batch), which BatchNorm cannot train on; it is left out ({rest} examples "
+                "of each epoch)",
                 UserWarning, stacklevel=2,
             )  # fmt: skip
         planned = epochs * self.steps_per_epoch
@@ -415,7 +460,7 @@ class Trainer:
         self.total_steps = planned if max_steps is None else min(max_steps, planned)
         self._batches = EpochBatches(
             len(train_data), batch_size, num_processes=accelerator.num_processes,
-            process_index=accelerator.process_index, seed=seed,
+            process_index=accelerator.process_index, seed=seed, micro_batches=grad_accum,
         )  # fmt: skip
         # The loader's own generator keeps DataLoader iteration from drawing on the global RNG, which
         # the attacks use: the global stream must not depend on where a run was resumed.
@@ -491,6 +536,9 @@ class Trainer:
         if self.output_dir is not None and self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
 
+        # Accelerate keeps one gradient-accumulation setting per process, which the last Accelerator created sets:
+        # this fit's is this trainer's.
+        self.accelerator.gradient_state.plugin_kwargs.update(num_steps=self.grad_accum, sync_with_dataloader=False)
         # Callbacks allocate their state (e.g. per-example tables) at fit start; a checkpoint then overwrites it.
         self.step.fire("on_fit_start", self)
         if checkpoint is not None:
@@ -626,12 +674,36 @@ class Trainer:
             self._copy_buffers()
         self.step.fire("on_batch_start", self, batch)
         self.model.train()
-        loss, ctx = self.step(
-            self.model, batch["image"], batch["label"], batch.get("index"), epoch=self.epoch,
-            step=self.global_step, total_epochs=self.epochs, total_steps=self.total_steps,
-        )  # fmt: skip
-        self.optimizer.zero_grad(set_to_none=True)
-        self.accelerator.backward(loss)
+        # The step's batch in grad_accum micro-batches (one when not accumulating): each runs the callbacks
+        # and a backward; the optimizer steps once, on the sum of their gradients.
+        micro_batches = [
+            dict(zip(batch, parts)) for parts in zip(*(v.tensor_split(self.grad_accum) for v in batch.values()))
+        ]
+        window = torch.zeros_like(self._window)
+        losses, contexts = [], []
+        for i, micro in enumerate(micro_batches):
+            with self.accelerator.accumulate(self.model):
+                loss, ctx = self.step(
+                    self.model, micro["image"], micro["label"], micro.get("index"), epoch=self.epoch,
+                    step=self.global_step, total_epochs=self.epochs, total_steps=self.total_steps,
+                )  # fmt: skip
+                if i == 0:  # the inner optimizer's: Accelerate's wrapper ignores zero_grad between micro-batches
+                    self.optimizer.optimizer.zero_grad(set_to_none=True)
+                # Accelerate divides by grad_accum: weighted so, the gradient is the step batch's mean.
+                share = len(micro["label"]) * self.grad_accum / len(batch["label"])
+                self.accelerator.backward(loss if self.grad_accum == 1 else loss * share)
+            # Training accuracies come from logits the step computed anyway: no extra forward.
+            targets = micro["label"]
+            adv, clean = ctx.logits.get("adv"), ctx.logits.get("clean", ctx.eval_logits.get("clean"))
+            b = float(len(targets))
+            window += torch.stack([
+                loss.detach().double() * b, torch.tensor(b, device=targets.device, dtype=torch.float64),
+                *_correct(adv, targets), *_correct(clean, targets),
+            ])  # fmt: skip
+            losses.append(loss.detach())
+            contexts.append(ctx)
+        # NaN and inf survive the sum: one loss to check and report for the step.
+        loss = losses[0] if self.grad_accum == 1 else torch.stack(losses).sum()
         self.step.fire("on_before_optimizer_step", self, self.optimizer)
         self._lr = self.optimizer.param_groups[0]["lr"]
         local_flags = self._nonfinite_flags(loss)
@@ -639,7 +711,8 @@ class Trainer:
         if any(flags.tolist()):  # the one host read of the check
             self._reject_step(batch, loss, local_flags, flags)
         else:
-            self._add_extras(ctx.extras)
+            for ctx in contexts:
+                self._add_extras(ctx.extras)
             if self.grad_clip is not None:
                 self.accelerator.clip_grad_norm_(self.model.parameters(), self.grad_clip)
             self.optimizer.step()
@@ -647,17 +720,10 @@ class Trainer:
             self.step.fire("on_after_optimizer_step", self, self.optimizer)
             if self.ema is not None:
                 self.ema.update(unwrap_model(self.model))
-            # Training accuracies come from logits the step computed anyway: no extra forward.
-            targets = batch["label"]
-            adv, clean = ctx.logits.get("adv"), ctx.logits.get("clean", ctx.eval_logits.get("clean"))
-            b = float(len(targets))
-            self._window += torch.stack([
-                loss.detach().double() * b, torch.tensor(b, device=targets.device, dtype=torch.float64),
-                *_correct(adv, targets), *_correct(clean, targets),
-            ])  # fmt: skip
+            self._window += window
         if self.scheduler is not None:
             self.scheduler.step()
-        self._window_passes.append(ctx.passes())
+        self._window_passes.extend(ctx.passes() for ctx in contexts)
 
     def _nonfinite_flags(self, loss: Tensor) -> Tensor:
         """``[loss is NaN/inf, gradients are NaN/inf]`` of this process's step, as floats on the device.
