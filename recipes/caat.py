@@ -35,12 +35,11 @@ from typing import Any
 from robustmix import AntiAdversary, PGDAttack
 from robustmix.caat import META_INITS, META_OBJECTIVES, CAATLoss, CAATMetaNet, ClassWiseBudget, ReMarginBudget
 from robustmix.callbacks import Callback
-from robustmix.data import load_dataset
 from robustmix.meta import MetaBatches
 from robustmix.recipe import (
-    SPLIT_SEED,
     RecipeInfo,
     base_parser,
+    load_split,
     nonnegative_number,
     number,
     parse_args,
@@ -116,9 +115,7 @@ def parser() -> argparse.ArgumentParser:
 
 def default_meta_size(args: argparse.Namespace) -> int:
     """``META_FRACTION`` of the training split (``--train-size``, else the whole split, loaded to count it)."""
-    train_size = args.train_size or len(
-        load_dataset(args.dataset, "train", path=args.data_path, val_size=args.val_size, seed=SPLIT_SEED)
-    )
+    train_size = args.train_size or len(load_split(args, "train"))
     return max(1, round(META_FRACTION * train_size))
 
 

@@ -28,6 +28,7 @@ from robustmix.evaluate import (
     evaluation_kwargs,
     split_size,
 )
+from robustmix.runs import CONFIG_FILE, load_model
 
 #: --quick: two attacks (120 nominal passes per example, attack_cost; the default suite about 3,700) on the
 #: first QUICK_EXAMPLES examples, no eps sweep, written beside the full report, never over it.
@@ -50,9 +51,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.set_defaults(attacks=None)  # to tell a given --attacks from the default under --quick
     args = parser.parse_args(argv)
 
-    # The run folder is checked here too, so that a wrong path ends with a one-line message.
+    # The run folder is checked here, model built and weights loaded, so that a wrong path or a damaged run ends
+    # with a one-line message before any work.
     try:
-        check_run(args.run_dir, args.weights)
+        config, _ = check_run(args.run_dir, args.weights)
+        num_classes = load_model(args.run_dir, weights=args.weights).num_classes
+        if config["data"].get("num_classes", num_classes) != num_classes:
+            raise ValueError(
+                f"{Path(args.run_dir) / CONFIG_FILE} is inconsistent: its model has {num_classes} classes, its data "
+                f"{config['data']['num_classes']}"
+            )
     except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))
     if not args.quick:

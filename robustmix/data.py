@@ -7,18 +7,23 @@ conversion code. Fashion-MNIST also reads the four standard IDX files from a loc
 digits upsampled to 32x32 and needs no network.
 
 Every split except `test` is carved out of the source's train split: `validation` is a fixed, seeded, stratified
-hold-out, so model selection never touches the test split. Pass the same `val_size` and `seed` for every split of
-one run, or train and validation overlap.
+hold-out, so model selection never touches the test split. Local data without a test split of its own gets one only
+when asked (`test_size`): a fixed stratified hold-out of its train split, never the train split itself. Pass the
+same `val_size`, `test_size` and `seed` for every split of one run, or the splits overlap.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
 import numpy as np
+import PIL.Image
 import sklearn.datasets
 import torch
 import torch.nn.functional as F
@@ -32,6 +37,13 @@ SPLITS = ("train", "validation", "test")
 CIFAR_PAD = 4
 _DECODE_CHUNK = 1000
 _GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "F")
+#: Seed of the test hold-out (`test_size`): fixed, so every run and every seed tests on the same examples.
+TEST_SPLIT_SEED = 0
+#: Test images that may equal a training or validation image, as a fraction of the test split, before
+#: `check_disjoint` refuses the split. Benchmarks hold a few byte-identical duplicates across their official splits
+#: (Barz and Denzler 2020 count near-duplicates of 3.3% of CIFAR-10's and 10% of CIFAR-100's test images); a test
+#: split made of training data shares most of its images.
+MAX_SHARED_FRACTION = 0.01
 
 
 @dataclass(frozen=True)
@@ -237,6 +249,7 @@ def load_dataset(
     label_column: str | None = None,
     num_classes: int | None = None,
     val_size: int | None = None,
+    test_size: int | None = None,
     seed: int = 0,
 ) -> ImageDataset:
     """Load one split of a registry dataset or of a local dataset.
@@ -244,9 +257,12 @@ def load_dataset(
     Registry names (see `DATASETS`) load from the Hub, or from `path` when given: a local copy with the same schema,
     saved with `DatasetDict.save_to_disk` or as parquet files named per split. Any other `name` must be an existing
     local path: a `load_from_disk` folder, a parquet file or folder, or an image folder (`class_name/image.png`
-    under optional `train/` and `test/` folders). A single parquet file or saved `Dataset` is the source of
-    whichever split is asked for. Images are decoded once, to uint8 tensors; grayscale images of a local dataset
-    stay one channel, all others become RGB.
+    under optional `train/` and `test/` folders). A single parquet file, a saved `Dataset` (one split) or a
+    folder without a test split is a train split with no test split: its `test` split needs `test_size`, which
+    holds that many examples of the train split out as the test split (stratified, fixed: `TEST_SPLIT_SEED`,
+    whatever `seed`), before validation is held out of the rest. Images are decoded once, to uint8 tensors. A
+    local dataset is grayscale (one channel) when every image of every one of its splits is (modes 1, L, LA, I,
+    I;16, F); a single color image anywhere makes every split RGB, so train and test always have the same channels.
 
     `fashion-mnist` looks, in this order, in `path` for the four standard IDX files (`train-images-idx3-ubyte`,
     `train-labels-idx1-ubyte`, `t10k-images-idx3-ubyte`, `t10k-labels-idx1-ubyte`, each gzipped or not: the
@@ -255,7 +271,7 @@ def load_dataset(
     is checked (magic number, dtype, dimensions, length, image and label counts, label range) before use.
 
     Index: for train and validation, an example's position in the source's train split before the hold-out; for
-    test, its position in the test split.
+    test, its position in the test split (in the train split when `test_size` holds it out).
 
     `digits`, the embedded default, is scikit-learn's 1,797 handwritten 8x8 digits: pixels (0..16) divided by 16,
     upsampled bilinearly to 1x32x32 (align_corners=False), clamped to [0,1] and stored as float32. Its split is
@@ -274,16 +290,22 @@ def load_dataset(
         num_classes: Number of classes; defaults to the registry's, else a ClassLabel feature's, else the largest
             label over all source splits plus one.
         val_size: Examples held out for validation; defaults to the registry's (1000 for CIFAR and SVHN, 180 for
-            digits), or 10% of the train split for local data. 0 disables the hold-out.
+            digits), or 10% of the train split (at least one example per class) for local data. 0 disables the
+            hold-out.
+        test_size: Examples of the train split held out as the test split, for data without a test split of its
+            own; refused for data with one.
         seed: Seed of the stratified validation hold-out.
 
     Returns:
         The split as an `ImageDataset`.
 
     Raises:
-        ValueError: Unknown name or split, missing path, column or split, non-integer labels, labels outside
-            [0, num_classes), images of different sizes, an invalid `val_size`, a corrupt or truncated IDX file
-            (named), or a registry dataset that is neither local nor reachable on the Hub.
+        ValueError: Unknown name or split, missing path, column or split, a test split asked of data without one
+            and no `test_size` (or `test_size` for data with one), a folder without data files, non-integer
+            labels, labels outside [0, num_classes), a train split of a single class, images of different sizes,
+            an image that cannot be decoded (its split and row named), too few examples for the hold-outs, a
+            corrupt or truncated IDX file (named), or a registry dataset that is neither local nor reachable on
+            the Hub.
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
@@ -300,6 +322,7 @@ def load_dataset(
             "image_column": image_column,
             "label_column": label_column,
             "num_classes": num_classes,
+            "test_size": test_size,
         }
         given = [option for option, value in options.items() if value is not None]
         if given:
@@ -309,8 +332,10 @@ def load_dataset(
     if spec is not None and spec.idx_folders:
         folder = _idx_folder(name, spec, path)
         if folder is not None:
-            if image_column or label_column or (num_classes not in (None, spec.num_classes)):
-                raise ValueError(f"{folder} holds IDX files: image_column, label_column and num_classes do not apply")
+            if image_column or label_column or (num_classes not in (None, spec.num_classes)) or test_size:
+                raise ValueError(
+                    f"{folder} holds IDX files: image_column, label_column, num_classes and test_size do not apply"
+                )
             return _load_idx(name, spec, folder, split, spec.val_size if val_size is None else val_size, seed)
 
     if spec is None:
@@ -323,9 +348,26 @@ def load_dataset(
         label_column = label_column or spec.label_column
         num_classes = num_classes or spec.num_classes
 
-    ds = _source_split(source, "test" if split == "test" else "train")
+    if test_size is not None and (isinstance(test_size, bool) or not isinstance(test_size, int) or test_size < 1):
+        raise ValueError(f"test_size must be an integer >= 1 or None, got {test_size!r}")
+    has_test = not isinstance(source, datasets.Dataset) and "test" in source
+    if test_size is not None and has_test:
+        raise ValueError(
+            f"{name!r} has a test split of its own; test_size (--test-from-train) holds one out only of data "
+            "without one"
+        )
+    if split == "test" and not has_test and test_size is None:
+        splits = ["train"] if isinstance(source, datasets.Dataset) else list(source)
+        raise ValueError(
+            f"{name!r} has no test split (its splits: {splits}; a single parquet file or saved Dataset is one train "
+            "split), and its training data cannot be its test split: pass test_size=N (recipes: --test-from-train "
+            "N) to hold out N of its examples, stratified and fixed, as the test split, or add a test split (a "
+            "'test' split saved with DatasetDict.save_to_disk, test.parquet beside train.parquet, a test/ folder)"
+        )
+    source_split = "test" if split == "test" and has_test else "train"
+    ds = _source_split(source, source_split)
     if len(ds) == 0:
-        raise ValueError(f"the source split of {split!r} in {name!r} holds no examples")
+        raise ValueError(f"the {source_split!r} split of {name!r} holds no examples")
     missing = [column for column in (image_column, label_column) if column not in ds.column_names]
     if missing:
         raise ValueError(f"column(s) {missing} not found in {name!r}; it has columns {ds.column_names}")
@@ -336,16 +378,25 @@ def load_dataset(
     labels = _read_labels(ds, label_column)
     num_classes = num_classes or _infer_num_classes(source, label_column)
     _check_labels(torch.from_numpy(labels), num_classes)
+    if source_split == "train" and len(np.unique(labels)) < 2:
+        raise ValueError(
+            f"the training data of {name!r} holds a single class (label {labels[0]}): a classifier needs at least two"
+        )
 
-    if val_size is None:
-        val_size = spec.val_size if spec is not None else round(0.1 * len(ds))
-    positions = _split_positions(labels, split, val_size, seed)
+    positions = np.arange(len(labels))
+    if source_split == "train" and test_size is not None:
+        positions, test_positions = _hold_out(labels, test_size, TEST_SPLIT_SEED, name="test_size")
+        if split == "test":
+            positions = test_positions
+    if split != "test":
+        if val_size is None:
+            classes = len(np.unique(labels[positions]))
+            val_size = spec.val_size if spec is not None else max(classes, round(0.1 * len(positions)))
+        train_positions, val_positions = _hold_out(labels[positions], val_size, seed)
+        positions = positions[val_positions if split == "validation" else train_positions]
 
-    if spec is None:
-        mode = "L" if ds[0][image_column].mode in _GRAYSCALE_MODES else "RGB"
-    else:
-        mode = "RGB" if spec.in_chans == 3 else "L"
-    images = _decode_images(ds.select(positions), image_column, mode)
+    mode = _local_mode(source, image_column, name) if spec is None else "RGB" if spec.in_chans == 3 else "L"
+    images = _decode_images(ds, positions, image_column, mode, f"{name!r} ({source_split} split)")
     if spec is not None and images.shape[-2:] != (spec.image_size, spec.image_size):
         raise ValueError(
             f"{name!r} images must be {spec.image_size}x{spec.image_size}, got {images.shape[-2]}x{images.shape[-1]}"
@@ -392,16 +443,19 @@ def _load_idx(name: str, spec: DatasetSpec, folder: Path, split: str, val_size: 
 
 
 def _from_hub(name: str, spec: DatasetSpec) -> datasets.DatasetDict:
-    """The registry dataset from the Hub (or the Hub's local cache); a failure names the local alternatives."""
+    """The registry dataset from the Hub (or the Hub's local cache); a failure says how to provide it locally."""
     try:
         return datasets.load_dataset(spec.repo, spec.config)
     except Exception as err:  # offline, unknown repository, network errors: all end the same way for the user
-        local = f" or install the IDX files in {', '.join(spec.idx_folders)}" if spec.idx_folders else ""
+        local = f", or install the IDX files in {', '.join(spec.idx_folders)}" if spec.idx_folders else ""
         if DEBIAN_FASHION_MNIST in spec.idx_folders:
             local += " (Debian/Ubuntu: apt-get install dataset-fashion-mnist)"
+        config = "" if spec.config is None else f", {spec.config!r}"
         raise ValueError(
-            f"{name!r}: could not load {spec.repo} from the Hub ({type(err).__name__}: {err}); pass a local copy "
-            f"with path= (--data-path){local}"
+            f"{name!r} could not be fetched: could not load {spec.repo} from the Hub ({type(err).__name__}: "
+            f"{' '.join(str(err).split())}). To run without network, save it where there is network with "
+            f"datasets.load_dataset({spec.repo!r}{config}).save_to_disk(FOLDER), copy FOLDER here and pass it as "
+            f"path=FOLDER (recipes: --data-path FOLDER){local}"
         ) from err
 
 
@@ -521,16 +575,29 @@ def _check_labels(labels: Tensor, num_classes: int) -> None:
         )
 
 
-def _hold_out(labels: np.ndarray, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted (train, validation) positions of a stratified hold-out of `val_size` examples."""
+def _hold_out(labels: np.ndarray, size: int, seed: int, *, name: str = "val_size") -> tuple[np.ndarray, np.ndarray]:
+    """Sorted (kept, held-out) positions of a stratified hold-out of `size` examples; `name` is the size's name in
+    errors."""
     n = len(labels)
-    if not 0 <= val_size < n:
-        raise ValueError(f"val_size must lie in [0, {n}) for a train split of {n} examples, got {val_size}")
+    if not 0 <= size < n:
+        raise ValueError(f"{name} must lie in [0, {n}) for a train split of {n} examples, got {size}")
     positions = np.arange(n)
-    if val_size == 0:
+    if size == 0:
         return positions, positions[:0]
-    train, val = train_test_split(positions, test_size=val_size, stratify=labels, random_state=seed)
-    return np.sort(train), np.sort(val)
+    classes, counts = np.unique(labels, return_counts=True)
+    k = len(classes)
+    if counts.min() < 2:
+        raise ValueError(
+            f"{n} examples of {k} classes are too few for a stratified hold-out ({name}={size}): both sides need an "
+            f"example of every class, so every class needs 2 examples, and class {classes[counts.argmin()]} has 1"
+        )
+    if not k <= size <= n - k:
+        raise ValueError(
+            f"{name}={size} cannot be held out of {n} examples of {k} classes stratified: both sides need an example "
+            f"of every class, so {name} must lie in [{k}, {n - k}]"
+        )
+    kept, held = train_test_split(positions, test_size=size, stratify=labels, random_state=seed)
+    return np.sort(kept), np.sort(held)
 
 
 def _read_local(path: str) -> datasets.Dataset | datasets.DatasetDict:
@@ -543,9 +610,14 @@ def _read_local(path: str) -> datasets.Dataset | datasets.DatasetDict:
         return datasets.Dataset.from_parquet(str(local))
     if (local / "dataset_dict.json").exists() or (local / "state.json").exists():
         return datasets.load_from_disk(str(local))
-    if any(local.rglob("*.parquet")):
-        return datasets.load_dataset("parquet", data_dir=str(local))
-    return datasets.load_dataset("imagefolder", data_dir=str(local))
+    builder = "parquet" if any(local.rglob("*.parquet")) else "imagefolder"
+    try:
+        return datasets.load_dataset(builder, data_dir=str(local))
+    except datasets.data_files.EmptyDatasetError as err:
+        raise ValueError(
+            f"local dataset folder {path!r} holds no data files: expected a save_to_disk folder, parquet files or "
+            "images in class folders (class_name/image.png, under optional train/ and test/)"
+        ) from err
 
 
 def _source_split(source: datasets.Dataset | datasets.DatasetDict, split: str) -> datasets.Dataset:
@@ -574,15 +646,85 @@ def _infer_num_classes(source: datasets.Dataset | datasets.DatasetDict, label_co
     return max(int(_read_labels(ds, label_column).max(initial=-1)) for ds in splits) + 1
 
 
-def _decode_images(ds: datasets.Dataset, image_column: str, mode: str) -> Tensor:
-    """uint8 [N, C, H, W] from an image column, converted to PIL `mode` ("RGB" or "L")."""
+def _local_mode(source: datasets.Dataset | datasets.DatasetDict, image_column: str, name: str) -> str:
+    """Grayscale ("L") when every image of every split of a local dataset is, else "RGB"; reads headers only."""
+    splits = {"train": source} if isinstance(source, datasets.Dataset) else dict(source)
+    for split, ds in splits.items():
+        if image_column not in ds.column_names:
+            continue
+        raw = ds.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
+        for start in range(0, len(raw), _DECODE_CHUNK):
+            for row, item in enumerate(raw[start : start + _DECODE_CHUNK][image_column], start):
+                try:
+                    with PIL.Image.open(io.BytesIO(item["bytes"]) if item["bytes"] else item["path"]) as image:
+                        mode = image.mode
+                except (OSError, SyntaxError, TypeError) as err:
+                    raise _undecodable(f"{name!r} ({split} split)", row, image_column, err) from err
+                if mode not in _GRAYSCALE_MODES:
+                    return "RGB"
+    return "L"
+
+
+def _decode_images(ds: datasets.Dataset, positions: np.ndarray, image_column: str, mode: str, where: str) -> Tensor:
+    """uint8 [N, C, H, W] from the rows `positions` of an image column, converted to PIL `mode` ("RGB" or "L");
+    `where` names the dataset and split in errors."""
     ds = ds.select_columns([image_column]).cast_column(image_column, datasets.Image(mode=mode)).with_format("numpy")
     chunks = []
-    for start in range(0, len(ds), _DECODE_CHUNK):
-        chunk = ds[start : start + _DECODE_CHUNK][image_column]
+    for start in range(0, len(positions), _DECODE_CHUNK):
+        rows = positions[start : start + _DECODE_CHUNK]
+        try:
+            chunk = ds[rows][image_column]
+        except (OSError, SyntaxError, ValueError):  # find the row to name: decode its images one by one
+            for row in rows:
+                try:
+                    ds[int(row)]
+                except (OSError, SyntaxError, ValueError) as row_err:
+                    raise _undecodable(where, int(row), image_column, row_err) from row_err
+            raise
         if chunk.dtype == object or (chunks and chunk.shape[1:] != chunks[0].shape[1:]):
             raise ValueError(f"images in column {image_column!r} differ in size; resize them to one size first")
         chunks.append(chunk)
     pixels = np.concatenate(chunks)
     pixels = pixels[:, None] if pixels.ndim == 3 else pixels.transpose(0, 3, 1, 2)
     return torch.from_numpy(np.ascontiguousarray(pixels))
+
+
+def _undecodable(where: str, row: int, image_column: str, err: Exception) -> ValueError:
+    return ValueError(f"{where}: the image in row {row} (column {image_column!r}) cannot be decoded: {err}")
+
+
+def check_disjoint(test: ImageDataset, *training: ImageDataset) -> int:
+    """Check that the test split is not training data: count its images byte-identical to a training image.
+
+    Images are compared as stored (after decoding and channel conversion). More than `MAX_SHARED_FRACTION` of the
+    test split shared is an error; fewer (a benchmark's few duplicates across its official splits) a warning.
+
+    Args:
+        test: The test split.
+        *training: The splits a model is trained or selected on (train, validation, a meta split...).
+
+    Returns:
+        The number of test images that equal a training image.
+
+    Raises:
+        ValueError: More than `MAX_SHARED_FRACTION` of the test images equal training images.
+    """
+    seen = {_image_digest(image) for data in training for image in data.images.cpu()}
+    shared = [int(i) for i, image in zip(test.index.tolist(), test.images.cpu()) if _image_digest(image) in seen]
+    if not shared:
+        return 0
+    message = (
+        f"{len(shared)} of the {len(test)} test images of {test.name!r} equal training or validation images "
+        f"(test index {', '.join(map(str, shared[:5]))}{', ...' if len(shared) > 5 else ''})"
+    )
+    if len(shared) > MAX_SHARED_FRACTION * len(test):
+        raise ValueError(
+            f"{message}: the test split would measure memorization. Give the dataset a test split of other images, "
+            "or hold one out of its training data with test_size (recipes: --test-from-train N)"
+        )
+    warnings.warn(f"{message}; the test accuracy counts them", UserWarning, stacklevel=2)
+    return len(shared)
+
+
+def _image_digest(image: Tensor) -> bytes:
+    return hashlib.blake2b(image.numpy().tobytes(), digest_size=16).digest()

@@ -835,8 +835,9 @@ def split_size(run_dir: str | Path, split: str = "test") -> int:
 def _load_split(config: dict[str, Any], split: str) -> ImageDataset:
     data = config["data"]
     return load_dataset(
-        data["dataset"], split, path=data["path"], val_size=data.get("val_size"), seed=data["split_seed"]
-    )
+        data["dataset"], split, path=data["path"], val_size=data.get("val_size"), test_size=data.get("test_size"),
+        seed=data["split_seed"],
+    )  # fmt: skip
 
 
 def _current_report(path: Path, settings: dict[str, Any], weights_sha256: str) -> dict[str, Any] | None:

@@ -54,7 +54,7 @@ import robustmix
 from robustmix.callbacks import Callback
 from robustmix.checkpoint import CheckpointError, atomic_write_json, list_checkpoints, resolve_checkpoint
 from robustmix.console import copy_console
-from robustmix.data import DATASETS, ImageDataset, load_dataset
+from robustmix.data import DATASETS, ImageDataset, check_disjoint, load_dataset
 from robustmix.models import create_model, model_config, unwrap_model
 from robustmix.modes import BN_MODES
 from robustmix.runs import (
@@ -241,6 +241,17 @@ positive_number = _bounded(number, 0, strict=True)
 #: argparse type: a finite number >= 0 (``number``'s forms).
 nonnegative_number = _bounded(number, 0)
 
+#: The largest ``--seed``: NumPy takes seeds below 2**32, and Accelerate seeds each process with seed + its index.
+MAX_SEED = 2**31 - 1
+
+
+def seed_int(text: str) -> int:
+    """argparse type of ``--seed``: an integer in [0, ``MAX_SEED``]."""
+    value = nonnegative_int(text)
+    if value > MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be <= {MAX_SEED} (2**31 - 1), got {text}")
+    return value
+
 
 #: The value of a method's start-epoch flag that means the epoch of the lr schedule's first drop.
 FIRST_DECAY = "first-decay"
@@ -329,6 +340,12 @@ def base_parser(name: str, description: str | None = None) -> argparse.ArgumentP
         "the dataset's: 5000 for fashion-mnist, 1000 for CIFAR and SVHN, 180 for digits, 10%% for local data)",
     )  # fmt: skip
     add(
+        "data", "--test-from-train", type=positive_int, metavar="N",
+        help="hold out N examples of the training data (stratified, fixed) as the test split: for local data with "
+        "no test split of its own (a single parquet file, a saved Dataset, an image folder without test/), which "
+        "otherwise is refused",
+    )  # fmt: skip
+    add(
         "data", "--train-size", type=positive_int,
         help="train on a fixed stratified subset of this many examples of the training split (seeded like the "
         "validation hold-out, the same for every run seed); all of it when not given",
@@ -388,7 +405,7 @@ def base_parser(name: str, description: str | None = None) -> argparse.ArgumentP
         "config.json the run's own folder and bookkeeping (output_dir, resume, overwrite, config) are not taken; "
         "resume and overwrite are command-line only",
     )  # fmt: skip
-    add("run", "--seed", type=nonnegative_int, default=0, help="training seed (default: 0)")
+    add("run", "--seed", type=seed_int, default=0, help=f"training seed in [0, {MAX_SEED}] (default: 0)")
     add("run", "--output-dir", help="run folder (default: runs/<recipe>-<dataset>-seed<seed>)")
     add("run", "--resume", help="'latest' or a checkpoint folder to continue exactly")
     add("run", "--overwrite", action="store_true", help="replace the run already in --output-dir")
@@ -738,8 +755,9 @@ def _run_recipe(
     with _flag_errors(args, state, "--dataset", "--data-path"), state.main_process_first():
         # One process downloads and caches, the others read the cache. The test split is loaded and checked
         # now too: a test split that cannot be evaluated must stop the run before training, not after it.
-        train, val, test = (_load(args, split) for split in ("train", "validation", "test"))
+        train, val, test = (load_split(args, split) for split in ("train", "validation", "test"))
         _check_same_images(train, test)
+        check_disjoint(test, train, val)
     meta = unused = None
     if args.train_size is not None:
         with _flag_errors(args, state, "--train-size"):
@@ -917,8 +935,12 @@ def _subset(train: ImageDataset, size: int) -> tuple[ImageDataset, ImageDataset]
     return train.hold_out(size, "train", seed=SPLIT_SEED)
 
 
-def _load(args: argparse.Namespace, split: str) -> ImageDataset:
-    return load_dataset(args.dataset, split, path=args.data_path, val_size=args.val_size, seed=SPLIT_SEED)
+def load_split(args: argparse.Namespace, split: str) -> ImageDataset:
+    """One split of the data the flags name (``--dataset``, ``--data-path``, ``--val-size``, ``--test-from-train``)."""
+    return load_dataset(
+        args.dataset, split, path=args.data_path, val_size=args.val_size, test_size=args.test_from_train,
+        seed=SPLIT_SEED,
+    )  # fmt: skip
 
 
 def channel_stats(data: ImageDataset) -> tuple[list[float], list[float]]:
@@ -999,6 +1021,7 @@ def _run_config(
             "path": args.data_path,
             "split_seed": SPLIT_SEED,
             "val_size": args.val_size,
+            "test_size": args.test_from_train,
             "train_size": args.train_size,
             "sizes": {"train": len(train), "validation": len(val)},
             "num_classes": train.num_classes,

@@ -157,7 +157,8 @@ def load_model(run_dir: str | Path, *, weights: Literal["final", "best", "ema"] 
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as err:
-        raise ValueError(f"{path} does not match the model described in {run_dir / CONFIG_FILE}: {err}") from err
+        detail = " ".join(str(err).split())  # torch lists each mismatch on its own line: one line for the CLI
+        raise ValueError(f"{path} does not match the model described in {run_dir / CONFIG_FILE}: {detail}") from err
     return model.eval()
 
 

@@ -13,6 +13,7 @@ from robustmix.data import (
     DATASETS,
     ImageDataset,
     augment_cifar,
+    check_disjoint,
     get_split,
     load_dataset,
     make_dataloader,
@@ -200,7 +201,9 @@ def test_local_parquet_file_with_custom_columns(tmp_path):
     )
     ds.to_parquet(tmp_path / "data.parquet")
 
-    loaded = load_dataset(str(tmp_path / "data.parquet"), "test", image_column="picture", label_column="digit")
+    loaded = load_dataset(
+        str(tmp_path / "data.parquet"), "train", image_column="picture", label_column="digit", val_size=0
+    )
 
     # Grayscale stays one channel; num_classes comes from the largest label.
     assert loaded.image_shape == (1, 32, 32) and loaded.num_classes == 5
@@ -360,7 +363,7 @@ def test_missing_split_names_existing_splits(tmp_path):
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(2)})
     ds = datasets.Dataset.from_dict({"image": _random_images(4), "label": [0, 1, 0, 1]}, features=features)
     datasets.DatasetDict(train=ds).save_to_disk(tmp_path / "train_only")
-    with pytest.raises(ValueError, match=r"no 'test' split.*\['train'\]"):
+    with pytest.raises(ValueError, match=r"has no test split \(its splits: \['train'\]"):
         load_dataset(str(tmp_path / "train_only"), "test")
 
 
@@ -371,7 +374,7 @@ def test_non_integer_labels(tmp_path):
     )
     ds.to_parquet(tmp_path / "strings.parquet")
     with pytest.raises(ValueError, match="must hold integers"):
-        load_dataset(str(tmp_path / "strings.parquet"), "test")
+        load_dataset(str(tmp_path / "strings.parquet"), "train")
 
 
 @pytest.mark.parametrize(
@@ -408,3 +411,169 @@ def test_hold_out_is_stratified_disjoint_and_keeps_indices():
     assert set(meta.labels.tolist()) == set(range(10))  # stratified: every class is present
     again = train.hold_out(100, "meta", seed=0)[1]
     assert torch.equal(again.index, meta.index)
+
+
+# --- local data without a test split, test splits of training images, image modes ---------------------------------
+
+LAYOUTS = ("parquet file", "saved Dataset", "image folder", "parquet folder")
+
+
+def _local_copy(tmp_path, layout, images, labels, *, image_column="image", label_column="label") -> str:
+    """`images` and `labels` as one train split without a test split, in `layout`; returns the path."""
+    if layout == "image folder":
+        for i, (image, label) in enumerate(zip(images, labels)):
+            folder = tmp_path / "folder" / f"class{label}"
+            folder.mkdir(parents=True, exist_ok=True)
+            image.save(folder / f"{i:03d}.png")
+        return str(tmp_path / "folder")
+    features = datasets.Features({image_column: datasets.Image(), label_column: datasets.Value("int64")})
+    ds = datasets.Dataset.from_dict({image_column: images, label_column: labels}, features=features)
+    if layout == "parquet file":
+        ds.to_parquet(tmp_path / "data.parquet")
+        return str(tmp_path / "data.parquet")
+    if layout == "parquet folder":
+        ds.to_parquet(tmp_path / "parquet" / "train.parquet")
+        return str(tmp_path / "parquet")
+    ds.save_to_disk(tmp_path / "saved")
+    return str(tmp_path / "saved")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_local_data_without_a_test_split_never_tests_on_its_training_data(tmp_path, layout):
+    path = _local_copy(tmp_path, layout, _random_images(40), [i % 4 for i in range(40)])
+    with pytest.raises(ValueError, match=r"has no test split.*cannot be its test split: pass test_size=N"):
+        load_dataset(path, "test")
+    assert len(load_dataset(path, "train")) == 36  # all of it, less the validation hold-out
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_test_size_holds_out_a_fixed_stratified_test_split(tmp_path, layout):
+    images, labels = _random_images(40), [i % 4 for i in range(40)]
+    path = _local_copy(tmp_path, layout, images, labels)
+    splits = {split: load_dataset(path, split, test_size=8) for split in ("train", "validation", "test")}
+    assert [len(splits[split]) for split in ("train", "validation", "test")] == [28, 4, 8]
+    index = {split: set(ds.index.tolist()) for split, ds in splits.items()}
+    assert not index["train"] & index["test"] and not index["validation"] & index["test"]
+    assert index["train"] | index["validation"] | index["test"] == set(range(40))
+    assert sorted(splits["test"].labels.tolist()) == [0, 0, 1, 1, 2, 2, 3, 3]
+    # The test split does not move with the validation seed: every run seed tests on the same examples.
+    other_seed = load_dataset(path, "test", test_size=8, seed=1)
+    assert torch.equal(other_seed.index, splits["test"].index)
+    assert index["test"] & set(load_dataset(path, "validation", test_size=8, seed=1).index.tolist()) == set()
+    if layout != "image folder":  # an image folder numbers its rows by file order; the others keep the source's
+        for i, position in enumerate(splits["test"].index.tolist()):
+            assert torch.equal(splits["test"].images[i], _pixels(images[position]))
+            assert splits["test"].labels[i].item() == labels[position]
+
+
+def test_a_registry_copy_without_a_test_split_needs_test_size(tmp_path):
+    path = _local_copy(tmp_path, "parquet file", _random_images(40), [i % 10 for i in range(40)], image_column="img")
+    with pytest.raises(ValueError, match=r"'cifar10' has no test split"):
+        load_dataset("cifar10", "test", path=path, val_size=10)
+    test = load_dataset("cifar10", "test", path=path, val_size=10, test_size=10)
+    train = load_dataset("cifar10", "train", path=path, val_size=10, test_size=10)
+    assert len(test) == 10 and len(train) == 20 and test.image_shape == (3, 32, 32)
+    assert not set(test.index.tolist()) & set(train.index.tolist())
+
+
+def test_test_size_is_refused_for_data_with_a_test_split(tmp_path):
+    path, _ = _registry_copy(tmp_path, "img", "label", 10)
+    with pytest.raises(ValueError, match="has a test split of its own; test_size"):
+        load_dataset("cifar10", "train", path=path, test_size=5)
+    with pytest.raises(ValueError, match=r"test_size must be an integer >= 1"):
+        load_dataset(str(tmp_path / "copy"), "train", test_size=0)
+    with pytest.raises(ValueError, match=r"\['test_size'\] do not apply"):
+        load_dataset("digits", "train", test_size=5)
+
+
+def test_one_color_image_anywhere_makes_every_split_rgb(tmp_path):
+    """The image mode is decided over every image of every split, not taken from the first one."""
+    grey = [image.convert("L") for image in _random_images(24)]
+    test = list(grey[20:])
+    test[2] = _random_images(1, seed=5)[0]  # one RGB image, in the test split, not first
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(2)})
+    datasets.DatasetDict(
+        train=datasets.Dataset.from_dict({"image": grey[:20], "label": [i % 2 for i in range(20)]}, features=features),
+        test=datasets.Dataset.from_dict({"image": test, "label": [0, 1, 0, 1]}, features=features),
+    ).save_to_disk(tmp_path / "mixed")
+    for split in ("train", "validation", "test"):
+        ds = load_dataset(str(tmp_path / "mixed"), split)
+        assert ds.image_shape == (3, 32, 32), split
+    train = load_dataset(str(tmp_path / "mixed"), "train")
+    assert torch.equal(train.images[0], _pixels(grey[train.index[0].item()]))  # grey to RGB: three equal channels
+
+    ordered = [image.convert("L") for image in _random_images(6)] + _random_images(1, seed=7)
+    path = _local_copy(tmp_path, "parquet file", ordered, [0, 1, 0, 1, 0, 1, 0])
+    assert load_dataset(path, "train", val_size=2).image_shape == (3, 32, 32)
+
+
+def _images_dataset(images: torch.Tensor, split: str) -> ImageDataset:
+    n = len(images)
+    return ImageDataset(images, torch.arange(n) % 2, torch.arange(n), num_classes=2, name="toy", split=split)
+
+
+def test_check_disjoint_refuses_a_test_split_of_training_images():
+    train = _images_dataset(torch.randint(0, 256, (300, 1, 4, 4), dtype=torch.uint8), "train")
+    val = _images_dataset(torch.randint(0, 256, (20, 1, 4, 4), dtype=torch.uint8), "validation")
+    test = _images_dataset(torch.randint(0, 256, (200, 1, 4, 4), dtype=torch.uint8), "test")
+    assert check_disjoint(test, train, val) == 0
+    with pytest.raises(ValueError, match=r"200 of the 200 test images of 'toy' equal training or validation images"):
+        check_disjoint(_images_dataset(train.images[:200], "test"), train, val)
+    with pytest.raises(ValueError, match=r"3 of the 200 test images.*test index 0, 1, 2\)"):
+        check_disjoint(_images_dataset(torch.cat([val.images[:3], test.images[3:]]), "test"), train, val)
+    # A benchmark's few duplicates (at most 1% of the test split): a warning, and the count.
+    with pytest.warns(UserWarning, match=r"2 of the 200 test images .*test index 0, 1\); the test accuracy counts"):
+        assert check_disjoint(_images_dataset(torch.cat([train.images[:2], test.images[2:]]), "test"), train) == 2
+
+
+def _corrupt(tmp_path, row: int, data: bytes) -> str:
+    """A 40-image parquet file whose image ``row`` holds ``data`` instead of a PNG."""
+    images = datasets.Dataset.from_dict(
+        {"image": _random_images(40), "label": [i % 4 for i in range(40)]},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")}),
+    )
+    rows = images.cast_column("image", datasets.Image(decode=False)).to_list()
+    rows[row]["image"] = {"bytes": data(rows[row]["image"]["bytes"]), "path": None}
+    datasets.Dataset.from_list(rows).cast_column("image", datasets.Image()).to_parquet(tmp_path / "bad.parquet")
+    return str(tmp_path / "bad.parquet")
+
+
+@pytest.mark.parametrize(
+    ("name", "data"), [("not an image", lambda png: b"not an image"), ("truncated", lambda png: png[:60])]
+)
+def test_an_image_that_cannot_be_decoded_is_named_by_its_row(tmp_path, name, data):
+    path = _corrupt(tmp_path, 17, data)
+    with pytest.raises(ValueError, match=r"\(train split\): the image in row 17 \(column 'image'\) cannot be decoded"):
+        for split in ("train", "validation", "test"):  # the row lies in one of them
+            load_dataset(path, split, test_size=8)
+
+
+def test_an_empty_folder_is_named(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"'.*empty' holds no data files: expected a save_to_disk folder"):
+        load_dataset(str(tmp_path / "empty"), "train")
+
+
+def test_a_single_class_is_refused(tmp_path):
+    path = _local_copy(tmp_path, "parquet file", _random_images(10), [3] * 10)
+    with pytest.raises(ValueError, match=r"holds a single class \(label 3\): a classifier needs at least two"):
+        load_dataset(path, "train")
+
+
+@pytest.mark.parametrize(
+    ("n", "kwargs", "message"),
+    [
+        (3, {"test_size": 1}, r"3 examples of 3 classes are too few for a stratified hold-out \(test_size=1\)"),
+        (40, {"test_size": 2}, r"test_size=2 cannot be held out of 40 examples of 4 classes.*\[4, 36\]"),
+        (40, {"test_size": 8, "val_size": 30}, r"val_size=30 cannot be held out of 32 examples of 4 classes"),
+    ],
+)
+def test_too_few_examples_for_the_hold_outs_say_so(tmp_path, n, kwargs, message):
+    path = _local_copy(tmp_path, "parquet file", _random_images(n), [i % min(n, 4) for i in range(n)])
+    with pytest.raises(ValueError, match=message):
+        load_dataset(path, "train", **kwargs)
+
+
+def test_an_unreachable_hub_says_how_to_provide_the_data_locally():
+    with pytest.raises(ValueError, match=r"'cifar10' could not be fetched.*save_to_disk\(FOLDER\).*--data-path"):
+        load_dataset("cifar10", "test")

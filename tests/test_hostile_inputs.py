@@ -43,7 +43,15 @@ from robustmix.checkpoint import (
     resolve_checkpoint,
 )
 from robustmix.data import load_dataset
-from robustmix.runs import RunFolderInUse, load_config, load_model, locked_run_folder, replacing_run
+from robustmix.evaluate import split_size
+from robustmix.runs import (
+    RunFolderInUse,
+    load_config,
+    load_model,
+    locked_run_folder,
+    recorded_flags,
+    replacing_run,
+)
 from robustmix.safestate import decode_state, encode_state, load_state, save_state
 from robustmix.trainer import EpochBatches, Trainer, batches_per_epoch
 from tests.conftest import load_recipe, quick_flags
@@ -622,12 +630,12 @@ def _local_dataset(folder: Path, test_mode: str, test_side: int) -> str:
     return str(folder)
 
 
-@pytest.mark.parametrize(("mode", "side", "shape"), [("RGB", 32, r"\[3, 32, 32\]"), ("L", 16, r"\[1, 16, 16\]")])
-def test_a_test_split_that_cannot_be_evaluated_stops_the_run_before_training(tmp_path, capsys, mode, side, shape):
-    data = _local_dataset(tmp_path / "data", mode, side)
+def test_a_test_split_that_cannot_be_evaluated_stops_the_run_before_training(tmp_path, capsys):
+    # RGB test images beside grayscale training images make every split RGB (tests/test_data.py); another size stops.
+    data = _local_dataset(tmp_path / "data", "L", 16)
     argv = ["--dataset", data, "--output-dir", str(tmp_path / "run"), "--max-steps", "1", "--val-size", "10"]
     line = exit_line(lambda: PGD_AT.main(argv), capsys)
-    assert re.search(rf"--dataset, --data-path: the test split holds 10-class images of shape {shape}", line), line
+    assert re.search(r"--dataset, --data-path: the test split holds 10-class images of shape \[1, 16, 16\]", line)
     assert not (tmp_path / "run").exists()
 
 
@@ -649,3 +657,127 @@ def test_an_output_dir_that_cannot_be_created_is_a_one_line_error(tiny, tmp_path
     argv = quick_flags(tiny, tmp_path / "file" / "run", *RUN_FLAGS)
     line = exit_line(lambda: PGD_AT.main(argv), capsys)
     assert line.startswith("pgd_at.py: error: --output-dir: ") and "file/run" in line, line
+
+
+# ---------------------------------------------------------------------- local data: test splits, one-line errors
+
+
+def _digit_images(n: int) -> tuple[list[PIL.Image.Image], list[int]]:
+    images, labels = load_dataset("digits", "test").tensors()
+    pil = [PIL.Image.fromarray(np.asarray(image[0] * 255, dtype=np.uint8), mode="L") for image in images[:n]]
+    return pil, labels[:n].tolist()
+
+
+def _parquet(path: Path, images: list, labels: list[int]) -> str:
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+    datasets.Dataset.from_dict({"image": images, "label": labels}, features=features).to_parquet(path)
+    return str(path)
+
+
+def _corrupt_parquet(folder: Path) -> list[str]:
+    images, labels = _digit_images(60)
+    path = Path(_parquet(folder / "good.parquet", images, labels))
+    rows = datasets.Dataset.from_parquet(str(path)).cast_column("image", datasets.Image(decode=False)).to_list()
+    rows[23]["image"]["bytes"] = rows[23]["image"]["bytes"][:60]  # a PNG cut short: its header still reads
+    datasets.Dataset.from_list(rows).cast_column("image", datasets.Image()).to_parquet(folder / "bad.parquet")
+    return ["--dataset", str(folder / "bad.parquet"), "--test-from-train", "10"]
+
+
+def _test_split_of_training_images(folder: Path) -> list[str]:
+    images, labels = _digit_images(40)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)})
+    train = datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
+    datasets.DatasetDict(train=train, test=train.select(range(20))).save_to_disk(folder / "copied")
+    return ["--dataset", str(folder / "copied")]
+
+
+def _empty_folder(folder: Path) -> list[str]:
+    (folder / "empty").mkdir()
+    return ["--dataset", str(folder / "empty")]
+
+
+#: Hostile data and flags: each stops the recipe with a one-line error (exit 2) before any work.
+BAD_DATA = {
+    "seed beyond numpy": (
+        lambda folder: ["--seed", "4294967296"],
+        r"argument --seed: must be <= 2147483647 \(2\*\*31 - 1\), got 4294967296",
+    ),
+    "empty folder": (_empty_folder, r"--dataset, --data-path: local dataset folder '.*empty' holds no data files"),
+    "corrupt PNG": (_corrupt_parquet, r"bad.parquet' \(train split\): the image in row 23 \(column 'image'\) cannot"),
+    "three images": (
+        lambda folder: ["--dataset", _parquet(folder / "three.parquet", *_digit_images(3)), "--test-from-train", "1"],
+        r"3 examples of 3 classes are too few for a stratified hold-out \(test_size=1\)",
+    ),
+    "one class": (
+        lambda folder: ["--dataset", _parquet(folder / "one.parquet", _digit_images(30)[0], [4] * 30)],
+        r"holds a single class \(label 4\): a classifier needs at least two",
+    ),
+    "hub unreachable": (
+        lambda folder: ["--dataset", "cifar10"],
+        r"'cifar10' could not be fetched: could not load uoft-cs/cifar10 from the Hub .*--data-path FOLDER",
+    ),
+    "no test split": (
+        lambda folder: ["--dataset", _parquet(folder / "all.parquet", *_digit_images(60))],
+        r"has no test split .*--test-from-train N",
+    ),
+    "test split of training images": (
+        _test_split_of_training_images,
+        r"20 of the 20 test images of .* equal training or validation images",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_DATA))
+def test_bad_data_is_a_one_line_error_before_any_work(tmp_path, capsys, monkeypatch, case):
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")  # nothing cached
+    make, pattern = BAD_DATA[case]
+    argv = [*make(tmp_path), "--output-dir", str(tmp_path / "run"), "--max-steps", "1"]
+    line = exit_line(lambda: PGD_AT.main(argv), capsys)
+    assert line.startswith("pgd_at.py: error: ") and re.search(pattern, line), line
+    assert not (tmp_path / "run").exists()
+
+
+HELD_OUT_FLAGS = ["--val-size", "10", "--batch-size", "8", "--max-steps", "2", "--attack-steps", "1"]
+
+
+@pytest.fixture(scope="module")
+def held_out_test_run(tmp_path_factory) -> Path:
+    """A finished 2-step run on a single parquet file of 60 digits, its test split held out with --test-from-train."""
+    folder = tmp_path_factory.mktemp("held_out")
+    data = _parquet(folder / "digits.parquet", *_digit_images(60))
+    PGD_AT.main(["--dataset", data, *HELD_OUT_FLAGS, "--test-from-train", "10", "--output-dir", str(folder / "run")])
+    return folder / "run"
+
+
+def test_test_from_train_holds_out_the_test_split_and_evaluation_finds_it(held_out_test_run):
+    config = json.loads((held_out_test_run / "config.json").read_text())
+    assert config["data"]["test_size"] == 10 and config["data"]["sizes"] == {"train": 40, "validation": 10}
+    assert json.loads((held_out_test_run / "metrics.json").read_text())["test"]["n"] == 10
+    assert split_size(held_out_test_run) == 10  # recipes/evaluate.py rebuilds the same test split
+
+
+def test_resuming_with_another_test_from_train_is_refused(held_out_test_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(held_out_test_run, run)
+    dataset = recorded_flags(json.loads((run / "config.json").read_text()))["dataset"]
+    argv = ["--dataset", dataset, *HELD_OUT_FLAGS, "--test-from-train", "12", "--output-dir", str(run)]
+    line = exit_line(lambda: PGD_AT.main([*argv, "--resume", "latest"]), capsys)
+    assert re.search(r"other flags: --test-from-train 10 there, 12 here\. A resumed run", line), line
+
+
+@pytest.mark.parametrize(
+    ("change", "pattern"),
+    [
+        (lambda config: config["model"].update(std=[math.nan]), r"describes a model that cannot be built: std must"),
+        (lambda config: config["model"].update(num_classes=12), r"model.safetensors does not match the model"),
+        (lambda config: config["data"].update(num_classes=12), r"inconsistent: its model has 10 classes, its data 12"),
+    ],
+)
+def test_evaluating_a_damaged_config_is_a_one_line_error(held_out_test_run, tmp_path, capsys, change, pattern):
+    run = tmp_path / "run"
+    shutil.copytree(held_out_test_run, run)
+    config = json.loads((run / "config.json").read_text())
+    change(config)
+    (run / "config.json").write_text(json.dumps(config))
+    line = exit_line(lambda: load_recipe("evaluate").main(["--run-dir", str(run), "--no-plots"]), capsys)
+    assert line.startswith("evaluate.py: error: ") and re.search(pattern, line), line
