@@ -1,4 +1,4 @@
-"""The validation numbers training runs end with, as one Markdown table: the screening step of a method's readings.
+"""The validation (or test) numbers training runs end with, as one Markdown table: the screening step of readings.
 
     runs=benchmarks/runs/fashion-mnist
     python benchmarks/validation_table.py $runs/{adalab*,pgd_at}-seed0
@@ -38,23 +38,33 @@ def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     parser.add_argument("--reference", default="pgd_at", help="row the differences are taken to (default: pgd_at)")
+    parser.add_argument(
+        "--split", choices=("validation", "test"), default="validation",
+        help="the last validation (for choosing), or the test evaluation every run ends with: clean and PGD-20 of "
+        "the final weights on the whole test split (for reporting what was chosen)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     row_name = _results_module().row_name
     rows = []
     for run_dir in args.run_dirs:
         config, metrics = (read_json(Path(run_dir) / name) for name in ("config.json", "metrics.json"))
-        val = metrics["last_val"]
+        if args.split == "validation":
+            clean, pgd, n = (metrics["last_val"][key] for key in ("val_clean_acc", "val_pgd_acc", "val_n"))
+        else:
+            clean, pgd, n = (metrics["test"][key] for key in ("clean_acc", "pgd_acc", "n"))
         steps = [r for r in load_metrics_log(run_dir) if "forwards_per_step" in r]
         passes = f"{steps[-1]['forwards_per_step']:g} / {steps[-1]['backwards_per_step']:g}" if steps else "-"
-        rows.append((row_name(config), config["seed"], val["val_clean_acc"], val["val_pgd_acc"], val["val_n"], passes))
+        rows.append((row_name(config), config["seed"], clean, pgd, n, passes))
     reference = {}
     for name, seed, clean, pgd, _, _ in rows:
         if name == args.reference:
             if seed in reference:
                 parser.error(f"two {args.reference} runs of seed {seed}: the differences would be ambiguous")
             reference[seed] = (clean, pgd)
+    split = "val" if args.split == "validation" else "test"
     lines = [
-        "| reading | seed | val clean | val PGD-20 | clean vs reference | PGD-20 vs reference | passes (fwd / bwd) |",
+        f"| reading | seed | {split} clean | {split} PGD-20 | clean vs reference | PGD-20 vs reference "
+        "| passes (fwd / bwd) |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, seed, clean, pgd, n, passes in sorted(rows, key=lambda row: -row[3]):

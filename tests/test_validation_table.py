@@ -19,7 +19,10 @@ def _run(folder, recipe, seed, clean, pgd, flags=()):
     folder.mkdir(parents=True)
     config = {"recipe": recipe, "seed": seed, "flags": vars(parser.parse_args(list(flags)))}
     (folder / "config.json").write_text(json.dumps(config))
-    metrics = {"last_val": {"val_clean_acc": clean, "val_pgd_acc": pgd, "val_n": 5000}}
+    metrics = {
+        "last_val": {"val_clean_acc": clean, "val_pgd_acc": pgd, "val_n": 5000},
+        "test": {"clean_acc": clean - 0.01, "pgd_acc": pgd - 0.02, "n": 10000},
+    }
     (folder / "metrics.json").write_text(json.dumps(metrics))
     (folder / "metrics.jsonl").write_text(json.dumps({"step": 1, "forwards_per_step": 8, "backwards_per_step": 7}))
     return str(folder)
@@ -43,3 +46,10 @@ def test_two_reference_runs_of_one_seed_are_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         table.main(runs)
     assert "two pgd_at runs of seed 0" in capsys.readouterr().err
+
+
+def test_test_split_reads_the_runs_final_test_evaluation(tmp_path):
+    runs = [_run(tmp_path / "a", "pgd_at", 0, 0.86, 0.78), _run(tmp_path / "b", "mart", 0, 0.85, 0.80)]
+    lines = table.main([*runs, "--split", "test"]).splitlines()
+    assert lines[0].startswith("| reading | seed | test clean | test PGD-20 |")
+    assert lines[2] == "| `mart` | 0 | 84.00 ± 0.72 | 78.00 ± 0.81 | -1.00 | +2.00 | 8 / 7 |"
