@@ -520,10 +520,11 @@ BASE_NUMBERS = {
     "--step-size": lambda v: 0 <= v < math.inf,
     "--grad-clip": lambda v: 0 < v < math.inf,
 }
+#: Each flag's valid integers: from its minimum; --seed up to 2**31 - 1 (NumPy seeds each process with seed + rank).
 BASE_INTS = {
-    "--epochs": 1, "--batch-size": 1, "--max-steps": 1, "--attack-steps": 0, "--seed": 0, "--eval-every": 1,
-    "--checkpoint-every": 1, "--checkpoint-every-steps": 1, "--keep-checkpoints": 1, "--num-workers": 0,
-    "--threads": 0,
+    "--epochs": 1, "--batch-size": 1, "--max-steps": 1, "--attack-steps": 0, "--seed": range(0, 2**31),
+    "--eval-every": 1, "--checkpoint-every": 1, "--checkpoint-every-steps": 1, "--keep-checkpoints": 1,
+    "--num-workers": 0, "--threads": 0,
 }  # fmt: skip
 BASE_CHOICES = {"--optimizer", "--schedule", "--mixed-precision", "--preset"}
 #: (recipe, flag, valid values) of the methods' own numeric flags, at --epochs 2 and the tiny dataset's
@@ -594,7 +595,8 @@ def bad_flags(draw) -> tuple[str, list[str], str]:
         return draw(st.sampled_from(("pgd_at", "trades"))), [flag, draw(_bad_number(BASE_NUMBERS[flag]))], flag
     if kind == "int":
         flag = draw(st.sampled_from(sorted(BASE_INTS)))
-        return "pgd_at", [flag, draw(_bad_int_flag(range(BASE_INTS[flag], 10**15)))], flag
+        valid = BASE_INTS[flag] if isinstance(BASE_INTS[flag], range) else range(BASE_INTS[flag], 10**15)
+        return "pgd_at", [flag, draw(_bad_int_flag(valid))], flag
     junk = st.from_regex(r"[a-z0-9_]{1,10}", fullmatch=True).filter(lambda v: v not in CHOICES)
     if kind == "choice":
         flag = draw(st.sampled_from(sorted(BASE_CHOICES)))
