@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from robustmix.attacks.callbacks import _check_budget
+from robustmix.attacks.callbacks import _check_budget, count_compiled_passes
 from robustmix.attacks.pgd import DEFAULT_LOSS_SCALE, NORMS, STARTS, Norm, Start, perturb
 from robustmix.callbacks import Callback
 from robustmix.context import Stage, StepContext
@@ -41,6 +41,7 @@ def adversarys_adversary(
     loss_scale: float = DEFAULT_LOSS_SCALE,
     project: bool = True,
     check_values: bool = True,
+    compile_backend: str | None = None,
 ) -> Tensor:
     """ADA-Lab's adversary's adversary: ``steps`` descent steps on ``CE(f(.), y)`` from ``x_adv``.
 
@@ -61,6 +62,7 @@ def adversarys_adversary(
         project: Project every step onto ``B(x, eps)`` (the default). ``False`` keeps only the
             ``[0, 1]`` box: ``x_aa`` is then within ``eps + steps * step_size`` of ``x`` (``descent_radius``).
         check_values: Check the values of ``x`` and ``y`` first (see ``perturb``); callbacks pass ``False``.
+        compile_backend: Run the descent steps compiled (``perturb``'s ``compile_backend``); ``None``: eager.
 
     Returns:
         ``x_aa [B, ...]``, detached, in ``B(x, descent_radius(...))`` and [0, 1].
@@ -70,6 +72,7 @@ def adversarys_adversary(
     return perturb(
         model, x, y, eps=descent_radius(eps, step_size, steps, project), step_size=step_size, steps=steps, norm=norm,
         loss="ce", descend=True, x_init=x_adv, bn_mode=bn_mode, loss_scale=loss_scale, check_values=check_values,
+        compile_backend=compile_backend,
     )  # fmt: skip
 
 
@@ -96,6 +99,7 @@ def recovering_descent(
     loss_scale: float = DEFAULT_LOSS_SCALE,
     project: bool = True,
     check_values: bool = True,
+    compile_backend: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The adversary's adversary that recovers the class: each example descends until ``argmax f = y``.
 
@@ -117,6 +121,7 @@ def recovering_descent(
         loss_scale: Multiplier of the loss before differentiation (fp16 safety).
         project: Project onto ``B(x, eps)`` (the default); ``False`` keeps ``[0, 1]`` only (``descent_radius``).
         check_values: Check the values of ``x`` and ``y`` at the first step (``perturb``); callbacks pass ``False``.
+        compile_backend: Run the descent steps compiled (``perturb``'s ``compile_backend``); ``None``: eager.
 
     Returns:
         ``x_aa [B, ...]`` (detached, in ``B(x, descent_radius(...))`` and [0, 1]) and the descent steps
@@ -138,6 +143,7 @@ def recovering_descent(
         x_next = perturb(
             model, x, y, eps=radius, step_size=step_size, steps=1, norm=norm, loss="ce", descend=True, x_init=x_aa,
             bn_mode=bn_mode, observer=observe, loss_scale=loss_scale, check_values=check_values and k == 0,
+            compile_backend=compile_backend,
         )  # fmt: skip
         x_aa = torch.where(recovered.view(-1, *([1] * (x.dim() - 1))), x_aa, x_next)
         taken += ~recovered
@@ -158,6 +164,7 @@ def anti_adversary(
     loss_scale: float = DEFAULT_LOSS_SCALE,
     generator: torch.Generator | None = None,
     check_values: bool = True,
+    compile_backend: str | None = None,
 ) -> Tensor:
     """CAAT's anti-adversary: ``steps`` descent steps on ``CE(f(.), y)`` from near ``x``.
 
@@ -174,6 +181,7 @@ def anti_adversary(
         loss_scale: Multiplier of the loss before differentiation (fp16 safety).
         generator: Random generator for the start.
         check_values: Check the values of ``x`` and ``y`` first (see ``perturb``); callbacks pass ``False``.
+        compile_backend: Run the descent steps compiled (``perturb``'s ``compile_backend``); ``None``: eager.
 
     Returns:
         ``x_anti [B, ...]``, detached, in ``B(x, eps)`` and [0, 1].
@@ -181,6 +189,7 @@ def anti_adversary(
     return perturb(
         model, x, y, eps=eps, step_size=step_size, steps=steps, norm=norm, loss="ce", start=start, descend=True,
         bn_mode=bn_mode, loss_scale=loss_scale, generator=generator, check_values=check_values,
+        compile_backend=compile_backend,
     )  # fmt: skip
 
 
@@ -251,8 +260,9 @@ class AdversarysAdversary(Callback):
             return
         kwargs = dict(
             eps=_budget(ctx), step_size=self.step_size, steps=self.steps, norm=self.norm, bn_mode=self.bn_mode,
-            loss_scale=self.loss_scale, project=self.project, check_values=False,
+            loss_scale=self.loss_scale, project=self.project, check_values=False, compile_backend=ctx.attack_backend,
         )  # fmt: skip
+        count_compiled_passes(ctx, self.steps)
         if not self.until_recovered:
             ctx.x_anti = adversarys_adversary(ctx.attack_model, ctx.inputs, ctx.x_adv, ctx.targets, **kwargs)
             return
@@ -318,8 +328,9 @@ class AntiAdversary(Callback):
             ctx.attack_model, ctx.inputs, ctx.targets, eps=eps,
             step_size=eps * self.step_size if self.relative_step_size else self.step_size, steps=self.steps,
             start=self.start, norm=self.norm, bn_mode=self.bn_mode, loss_scale=self.loss_scale,
-            generator=self.generator, check_values=False,
+            generator=self.generator, check_values=False, compile_backend=ctx.attack_backend,
         )  # fmt: skip
+        count_compiled_passes(ctx, self.steps)
 
     def __repr__(self) -> str:
         return (

@@ -79,6 +79,12 @@ class PassCounter:
         self.forwards = 0
         self.backwards = 0
 
+    def add(self, examples: int) -> None:
+        """Count a forward and a backward of ``examples`` examples that ran without the hook ``watch`` registers
+        (a compiled attack iteration calls ``model.forward`` directly)."""
+        self.forwards += examples
+        self.backwards += examples
+
     @contextlib.contextmanager
     def watch(self, model: nn.Module) -> Iterator[None]:
         """Count every call of ``model`` (and of wrappers that call it) while the block runs."""
@@ -144,6 +150,8 @@ class StepContext:
         extras: Free-form values a callback wants to log (e.g. ``{"lam_mean": ...}``).
         grad_inputs: Inputs whose training logits some callback needs with gradient (set by
             ``AdversarialStep`` from the callbacks' ``detached_reads``); ``None``: all of them.
+        attack_backend: The ``torch.compile`` backend attacks run their iterations with (``perturb``'s
+            ``compile_backend``), set by ``AdversarialStep(fast=True)`` for its full-size batches; ``None``: eager.
     """
 
     model: nn.Module
@@ -174,6 +182,7 @@ class StepContext:
     mixed_precision: str = "no"
     extras: dict[str, Tensor | float] = field(default_factory=dict)
     grad_inputs: frozenset[str] | None = None
+    attack_backend: str | None = None
 
     @property
     def batch_size(self) -> int:

@@ -40,6 +40,16 @@ class AdversarialStep:
         mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"``, recorded in the context.
         check_inputs: Validate every batch (range, NaN/inf, labels, dtype and channels against the
             model) before any work; costs one host synchronization per step.
+        fast: The fast path. Attack iterations (``PGDAttack``, ``FGSMAttack``, ``AdversarysAdversary``,
+            ``AntiAdversary``) run as one compiled unit each (``perturb``'s ``compile_backend``), replayed as
+            a CUDA graph on CUDA, for batches of the largest size seen so far; a smaller batch (an epoch's
+            short last batch) runs them eagerly, so no graph is compiled for it. The value check of
+            ``check_inputs`` (pixels in [0, 1], no NaN/inf, labels in range, the index range) runs on the
+            first batch of each epoch only: later batches of the epoch cost no host synchronization, and a
+            bad one among them is not refused (NaN shows as a non-finite loss; a label out of range fails
+            inside the loss, on CUDA as a device-side assert). Every attack must run with
+            ``bn_mode="eval"``.
+        compile_backend: The ``torch.compile`` backend of the fast path.
 
     Attributes:
         requires_index: Whether batches must come with dataset indices; inferred from the
@@ -56,6 +66,8 @@ class AdversarialStep:
         num_classes: int | None = None,
         mixed_precision: str = "no",
         check_inputs: bool = True,
+        fast: bool = False,
+        compile_backend: str = "inductor",
     ) -> None:
         if mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got {mixed_precision!r}")
@@ -65,6 +77,11 @@ class AdversarialStep:
             raise ValueError(f"num_classes must be an integer >= 2 or None, got {num_classes!r}")
         self.callbacks = list(callbacks)
         self.staged = check_composition(self.callbacks)
+        if fast and (train_mode := [c for c in self.staged if getattr(c, "bn_mode", "eval") != "eval"]):
+            raise ValueError(
+                f"fast=True compiles attacks with bn_mode='eval' only; {type(train_mode[0]).__name__} runs with "
+                f"bn_mode={train_mode[0].bn_mode!r}"
+            )
         self.requires_index = any("index" in c.reads for c in self.staged)
         #: Inputs whose training logits some callback needs with gradient; the others' forwards run under no_grad.
         self.grad_inputs = frozenset(
@@ -79,6 +96,9 @@ class AdversarialStep:
         self.num_classes = num_classes
         self.mixed_precision = mixed_precision
         self.check_inputs = check_inputs
+        self.fast, self.compile_backend = fast, compile_backend
+        self._checked_epoch: int | None = None  # the fast path's last epoch whose values were checked
+        self._largest_batch = 0  # the fast path compiles attacks for this batch size
 
     def __call__(
         self,
@@ -123,7 +143,9 @@ class AdversarialStep:
         check_step_position(epoch=epoch, step=step, total_epochs=total_epochs, total_steps=total_steps)
         index_range = None
         if self.check_inputs:
-            index_range = check_batch(inputs, targets, num_classes, index)
+            if not (self.fast and epoch == self._checked_epoch):
+                index_range = check_batch(inputs, targets, num_classes, index)
+                self._checked_epoch = epoch
             check_model_input(attack_model, inputs, self.num_classes)
         if len(inputs) == 1 and any(
             isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in attack_model.modules()
@@ -148,6 +170,7 @@ class AdversarialStep:
             total_steps=total_steps,
             mixed_precision=self.mixed_precision,
             grad_inputs=self.grad_inputs,
+            attack_backend=self._attack_backend(len(inputs)),
         )
         with ctx.counter.watch(attack_model):
             for callback in self.staged:
@@ -157,6 +180,13 @@ class AdversarialStep:
         for callback in self.callbacks:
             callback.on_before_backward(ctx)
         return ctx.loss, ctx
+
+    def _attack_backend(self, batch_size: int) -> str | None:
+        """The fast path's compile backend for a batch of this size; ``None`` (eager) for a smaller one."""
+        if not self.fast or batch_size < self._largest_batch:
+            return None
+        self._largest_batch = batch_size
+        return self.compile_backend
 
     def fire(self, event: str, *args: Any) -> None:
         """Call ``event`` (e.g. ``"on_epoch_start"``) on every callback, in the order given.

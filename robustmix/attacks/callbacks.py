@@ -25,6 +25,13 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def count_compiled_passes(ctx: StepContext, steps: int) -> None:
+    """Count the passes of ``steps`` attack iterations that ran compiled (``ctx.attack_backend``): they call
+    ``model.forward`` directly, past the pass counter's hook."""
+    if ctx.attack_backend is not None:
+        ctx.counter.add(steps * ctx.batch_size)
+
+
 def _check_budget(eps: float | None, step_size: float, steps: int, norm: Norm = "linf") -> None:
     for name, value in (("eps", eps), ("step_size", step_size)):
         if not (_is_number(value) or (name == "eps" and value is None)):
@@ -123,7 +130,9 @@ class PGDAttack(Callback):
             loss_scale=self.loss_scale,
             generator=self.generator,
             check_values=False,
+            compile_backend=ctx.attack_backend,
         )  # fmt: skip  (the step checked the batch's values; the per-sample eps is checked in perturb)
+        count_compiled_passes(ctx, self.steps)
         if self.track_kappa:
             ctx.kappa = kappa
 

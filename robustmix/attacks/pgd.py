@@ -14,10 +14,15 @@ Every function here keeps the ground rules of robustmix:
   not underflow under fp16 autocast (sign and normalized L2 steps are invariant to the scale);
 - every call runs exactly ``steps`` iterations: no data-dependent early exit, no host sync in the
   loop, so all DDP ranks do the same work.
+
+The fast path (``compile_backend``) runs each iteration (forward, input gradient, loss scaling, sign
+step, projection, clamp) as one ``torch.compile`` unit with static shapes, and on CUDA replays it as a
+CUDA graph.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Literal
 
@@ -124,6 +129,97 @@ def check_loss_scale(loss_scale: float) -> None:
         raise ValueError(f"loss_scale must be a finite number > 0, got {loss_scale}")
 
 
+def _iteration(
+    model: nn.Module,
+    x_k: Tensor,
+    x: Tensor,
+    y: Tensor,
+    reference: Tensor | None,
+    eps: Tensor,
+    step_size: Tensor,
+    scale: float,
+    objective: Callable[[Tensor, Tensor, Tensor | None], Tensor],
+    norm: Norm,
+) -> tuple[Tensor, Tensor]:
+    """One attack iteration from ``x_k`` as a pure function: the unit the fast path compiles.
+
+    The input gradient comes from ``torch.func.grad``, which dynamo traces into the forward's graph
+    (``torch.autograd.grad`` would break the graph there), so the loss scaling, sign step, projection and
+    clamp fuse with the backward's last kernels. ``model.forward`` is called directly: forward hooks of
+    ``model`` itself would be traced into the graph (robustmix's pass counter registers a new one every
+    step, which would recompile every step); those of its submodules run as usual.
+
+    Returns:
+        The next iterate ``[B, ...]`` and the logits of ``x_k`` ``[B, C]``, both detached.
+    """
+
+    def scaled_objective(z: Tensor) -> tuple[Tensor, Tensor]:
+        logits = model.forward(z)
+        return objective(logits, y, reference).sum() * scale, logits
+
+    grad, logits = torch.func.grad(scaled_objective, has_aux=True)(x_k)
+    grad = torch.nan_to_num(grad, nan=0.0)
+    step = step_size * grad.sign() if norm == "linf" else step_size * grad / (_flat_norm(grad) + 1e-12)
+    return project(x_k + step, x, eps, norm), logits.detach()
+
+
+@functools.cache
+def compiled_iteration(backend: str, cuda_graphs: bool) -> Callable[..., tuple[Tensor, Tensor]]:
+    """``_iteration`` under ``torch.compile`` with static shapes; one per backend and graph setting.
+
+    Every batch size, model, objective and budget form gets its own graph (dynamo's guards); the
+    callers compile only their full batch size, so an epoch costs one graph per attack, not two.
+    With ``cuda_graphs`` (inductor only) the compiled iteration is recorded once as a CUDA graph and
+    replayed: one launch per iteration instead of one per kernel.
+    """
+    if cuda_graphs:
+        return torch.compile(_iteration, backend=backend, mode="reduce-overhead", dynamic=False)
+    return torch.compile(_iteration, backend=backend, dynamic=False)
+
+
+def _compiled_loop(
+    model: nn.Module,
+    x_k: Tensor,
+    x: Tensor,
+    y: Tensor,
+    reference: Tensor | None,
+    *,
+    eps: Tensor | float,
+    step_size: Tensor | float,
+    steps: int,
+    scale: float,
+    objective: Callable[[Tensor, Tensor, Tensor | None], Tensor],
+    norm: Norm,
+    observer: Observer | None,
+    backend: str,
+    check_labels: bool,
+) -> Tensor:
+    """``steps`` compiled iterations from ``x_k``; no host read in the loop."""
+    # CUDA graphs replay recorded kernel launches; on a CPU nothing is launched (inductor calls its C++
+    # kernels directly), so there is nothing to record and inductor would skip them with a warning.
+    cuda_graphs = x.is_cuda and backend == "inductor"
+    iteration = compiled_iteration(backend, cuda_graphs)
+    # Budgets as device tensors: a graph input that changes needs no recompile, and a fill needs no host sync.
+    eps, step_size = (
+        v if isinstance(v, Tensor) else torch.full((), v, device=x.device, dtype=x.dtype) for v in (eps, step_size)
+    )
+    for k in range(steps):
+        if cuda_graphs:
+            # Every iteration replays the same graph (otherwise each position in the loop records its own).
+            torch.compiler.cudagraph_mark_step_begin()
+        # torch.func.grad ignores an outer no_grad; without it the compiled graph would also record a second
+        # derivative through the weights, and keep its activations for a backward that never comes.
+        with torch.no_grad():
+            x_next, logits = iteration(model, x_k, x, y, reference, eps, step_size, scale, objective, norm)
+        if check_labels and k == 0 and not bool((y < logits.shape[1]).all()):
+            raise ValueError(f"y holds a label >= the model's {logits.shape[1]} classes")
+        if observer is not None:
+            # A CUDA graph's outputs are overwritten by its next replay: the observer gets its own copy.
+            observer(k, logits.clone() if cuda_graphs else logits, x_k)
+        x_k = x_next
+    return x_k.clone() if cuda_graphs else x_k
+
+
 def _check(x: Tensor, y: Tensor, steps: int, norm: str, start: str) -> None:
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor of pixels in [0, 1], got {getattr(x, 'dtype', type(x))}")
@@ -160,6 +256,7 @@ def perturb(
     loss_scale: float = DEFAULT_LOSS_SCALE,
     generator: torch.Generator | None = None,
     check_values: bool = True,
+    compile_backend: str | None = None,
 ) -> Tensor:
     """Projected gradient ascent (or descent) of a per-sample loss around ``x``.
 
@@ -188,6 +285,11 @@ def perturb(
         check_values: Check the values of ``x`` (finite, in [0, 1]) and ``y`` (in ``[0, C)``) first:
             one host read before the loop and one at the first forward (each a synchronization on
             CUDA). Callbacks pass ``False``: ``AdversarialStep`` has checked the batch once already.
+        compile_backend: Run every iteration as one ``torch.compile`` unit with this backend
+            (``"inductor"`` for speed), with static shapes: each new batch size compiles once more; on
+            CUDA with inductor the iteration is replayed as a CUDA graph. Needs ``bn_mode="eval"`` (a
+            train-mode BatchNorm updates its statistics in place, which ``torch.func.grad`` cannot
+            trace). Forward hooks of ``model`` itself do not run (see ``_iteration``). ``None``: eager.
 
     Returns:
         The perturbed images ``[B, ...]``, detached, same dtype and device as ``x``.
@@ -198,6 +300,11 @@ def perturb(
     """
     _check(x, y, steps, norm, start)
     check_loss_scale(loss_scale)
+    if compile_backend is not None and bn_mode != "eval":
+        raise ValueError(
+            f"the compiled attack iteration needs bn_mode='eval', got {bn_mode!r}: a train-mode BatchNorm updates "
+            "its running statistics in place, which torch.func.grad cannot trace"
+        )
     if check_values and not bool((torch.isfinite(x) & (x >= 0) & (x <= 1)).all() & (y >= 0).all()):
         raise ValueError("x must hold finite pixels in [0, 1] and y labels >= 0 (found NaN/inf, a pixel out of range "
                          "or a negative label)")  # fmt: skip
@@ -217,6 +324,11 @@ def perturb(
             x_k = random_start(x, eps, norm, start, generator)
         else:
             x_k = project(x_init.detach().clone(), x, eps, norm)
+        if compile_backend is not None:
+            return _compiled_loop(
+                model, x_k, x, y, reference, eps=eps, step_size=step_size, steps=steps, scale=sign * loss_scale,
+                objective=objective, norm=norm, observer=observer, backend=compile_backend, check_labels=check_values,
+            ).detach()  # fmt: skip
         for k in range(steps):
             x_k.requires_grad_(True)
             logits = model(x_k)
