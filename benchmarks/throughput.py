@@ -17,9 +17,19 @@ stated in the method's docs page, and the peak of what autograd saves for backwa
 device-independent proxy of activation memory). On CUDA it adds the peak memory of one step of each
 side, host synchronizations per step and inside the attack loop, and PGD-AT's bf16 / fp32 speed-up.
 
+With ``--fast`` a third side is timed with the others: robustmix's fast path as a user turns it on
+(``AdversarialStep(fast=True)``: every attack iteration one compiled unit, a CUDA graph on CUDA; the model
+compiled in place for the training pass; channels_last weights and inputs on CUDA). The side-by-side table
+gives each side's images/s, its speed against the hand-written eager loop, peak memory (CUDA) and the
+achieved FLOP/s: the FLOPs of one step, counted by ``torch.utils.flop_counter``'s formulas (``Flops``) on the
+hand-written eager step's actual passes (all sides run the same passes: the pass counts show it), divided by
+the step time, and as a fraction of the device's dense peak (``PEAK_TFLOPS``; unknown on a CPU).
+
     python benchmarks/throughput.py                                  # small model, 32x32x1, batch 128, CPU
     python benchmarks/throughput.py --model resnet18 --channels 3 --batch-size 32 --repeats 5
     python benchmarks/throughput.py --device cuda --model resnet18 --channels 3 --batch-size 512 --precision bf16
+    python benchmarks/throughput.py --device cuda --model resnet18 --channels 3 --batch-size 512 --precision bf16 \
+        --methods pgd_at --fast                                      # hand-written, robustmix eager, fast path
 """
 
 from __future__ import annotations
@@ -49,6 +59,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.amp import GradScaler
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 from robustmix import (
     AdaLabLabels,
@@ -85,6 +97,22 @@ FP16_ATTACK_SCALE = 2.0**10
 PGD_AT_RATIO_TARGET = 1.03
 BF16_SPEEDUP_TARGET = 1.8
 MEMORY_TARGET = 1.10
+#: Issue 22's targets for the fast path: against the hand-written eager loop (ResNet-18, 32x32, batch 512,
+#: bf16, PGD-10), as a fraction of the dense bf16 peak, and against robustmix eager on the launch-bound small model.
+FAST_SPEEDUP_TARGET = 1.5
+PEAK_FRACTION_TARGET = 0.25
+LAUNCH_BOUND_SPEEDUP_TARGET = 2.0
+#: Dense (no 2:4 sparsity) peak TFLOP/s by device name and autocast dtype; fp32 is PyTorch's default for
+#: convolutions, TF32 tensor cores. Source: NVIDIA's H100 and H200 Tensor Core GPU datasheets, whose tensor
+#: figures are given with sparsity: halved here. Checked in this order (the first name that matches).
+PEAK_TFLOPS = {
+    "H100 PCIe": {"bf16": 756.5, "fp16": 756.5, "fp32": 378.0},
+    "H100 NVL": {"bf16": 835.5, "fp16": 835.5, "fp32": 417.5},
+    "H200 NVL": {"bf16": 835.5, "fp16": 835.5, "fp32": 417.5},
+    "H100": {"bf16": 989.4, "fp16": 989.4, "fp32": 494.7},  # SXM5 ("NVIDIA H100 80GB HBM3")
+    "H200": {"bf16": 989.4, "fp16": 989.4, "fp32": 494.7},  # SXM
+}
+PEAK_SOURCE = "NVIDIA H100/H200 Tensor Core GPU datasheets, dense (half the sparsity figures); fp32 as TF32"
 
 
 @dataclass(frozen=True)
@@ -189,34 +217,61 @@ def make_side(model: nn.Module, device: torch.device, precision: str) -> Side:
     return Side(model, optimizer, GradScaler(device.type, enabled=precision == "fp16"))
 
 
+def fast_model(model: nn.Module, device: torch.device, backend: str) -> nn.Module:
+    """The fast path's model: compiled in place for the training pass (attacks compile their iterations
+    themselves and call its ``forward``), in channels_last on CUDA (tensor-core convolutions)."""
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    model.compile(backend=backend)
+    return model
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     dtype = PRECISIONS[precision]
     return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 class Runner:
-    """One method on both sides: ``run_rm`` and ``run_hw`` each do a whole training step."""
+    """One method on every side: ``run_rm``, ``run_hw`` and ``run_fast`` each do a whole training step.
 
-    def __init__(self, method: Method, rm: Side, hw: Side, settings: Settings, precision: str, labels: Tensor) -> None:
+    ``fast``: the fast path's side (see ``fast_side``), with ``backend`` for its compiled attack iterations.
+    """
+
+    def __init__(
+        self, method: Method, rm: Side, hw: Side, settings: Settings, precision: str, labels: Tensor,
+        fast: Side | None = None, backend: str = "inductor",
+    ) -> None:  # fmt: skip
         self.method, self.rm, self.hw, self.settings, self.precision = method, rm, hw, settings, precision
         self.device = labels.device
         self.step = AdversarialStep(
             method.callbacks(settings), num_classes=NUM_CLASSES, mixed_precision=MIXED_PRECISION[precision]
         )
+        self.fast, self.fast_step = fast, AdversarialStep(
+            method.callbacks(settings), num_classes=NUM_CLASSES, mixed_precision=MIXED_PRECISION[precision],
+            fast=True, compile_backend=backend,
+        )  # fmt: skip
         # The hand-written SGLR table starts as the dataset's one-hot labels (robustmix fills rows lazily).
         self.table = F.one_hot(labels, NUM_CLASSES).float()
         self.last_passes: tuple[float, float] = (math.nan, math.nan)
 
-    def run_rm(self, x: Tensor, y: Tensor, index: Tensor) -> Tensor:
-        model, optimizer, scaler = self.rm
+    def _run(self, step: AdversarialStep, side: Side, x: Tensor, y: Tensor, index: Tensor) -> Tensor:
+        model, optimizer, scaler = side
         with autocast(self.device, self.precision):
-            loss, ctx = self.step(model, x, y, index if self.step.requires_index else None)
+            loss, ctx = step(model, x, y, index if step.requires_index else None)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
         self.last_passes = ctx.passes()
         return loss
+
+    def run_rm(self, x: Tensor, y: Tensor, index: Tensor) -> Tensor:
+        return self._run(self.step, self.rm, x, y, index)
+
+    def run_fast(self, x: Tensor, y: Tensor, index: Tensor) -> Tensor:
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self._run(self.fast_step, self.fast, x, y, index)
 
     def run_hw(self, x: Tensor, y: Tensor, index: Tensor) -> Tensor:
         with autocast(self.device, self.precision):
@@ -361,6 +416,27 @@ class HostReads(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+class Flops(TorchDispatchMode):
+    """FLOPs of the operators run in the block, by the formulas of ``torch.utils.flop_counter`` (its registry).
+
+    ``FlopCounterMode`` itself tracks modules with autograd hooks that ``torch.autograd.grad`` on an input refuses
+    ("A leaf node was passed to _will_engine_execute_node"), so attacks cannot run under it; this mode counts the
+    same operators (convolutions and matmuls, forward and backward) with the same formulas, without the hooks.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func: Callable, types: object, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        count = flop_registry.get(func._overloadpacket)
+        if count is not None:
+            self.total += count(*args, **kwargs, out_val=out)
+        return out
+
+
 def _flatten(items: tuple) -> list[object]:
     return [x for item in items for x in (item if isinstance(item, tuple | list) else (item,))]
 
@@ -413,6 +489,8 @@ def parser() -> argparse.ArgumentParser:
     add("--precision", choices=PRECISIONS, default="fp32", help="autocast dtype of both sides")
     add("--channels-last", action="store_true", help="model and inputs in channels_last")
     add("--compile", action="store_true", help="torch.compile both models")
+    add("--fast", action="store_true", help="also time robustmix's fast path (AdversarialStep(fast=True))")
+    add("--fast-backend", default="inductor", help="torch.compile backend of the fast path (default: inductor)")
     add("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     add("--repeats", type=int, default=10, help="timed steps per side and method")
     add("--warmup", type=int, default=2, help="untimed steps per side and method first")
@@ -434,6 +512,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         p.error(f"unknown methods {unknown}; choose from {','.join(METHODS)}")
     if args.repeats < 1 or args.warmup < 0 or args.attack_steps < 1 or args.aa_steps < 0:
         p.error("need --repeats >= 1, --warmup >= 0, --attack-steps >= 1, --aa-steps >= 0")
+    if args.fast and args.warmup < 1:
+        p.error("--fast needs --warmup >= 1: the fast path compiles in its first step")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     env = _environment(device)
@@ -459,21 +539,25 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     # Same algorithm: from the same weights and seed, one step of each side gives the same loss. The
     # counted passes, the peak of what autograd saves for backward and the host reads come from this step too.
     rows: dict[str, dict[str, object]] = {}
+    # One fast model for every method and the timing: dynamo compiles per model object (and stops at 8 graphs).
+    fast = fast_model(copy.deepcopy(reference), device, args.fast_backend) if args.fast else None
     for name in names:
         method = METHODS[name]
         fresh = [make_side(copy.deepcopy(reference), device, args.precision) for _ in range(2)]
         runner = Runner(method, *fresh, settings, args.precision, labels)
         torch.manual_seed(args.seed)
-        with SavedForBackward() as saved_rm, HostReads() as reads_rm:
+        with SavedForBackward() as saved_rm, HostReads() as reads_rm, Flops() as flops_rm:
             loss_rm = runner.run_rm(*batches[0])
         torch.manual_seed(args.seed)
-        with SavedForBackward() as saved_hw, HostReads() as reads_hw:
+        with SavedForBackward() as saved_hw, HostReads() as reads_hw, Flops() as flops_hw:
             loss_hw = runner.run_hw(*batches[0])
         loss_rm, loss_hw = loss_rm.item(), loss_hw.item()
         rows[name] = {
             "loss_rm": loss_rm,
             "loss_hw": loss_hw,
             "loss_abs_diff": abs(loss_rm - loss_hw),
+            "flops_rm": flops_rm.total,
+            "flops_hw": flops_hw.total,
             "saved_rm_bytes": saved_rm.peak,
             "saved_hw_bytes": saved_hw.peak,
             "host_reads_rm": reads_rm.count,
@@ -482,6 +566,17 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             "passes_theory": method.passes(args.attack_steps, args.aa_steps),
             "passes_doc": method.doc,
         }
+        if args.fast:  # the same step on the fast path, from the same weights and seed (it compiles here)
+            fast.load_state_dict(reference.state_dict())
+            fast_start = make_side(fast, device, args.precision)
+            runner = Runner(method, *fresh, settings, args.precision, labels, fast_start, args.fast_backend)
+            torch.manual_seed(args.seed)
+            start = time.perf_counter()
+            loss_fast = runner.run_fast(*batches[0]).item()  # a host read: the step has finished
+            rows[name].update(
+                loss_fast=loss_fast, loss_abs_diff_fast=abs(loss_fast - loss_hw), passes_fast=runner.last_passes,
+                fast_first_step_s=time.perf_counter() - start,
+            )  # fmt: skip
 
     # A host read inside the attack loop shows as a count that grows with the number of steps.
     attack_reads = {}
@@ -494,7 +589,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     if args.compile:
         rm_model, hw_model = torch.compile(rm_model), torch.compile(hw_model)
     rm, hw = make_side(rm_model, device, args.precision), make_side(hw_model, device, args.precision)
-    runners = {name: Runner(METHODS[name], rm, hw, settings, args.precision, labels) for name in names}
+    fast_timed = make_side(fast, device, args.precision) if args.fast else None
+    runners = {
+        name: Runner(METHODS[name], rm, hw, settings, args.precision, labels, fast_timed, args.fast_backend)
+        for name in names
+    }
     # A/A: the first method's hand-written step on a third model copy, timed like the others. Its ratio
     # to the hand-written side is what two identical steps differ by here: the resolution of every ratio.
     aa_model = copy.deepcopy(reference)
@@ -509,15 +608,19 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
 
     def sides(name: str) -> list[tuple[str, Callable[..., Tensor]]]:
         out = [("rm", runners[name].run_rm), ("hw", runners[name].run_hw)]
+        out += [("fast", runners[name].run_fast)] if args.fast else []
         return [*out, ("aa", aa_runner.run_hw)] if name == names[0] else out
 
     for name in names:
         for i in range(args.warmup):
             for _, run in sides(name):
                 run(*batches[i % NUM_BATCHES])
-    compiles_after_warmup = _compile_count() if args.compile else None
+    compiling = args.compile or args.fast
+    compiles_after_warmup = _compile_count() if compiling else None
 
-    times: dict[str, dict[str, list[tuple[float, float]]]] = {name: {"rm": [], "hw": [], "aa": []} for name in names}
+    times: dict[str, dict[str, list[tuple[float, float]]]] = {
+        name: {"rm": [], "hw": [], "aa": [], "fast": []} for name in names
+    }
     forward_times: list[tuple[float, float]] = []
     order = random.Random(args.seed)
     for r in range(args.repeats):
@@ -527,7 +630,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             for side, run in order.sample(sides(name), k=len(sides(name))):
                 times[name][side].append(_timed(partial(run, *batch), device))
         forward_times.append(_timed(partial(eval_forward, batch[0]), device))
-    compiles_during_timing = _compile_count() - compiles_after_warmup if args.compile else None
+    compiles_during_timing = _compile_count() - compiles_after_warmup if compiling else None
 
     for name in names:
         (rm_wall, rm_cpu), (hw_wall, hw_cpu) = zip(*times[name]["rm"]), zip(*times[name]["hw"])
@@ -537,6 +640,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             rm_img_s=args.batch_size / statistics.median(rm_wall),
             hw_img_s=args.batch_size / statistics.median(hw_wall),
             ratio=_median_ratio(rm_wall, hw_wall),
+            speedup_rm=_median_ratio(hw_wall, rm_wall),
             ratio_iqr=_ratio_iqr(rm_wall, hw_wall),
             rm_wall_s=rm_wall,
             hw_wall_s=hw_wall,
@@ -547,6 +651,19 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                 ratio_cpu=_median_ratio(rm_cpu, hw_cpu), ratio_cpu_iqr=_ratio_iqr(rm_cpu, hw_cpu),
                 rm_cpu_s=rm_cpu, hw_cpu_s=hw_cpu,
             )  # fmt: skip
+        if args.fast:
+            fast_wall, fast_cpu = zip(*times[name]["fast"])
+            rows[name].update(
+                fast_step_s=statistics.median(fast_wall), fast_img_s=args.batch_size / statistics.median(fast_wall),
+                # Speed-ups: hand-written eager step time / the side's, per repeat (> 1: faster than by hand).
+                speedup_fast=_median_ratio(hw_wall, fast_wall), speedup_fast_iqr=_ratio_iqr(hw_wall, fast_wall),
+                speedup_fast_over_rm=_median_ratio(rm_wall, fast_wall), fast_wall_s=fast_wall,
+            )  # fmt: skip
+            if device.type == "cpu":
+                rows[name].update(
+                    fast_cpu_step_s=statistics.median(fast_cpu), speedup_fast_cpu=_median_ratio(hw_cpu, fast_cpu)
+                )
+        rows[name].update(_flop_rates(rows[name], device, args))
     (aa_wall, aa_cpu), (hw_wall, hw_cpu) = zip(*times[names[0]]["aa"]), zip(*times[names[0]]["hw"])
     calibration = {
         "method": names[0],
@@ -567,7 +684,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "eval_forward_cpu_s": statistics.median(t[1] for t in forward_times),
         "compiles_in_warmup": compiles_after_warmup,
         "compiles_during_timing": compiles_during_timing,
-        "graph_breaks": _graph_breaks() if args.compile else None,
+        "graph_breaks": _graph_breaks() if compiling else None,
         "cuda": cuda,
     }
     result["targets"] = _targets(result, args)
@@ -575,6 +692,26 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     if args.json:
         args.json.write_text(json.dumps(result, indent=2, default=str))
     return result
+
+
+def peak_tflops(device: torch.device, precision: str) -> float | None:
+    """The device's dense peak TFLOP/s for ``precision`` from ``PEAK_TFLOPS``; ``None`` when unknown (CPUs)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peaks[precision] for key, peaks in PEAK_TFLOPS.items() if key in name), None)
+
+
+def _flop_rates(row: dict[str, object], device: torch.device, args: argparse.Namespace) -> dict[str, object]:
+    """Achieved FLOP/s of every timed side: the hand-written step's counted FLOPs over the side's step time."""
+    peak = peak_tflops(device, args.precision)
+    out: dict[str, object] = {"flops_per_image": row["flops_hw"] / args.batch_size, "peak_tflops": peak}
+    for side in ("hw", "rm", "fast"):
+        if f"{side}_step_s" in row:
+            tflops = row["flops_hw"] / row[f"{side}_step_s"] / 1e12
+            out[f"{side}_tflops"] = tflops
+            out[f"{side}_peak_fraction"] = tflops / peak if peak else None
+    return out
 
 
 def _cuda_checks(
@@ -591,6 +728,11 @@ def _cuda_checks(
             syncs_rm=_count_syncs(partial(runner.run_rm, *batch)),
             syncs_hw=_count_syncs(partial(runner.run_hw, *batch)),
         )  # fmt: skip
+        if args.fast:
+            rows[name].update(
+                peak_fast_bytes=_peak_memory(partial(runner.run_fast, *batch), device),
+                syncs_fast=_count_syncs(partial(runner.run_fast, *batch)),
+            )
     any_runner = next(iter(runners.values()))
     model, (x, y, _) = any_runner.rm.model, batch
 
@@ -720,12 +862,44 @@ def _targets(result: dict[str, object], args: argparse.Namespace) -> list[dict[s
         add(f"bf16 >= {BF16_SPEEDUP_TARGET}x fp32 (resnet18, 32x32, batch 512)", gpu_only, None)
         add(f"peak GPU memory of a step, robustmix / hand-written <= {MEMORY_TARGET}", gpu_only, None)
     if compiles is None:
-        add("torch.compile: no recompiles after warm-up", "not measured: run with --compile", None)
+        add("torch.compile: no recompiles after warm-up", "not measured: run with --compile or --fast", None)
     else:
         add("torch.compile: no recompiles after warm-up",
-            f"{compiles} compiles in the timed steps ({result['compiles_in_warmup']} frames compiled in the warm-up "
-            f"of 3 models, {result['graph_breaks']} graph breaks)", compiles == 0)  # fmt: skip
+            f"{compiles} compiles in the timed steps ({result['compiles_in_warmup']} frames compiled in the warm-up, "
+            f"{result['graph_breaks']} graph breaks)", compiles == 0)  # fmt: skip
+    _fast_targets(add, result, args)
     return out
+
+
+def _fast_targets(add: Callable[[str, str, bool | None], None], result: dict[str, object],
+                  args: argparse.Namespace) -> None:  # fmt: skip
+    """Issue 22's targets for the fast path; each holds for its stated setting only, else it says what to run."""
+    pgd, cuda = result["methods"].get("pgd_at"), result["cuda"]
+    if not args.fast or not pgd:
+        add("fast path targets (issue 22)", "not measured: run with --fast and pgd_at among --methods", None)
+        return
+    add("fast path: one step from the same weights and seed gives the hand-written loss (fp32: < 1e-4)",
+        f"|dloss| {pgd['loss_abs_diff_fast']:.1e} ({args.precision}); passes {_fmt_passes(pgd['passes_fast'])}",
+        pgd["loss_abs_diff_fast"] < 1e-4 if args.precision == "fp32" else None)  # fmt: skip
+    headline = (args.model, args.channels, args.image_size, args.batch_size, args.precision, args.attack_steps)
+    speed = f"{pgd['speedup_fast']:.2f}x (IQR {_fmt_range(pgd['speedup_fast_iqr'])})"
+    if not cuda:
+        add(f"fast path >= {FAST_SPEEDUP_TARGET}x hand-written eager (resnet18, 32x32x3, batch 512, bf16, PGD-10)",
+            f"{speed} on this CPU; the target is set for an H100", None)  # fmt: skip
+        return
+    if headline == ("resnet18", 3, 32, 512, "bf16", 10):
+        add(f"fast path >= {FAST_SPEEDUP_TARGET}x hand-written eager, PGD-AT (resnet18, 32x32x3, batch 512, bf16)",
+            speed, pgd["speedup_fast"] >= FAST_SPEEDUP_TARGET)  # fmt: skip
+        fraction = pgd.get("fast_peak_fraction")
+        add(f"fast path >= {PEAK_FRACTION_TARGET:.0%} of the dense bf16 peak, PGD-AT",
+            f"{fraction:.1%} of {pgd['peak_tflops']} TFLOP/s" if fraction is not None else "peak unknown for this GPU",
+            None if fraction is None else fraction >= PEAK_FRACTION_TARGET)  # fmt: skip
+    elif args.model == "small" and args.batch_size == 128:
+        over_rm = pgd["speedup_fast_over_rm"]
+        add(f"fast path >= {LAUNCH_BOUND_SPEEDUP_TARGET}x robustmix eager, PGD-AT (small model, batch 128)",
+            f"{over_rm:.2f}x", over_rm >= LAUNCH_BOUND_SPEEDUP_TARGET)  # fmt: skip
+    else:
+        add("fast path targets (issue 22)", f"{speed}; the targets are set for other settings", None)
 
 
 def _print(result: dict[str, object]) -> None:
@@ -766,8 +940,44 @@ def _print(result: dict[str, object]) -> None:
     print("for backward during that step (parameters excluded). reads: tensor values read back to the host in that")
     print("step (.item(), bool(), .tolist()...; each a synchronization on CUDA).")
     print()
+    _print_side_by_side(rows, cuda)
     for t in result["targets"]:
         print(f"{t['verdict']:<5} {t['target']}: {t['measured']}")
+
+
+def _print_side_by_side(rows: dict[str, dict[str, object]], cuda: dict[str, object] | None) -> None:
+    """Hand-written eager, robustmix eager and (with --fast) the fast path: speed, memory and FLOP/s."""
+    first = next(iter(rows.values()))
+    sides = ("hw", "rm", "fast") if "fast_img_s" in first else ("hw", "rm")
+    peak = first["peak_tflops"]
+    print("side by side: hw = hand-written eager loop, rm = robustmix eager" + (", fast = robustmix fast path"
+          if "fast" in sides else " (--fast adds the fast path)"))  # fmt: skip
+    head = f"{'method':<8} {'GFLOP/img':>9}" + "".join(f" {s + ' img/s':>11}" for s in sides)
+    head += "".join(f" {'x hw (' + s + ')':>10}" for s in sides[1:])
+    head += "".join(f" {s + ' TFLOP/s':>13}" for s in sides) + (" % of peak " + "/".join(sides) if peak else "")
+    print(head + ("  peak MiB " + "/".join(sides) if cuda else ""))
+    for name, row in rows.items():
+        line = f"{name:<8} {row['flops_per_image'] / 1e9:>9.2f}"
+        line += "".join(f" {row[s + '_img_s']:>11.1f}" for s in sides)
+        line += "".join(f" {row['speedup_' + s]:>10.2f}" for s in sides[1:])
+        line += "".join(f" {row[s + '_tflops']:>13.3f}" for s in sides)
+        if peak:
+            line += "  " + "/".join(f"{row[s + '_peak_fraction']:.1%}" for s in sides)
+        if cuda:
+            line += "  " + "/".join(f"{row['peak_' + s + '_bytes'] / 2**20:.0f}" for s in sides)
+        print(line)
+    print("x hw: median over repeats of hand-written step time / the side's (> 1: faster than by hand). FLOPs:")
+    print("counted by torch.utils.flop_counter's formulas on one hand-written eager step; TFLOP/s: those FLOPs / its")
+    print("median step time.")
+    print(f"peak: {PEAK_SOURCE}" if peak else "peak: unknown for this device (CPU): FLOP/s only.")
+    if "fast" in sides:
+        first = ", ".join(f"{n} {r['fast_first_step_s']:.1f} s" for n, r in rows.items())
+        print(f"fast path: first step of each method (compiling what it needs): {first}; |dloss| vs hand-written: "
+              + ", ".join(f"{n} {r['loss_abs_diff_fast']:.1e}" for n, r in rows.items()))  # fmt: skip
+        if cuda:
+            print("fast path peak memory: the step's peak above what was allocated before it; the CUDA graph's")
+            print("memory pool, allocated when it was recorded in the warm-up, counts as before.")
+    print()
 
 
 if __name__ == "__main__":

@@ -67,3 +67,28 @@ def test_strict_fp32_uses_the_older_flags_where_torch_lacks_fp32_precision(throu
     for flags, value in zip(new_api, saved):  # the legacy setters rewrite the new flags: leave them as found
         flags.fp32_precision = value
     assert [flags.fp32_precision for flags in new_api] == saved
+
+
+def test_the_fast_path_runs_side_by_side_and_counts_the_same_flops(throughput, capsys) -> None:
+    torch._dynamo.reset()
+    argv = ["--methods", "pgd_at,trades", "--repeats", "1", "--warmup", "1", "--batch-size", "4", "--attack-steps",
+            "2", "--device", "cpu", "--fast", "--fast-backend", "aot_eager"]  # fmt: skip
+    result = throughput.main(argv)
+    printed = capsys.readouterr().out
+    for row in result["methods"].values():
+        assert row["loss_abs_diff_fast"] == 0.0 and tuple(row["passes_fast"]) == tuple(row["passes_rm"])
+        assert row["flops_rm"] == row["flops_hw"] > 0  # the same passes, the same FLOPs
+        assert row["fast_img_s"] > 0 and row["peak_tflops"] is None and row["fast_peak_fraction"] is None
+    assert result["compiles_during_timing"] == 0 and result["graph_breaks"] == 0
+    assert "fast = robustmix fast path" in printed and "peak: unknown for this device (CPU): FLOP/s only." in printed
+    torch._dynamo.reset()
+
+
+def test_the_peak_table_matches_device_names_in_order(throughput, monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
+    assert throughput.peak_tflops(torch.device("cuda"), "bf16") == 756.5
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert throughput.peak_tflops(torch.device("cuda"), "bf16") == 989.4
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    assert throughput.peak_tflops(torch.device("cuda"), "bf16") is None
+    assert throughput.peak_tflops(torch.device("cpu"), "fp32") is None
