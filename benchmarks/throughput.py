@@ -970,6 +970,10 @@ def _print_side_by_side(rows: dict[str, dict[str, object]], cuda: dict[str, obje
     print("counted by torch.utils.flop_counter's formulas on one hand-written eager step; TFLOP/s: those FLOPs / its")
     print("median step time.")
     print(f"peak: {PEAK_SOURCE}" if peak else "peak: unknown for this device (CPU): FLOP/s only.")
+    if "speedup_fast_cpu" in first:
+        print("x hw by this process's CPU time: " + ", ".join(
+            f"{n} rm {1 / r['ratio_cpu']:.2f}, fast {r['speedup_fast_cpu']:.2f}" for n, r in rows.items()
+        ))  # fmt: skip
     if "fast" in sides:
         first = ", ".join(f"{n} {r['fast_first_step_s']:.1f} s" for n, r in rows.items())
         print(f"fast path: first step of each method (compiling what it needs): {first}; |dloss| vs hand-written: "

@@ -92,3 +92,17 @@ def test_the_peak_table_matches_device_names_in_order(throughput, monkeypatch) -
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
     assert throughput.peak_tflops(torch.device("cuda"), "bf16") is None
     assert throughput.peak_tflops(torch.device("cpu"), "fp32") is None
+
+
+def test_fast_equivalence_trains_both_ways_and_states_its_tolerance(throughput, capsys) -> None:
+    import fast_equivalence  # benchmarks/ is on the path through the throughput fixture
+
+    torch._dynamo.reset()
+    result = fast_equivalence.main(["--steps", "10", "--batch-size", "32", "--device", "cpu"])
+    printed = capsys.readouterr().out
+    # On a CPU eager runs are deterministic and the aot_eager graph computes what eager does: bitwise the same numbers.
+    assert result["within"] and set(result["fast_vs_eager"].values()) == {0.0}
+    assert set(result["eager_vs_eager"].values()) == {0.0}
+    assert len(result["runs"]["fast"]["losses"]) == 10
+    assert "tolerance: clean_acc <= 2" in printed and "PASS fast path trains like the eager path" in printed
+    torch._dynamo.reset()

@@ -203,6 +203,9 @@ def _compiled_loop(
     eps, step_size = (
         v if isinstance(v, Tensor) else torch.full((), v, device=x.device, dtype=x.dtype) for v in (eps, step_size)
     )
+    if x_k.stride() != x.stride():
+        # The start in x's memory layout (channels_last on CUDA): the first iteration's graph serves every other one.
+        x_k = torch.empty_like(x).copy_(x_k)
     for k in range(steps):
         if cuda_graphs:
             # Every iteration replays the same graph (otherwise each position in the loop records its own).
