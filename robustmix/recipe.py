@@ -446,6 +446,12 @@ def base_parser(name: str, description: str | None = None) -> argparse.ArgumentP
         "performance", "--compile", nargs="?", const="inductor", metavar="BACKEND",
         help="torch.compile the model in place (default backend: inductor); attacks and training share it",
     )  # fmt: skip
+    add(
+        "performance", "--fast", action="store_true",
+        help="the fast path: each attack iteration compiled as one unit (a CUDA graph on CUDA), the model compiled "
+        "(--compile's backend, default inductor), channels_last on CUDA, the input values checked on each epoch's "
+        "first batch only; attacks in eval mode only (docs/concepts.md, 'The fast path')",
+    )  # fmt: skip
     add("performance", "--threads", type=nonnegative_int, help="intra-op CPU threads of torch (0: torch's default)")
     return parser
 
@@ -545,6 +551,8 @@ def parse_args(
         parser.error(f"--momentum must be < 1, got {args.momentum}")
     if args.schedule == "multistep" and not args.milestones:
         parser.error("--schedule multistep needs --milestones (epochs)")
+    if args.fast and args.attack_bn_mode != "eval":
+        parser.error(f"--fast compiles attacks in eval mode only, got --attack-bn-mode {args.attack_bn_mode}")
     if args.compile is not None and args.compile not in torch._dynamo.list_backends(exclude_tags=()):
         parser.error(f"--compile: unknown backend {args.compile!r}; known: {sorted(torch._dynamo.list_backends())}")
     installed = ", ".join(map(str, get_available_trackers())) or "none"
@@ -792,12 +800,12 @@ def _run_recipe(
         with _flag_errors(args, state, "--init-from"):
             _check_same_model(args.init_from, model_config(start), model_config(model))
         model.load_state_dict(start.state_dict())
-    if args.channels_last:
+    if args.channels_last or (args.fast and state.device.type == "cuda"):
         model = model.to(memory_format=torch.channels_last)
-    if args.compile:
+    if args.compile or args.fast:
         # In place: the module, its state_dict keys and the unwrapping for attacks stay as they are. Dynamo keeps
         # one graph per train/eval mode, compiled during the first steps.
-        model.compile(backend=args.compile)
+        model.compile(backend=args.compile or "inductor")
     if args.data_on_device:
         train, val, meta = (None if data is None else data.to(state.device) for data in (train, val, meta))
 
@@ -808,8 +816,9 @@ def _run_recipe(
     )
     with _flag_errors(args, state):
         step = AdversarialStep(
-            build_callbacks(args, info), num_classes=train.num_classes, mixed_precision=args.mixed_precision
-        )
+            build_callbacks(args, info), num_classes=train.num_classes, mixed_precision=args.mixed_precision,
+            fast=args.fast, compile_backend=args.compile or "inductor",
+        )  # fmt: skip
     optimizer = build_optimizer(args, model)
     scheduler = build_scheduler(args, optimizer, steps_per_epoch, total_steps)
     with _flag_errors(args, state):  # e.g. a callback that cannot run on micro-batches (--grad-accum)

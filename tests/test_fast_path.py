@@ -196,3 +196,27 @@ def test_inductor_kernels_give_the_eager_training_numbers():
         torch.testing.assert_close(loss_fast, loss_eager, atol=1e-4, rtol=1e-4)
     for key, value in eager_model.state_dict().items():
         torch.testing.assert_close(fast_model.state_dict()[key], value, atol=1e-4, rtol=1e-3)
+
+
+def test_the_recipes_fast_flag_trains_like_the_eager_recipe(tiny, tmp_path, capsys):
+    """--fast (here with --compile aot_eager: the backend of both the attacks and the model) on pgd_at's recipe:
+    7 steps, the epoch's short last batch (10 of 16) among them."""
+    from safetensors.torch import load_file
+
+    from tests.conftest import load_recipe, quick_flags
+
+    pgd_at = load_recipe("pgd_at")
+    runs = {name: tmp_path / name for name in ("eager", "fast")}
+    pgd_at.main(quick_flags(tiny, runs["eager"], "--max-steps", "7", "--attack-steps", "2"))
+    assert counters["stats"]["unique_graphs"] == 0
+    pgd_at.main(quick_flags(tiny, runs["fast"], "--max-steps", "7", "--attack-steps", "2", "--fast", "--compile",
+                            "aot_eager"))  # fmt: skip
+    assert counters["stats"]["unique_graphs"] >= 2 and not counters["graph_break"]  # the attack and the model
+    expected, actual = (load_file(run / "model.safetensors") for run in runs.values())
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], atol=1e-5, rtol=1e-4)
+    eager, fast = (json.loads((run / "metrics.json").read_text())["test"] for run in runs.values())
+    assert (fast["clean_acc"], fast["pgd_acc"]) == (eager["clean_acc"], eager["pgd_acc"])
+    with pytest.raises(SystemExit):
+        pgd_at.main(quick_flags(tiny, tmp_path / "refused", "--fast", "--attack-bn-mode", "train"))
+    assert "--fast compiles attacks in eval mode only, got --attack-bn-mode train" in capsys.readouterr().err
