@@ -52,7 +52,7 @@ from robustmix.data import SPLITS, ImageDataset, load_dataset
 from robustmix.margins import probability_margin
 from robustmix.modes import BNMode, model_mode
 from robustmix.recipe import device_name, nonnegative_int, nonnegative_number, positive_int
-from robustmix.runs import CONFIG_FILE, WEIGHTS, load_config, load_model, read_json
+from robustmix.runs import CONFIG_FILE, WEIGHTS, load_config, load_model, missing_weights, read_json
 from robustmix.step import MIXED_PRECISION
 from robustmix.validation import check_batch, check_model_input
 
@@ -585,7 +585,7 @@ def check_run(run_dir: str | Path, weights: Literal["final", "best", "ema"] = "f
     _check_run_config(config, run_dir / CONFIG_FILE)
     weights_file = run_dir / WEIGHTS[weights]
     if not weights_file.is_file():
-        raise FileNotFoundError(f"{weights_file} does not exist: the run has no {weights} weights (did it finish?)")
+        raise missing_weights(run_dir, weights)
     try:
         with safe_open(weights_file, "pt") as weights_reader:  # validates the header against the file size
             weights_reader.keys()

@@ -852,7 +852,14 @@ def _run_recipe(
     if args.ema is not None:
         metrics["test_ema"] = {**trainer.evaluate(test, ema=True), "weights": "ema", "step": summary["step"]}
     best = summary["best"]
-    if best and best["step"] != summary["step"]:
+    if best and best["step"] != summary["step"] and not (output / BEST_DIR / MODEL_FILE).is_file():
+        # Resumed from a checkpoint older than best/, which was deleted: the abandoned continuation had written
+        # over these weights, and the resumed run scored no higher after the checkpoint.
+        state.print(
+            f"no {BEST_DIR}/ and no test_best: the weights of the best validation score (step {best['step']}) were "
+            "overwritten by the continuation this resume abandoned, and no later step scored higher"
+        )
+    elif best and best["step"] != summary["step"]:
         # Report the checkpoint chosen on validation too: load its weights, evaluate, leave them loaded.
         unwrap_model(trainer.model).load_state_dict(load_file(output / BEST_DIR / MODEL_FILE))
         metrics["test_best"] = {**trainer.evaluate(test), "weights": "best", "step": best["step"]}

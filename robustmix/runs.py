@@ -12,12 +12,14 @@ A run folder holds:
     log.txt              what the run printed (progress bar in its last state), appended to by a resumed run
     curves.png           training curves: loss, training adversarial accuracy, validation clean and PGD accuracy
     best/                model.safetensors and metrics.json of the checkpoint with the best validation
-                         PGD accuracy (never chosen on test data)
+                         PGD accuracy (never chosen on test data); absent when a run resumed from a checkpoint
+                         older than them did not reach their score again (``drop_results_after``)
     checkpoints/         step_<N>/ resumable training states and the ``latest`` pointer file
     .lock                locked (``flock``) by the process training into the folder, for the run's life
     .replaced/           the run that ``--overwrite`` replaces, kept until the new run has finished
 
-Every file is written atomically (temporary file, fsync, rename), so a reader never sees half a file.
+Every file is written atomically (temporary file, fsync, rename), so a reader never sees half a file. A folder
+with checkpoints and without ``model.safetensors`` holds an unfinished run (``--resume latest`` finishes it).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from robustmix.checkpoint import list_checkpoints
 from robustmix.models import build_from_config, check_model_config
 
 CONFIG_FILE = "config.json"
@@ -50,6 +53,8 @@ BEST_DIR = "best"
 CHECKPOINTS_DIR = "checkpoints"
 LOCK_FILE = ".lock"
 REPLACED_DIR = ".replaced"
+#: What a run writes when it ends; a resume from a checkpoint before the end deletes them (``drop_results_after``).
+FINAL_FILES = (MODEL_FILE, EMA_MODEL_FILE, METRICS_FILE, CURVES_FILE)
 #: ``timm.create_model`` keyword arguments a config.json may hold: architecture settings only. Others can make
 #: timm read files (``checkpoint_path``, ``pretrained_cfg_overlay``) or the network (``pretrained``).
 TIMM_KWARGS = frozenset(
@@ -142,7 +147,7 @@ def load_model(run_dir: str | Path, *, weights: Literal["final", "best", "ema"] 
     config = load_config(run_dir)
     path = run_dir / WEIGHTS[weights]
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: the run has no {weights} weights (did it finish?)")
+        raise missing_weights(run_dir, weights)
     try:
         state_dict = load_file(path)
     except (SafetensorError, OSError) as err:
@@ -160,6 +165,53 @@ def load_model(run_dir: str | Path, *, weights: Literal["final", "best", "ema"] 
         detail = " ".join(str(err).split())  # torch lists each mismatch on its own line: one line for the CLI
         raise ValueError(f"{path} does not match the model described in {run_dir / CONFIG_FILE}: {detail}") from err
     return model.eval()
+
+
+def missing_weights(run_dir: str | Path, weights: Literal["final", "best", "ema"]) -> FileNotFoundError:
+    """The error for a run folder without its ``weights`` file, saying why: an unfinished run names itself."""
+    run_dir = Path(run_dir)
+    path = run_dir / WEIGHTS[weights]
+    if not (run_dir / MODEL_FILE).is_file() and list_checkpoints(run_dir / CHECKPOINTS_DIR):
+        return FileNotFoundError(
+            f"{path} does not exist: the run in {run_dir} is unfinished (checkpoints, no final {MODEL_FILE}); "
+            "--resume latest finishes it"
+        )
+    if weights == "best":
+        return FileNotFoundError(
+            f"{path} does not exist: the run has no best weights (it never validated, or it was resumed from a "
+            "checkpoint older than its best weights and did not reach their score again)"
+        )
+    return FileNotFoundError(f"{path} does not exist: the run has no {weights} weights (did it finish?)")
+
+
+def drop_results_after(run_dir: str | Path, step: int, *, finished: bool) -> list[str]:
+    """Delete what ``run_dir`` holds from after the checkpoint of ``step``, whose continuation a resume abandons.
+
+    The final files (``FINAL_FILES``) are written when a run ends: unless the checkpoint is the end of training
+    (``finished``), they come from a continuation past it. ``best/`` goes when its metrics.json records a later step
+    or cannot be read (the trainer writes it before the weights, so a ``best/`` cut short is one of those); a
+    ``best/`` of ``step`` or before stays, as the resumed run replaces it only with weights that score higher.
+
+    Returns:
+        The names deleted.
+    """
+    run_dir = Path(run_dir)
+    dropped = []
+    for name in () if finished else FINAL_FILES:  # the weights first: without them the run reads as unfinished
+        if (run_dir / name).is_file():
+            (run_dir / name).unlink()
+            dropped.append(name)
+    best = run_dir / BEST_DIR
+    if best.is_dir() and not best.is_symlink():
+        try:
+            best_step = read_json(best / METRICS_FILE)["step"]
+        except (FileNotFoundError, ValueError, TypeError, KeyError):
+            best_step = None
+        if isinstance(best_step, bool) or not isinstance(best_step, int) or best_step > step:
+            (best / MODEL_FILE).unlink(missing_ok=True)
+            shutil.rmtree(best)
+            dropped.append(f"{BEST_DIR}/")
+    return dropped
 
 
 def load_metrics_log(run_dir: str | Path) -> list[dict[str, Any]]:

@@ -54,7 +54,15 @@ from robustmix.checkpoint import (
 from robustmix.data import augment_cifar, make_dataloader
 from robustmix.models import unwrap_model
 from robustmix.modes import model_mode
-from robustmix.runs import BEST_DIR, CHECKPOINTS_DIR, EMA_MODEL_FILE, METRICS_FILE, METRICS_LOG, MODEL_FILE
+from robustmix.runs import (
+    BEST_DIR,
+    CHECKPOINTS_DIR,
+    EMA_MODEL_FILE,
+    METRICS_FILE,
+    METRICS_LOG,
+    MODEL_FILE,
+    drop_results_after,
+)
 from robustmix.step import MIXED_PRECISION, AdversarialStep
 from robustmix.validation import check_trainer_arguments
 
@@ -508,7 +516,11 @@ class Trainer:
         Args:
             resume: ``None`` starts afresh (``output_dir`` must hold no checkpoints); ``"latest"`` or a
                 checkpoint folder continues that run exactly. Resuming from an older checkpoint of this
-                ``output_dir`` deletes the later ones (they belong to the abandoned continuation).
+                ``output_dir`` deletes what belongs to the continuation it abandons, once the checkpoint is
+                verified and accepted: the later checkpoints, the final files (``runs.FINAL_FILES``) unless the
+                checkpoint is the end of training, and ``best/`` when it records a later step
+                (``runs.drop_results_after``). The resumed run then writes ``best/`` only with weights that
+                beat the checkpoint's best score, so it may end without one.
 
         Returns:
             ``{"step", "epoch", "val": last validation metrics, "best": best validation metrics,
@@ -864,8 +876,10 @@ class Trainer:
             if self.output_dir is not None and self.accelerator.is_main_process:
                 best = self.output_dir / BEST_DIR
                 best.mkdir(parents=True, exist_ok=True)
-                atomic_save_weights(unwrap_model(self.model).state_dict(), best / MODEL_FILE)
+                # The record first: a crash between the two leaves a later step in it than in any checkpoint,
+                # so a resume deletes the mismatched folder (drop_results_after).
                 atomic_write_json(best / METRICS_FILE, self._best_record())
+                atomic_save_weights(unwrap_model(self.model).state_dict(), best / MODEL_FILE)
 
     def _best_record(self) -> dict[str, Any]:
         """The best validation metrics with how they were chosen and measured; empty before any evaluation."""
@@ -1013,6 +1027,11 @@ class Trainer:
         self._lr = self.optimizer.param_groups[0]["lr"]
         if self.output_dir is not None and self.accelerator.is_main_process:
             drop_checkpoints_after(self.checkpoints_dir, checkpoint)
+            if checkpoint.resolve().parent == self.checkpoints_dir.resolve():
+                finished = self.stop_reason is not None or self.global_step >= self.total_steps
+                dropped = drop_results_after(self.output_dir, self.global_step, finished=finished)
+                if dropped:
+                    print(f"resuming from {checkpoint.name}: deleted the {', '.join(dropped)} of the run it replaces")
             self._log_rows = _truncate_log(self.output_dir / METRICS_LOG, self.global_step, rows)
         self.accelerator.wait_for_everyone()
 

@@ -435,6 +435,96 @@ def test_a_checkpoint_of_the_old_format_is_a_one_line_error(tiny, unfinished, tm
     assert not marker.exists()
 
 
+# ---------------------------------------------------------------------- resuming from an older checkpoint
+
+FINAL = ("model.safetensors", "metrics.json", "curves.png")
+
+
+def rising_scores(monkeypatch, score=lambda trainer: trainer.global_step / 100) -> None:
+    """Make every evaluation score ``score(trainer)`` as its PGD accuracy, without attacking."""
+    scores = lambda self, data, **_: {"clean_acc": 1.0, "pgd_acc": score(self), "n": 1}  # noqa: E731
+    monkeypatch.setattr(Trainer, "evaluate", scores)
+
+
+def test_a_resume_from_an_older_checkpoint_deletes_the_abandoned_results(tiny, tmp_path, capsys, monkeypatch):
+    folder, flags = tmp_path / "run", [*RUN_FLAGS, "--max-steps", "5", "--keep-checkpoints", "9"]  # best/: step 5
+    PGD_AT.main(quick_flags(tiny, folder, *flags))
+    straight = {name: (folder / name).read_bytes() for name in ("model.safetensors", "best/model.safetensors")}
+    assert all((folder / name).is_file() for name in FINAL)
+
+    crash_at(monkeypatch, 4)
+    with pytest.raises(KeyboardInterrupt):
+        PGD_AT.main(quick_flags(tiny, folder, *flags, "--resume", str(folder / "checkpoints" / "step_2")))
+    monkeypatch.undo()
+    assert "deleted the model.safetensors, metrics.json, curves.png, best/ of the run" in capsys.readouterr().out
+    assert not any((folder / name).exists() for name in (*FINAL, "best"))
+    for kind in ("final", "best"):
+        with pytest.raises(FileNotFoundError, match=r"the run in .*run is unfinished .*--resume latest finishes it"):
+            load_model(folder, weights=kind)
+    line = exit_line(lambda: load_recipe("evaluate").main(["--run-dir", str(folder), "--no-plots"]), capsys)
+    assert line.startswith("evaluate.py: error: ") and "is unfinished" in line, line
+    line = exit_line(lambda: load_recipe("results").main([str(folder), "--output", str(tmp_path / "r.md")]), capsys)
+    assert line.startswith("results.py: error: ") and "is unfinished" in line, line
+
+    PGD_AT.main(quick_flags(tiny, folder, *flags, "--resume", "latest"))  # the same run again, bit for bit
+    assert {name: (folder / name).read_bytes() for name in straight} == straight
+
+
+def test_resuming_the_latest_checkpoint_of_an_interrupted_run_deletes_nothing(digits, tmp_path, monkeypatch):  # noqa: F811
+    options = {"max_steps": 6, "checkpoint_every_steps": 1, "keep_checkpoints": None, "eval_steps": 1}
+    straight = make_trainer(digits, output_dir=tmp_path / "straight", **options)
+    straight.fit()
+    folder = tmp_path / "run"
+    crash_at(monkeypatch, 5)
+    with pytest.raises(KeyboardInterrupt):
+        make_trainer(digits, output_dir=folder, **options).fit()
+    assert json.loads((folder / "best" / "metrics.json").read_text())["step"] == 3  # the first epoch's validation
+    before = tree(folder)
+    with pytest.raises(KeyboardInterrupt):  # resumed from step_5, and dead again at once
+        make_trainer(digits, output_dir=folder, **options).fit(resume="latest")
+    assert tree(folder) == before
+    monkeypatch.undo()
+    resumed = make_trainer(digits, output_dir=folder, **options)
+    resumed.fit(resume="latest")
+    assert all(torch.equal(weights(straight)[k], v) for k, v in weights(resumed).items())
+    assert tree(folder / "best") == tree(tmp_path / "straight" / "best")
+
+
+def test_a_best_from_before_the_checkpoint_stays_and_the_final_files_go(digits, tmp_path, monkeypatch):  # noqa: F811
+    folder = tmp_path / "run"
+    options = {"max_steps": 6, "checkpoint_every_steps": 1, "keep_checkpoints": None, "output_dir": folder}
+    rising_scores(monkeypatch, lambda trainer: 0.5 if trainer.global_step == 3 else 0.1)  # best: step 3
+    make_trainer(digits, ema_decay=0.9, **options).fit()
+    best = tree(folder / "best")
+    make_trainer(digits, ema_decay=0.9, **options).fit(resume=folder / "checkpoints" / "step_4")
+    assert tree(folder / "best") == best  # the resumed run did not score higher, and kept it
+    assert (folder / "model.safetensors").is_file()  # written again at the end, like model_ema.safetensors
+    crash_at(monkeypatch, 5)
+    with pytest.raises(KeyboardInterrupt):
+        make_trainer(digits, ema_decay=0.9, **options).fit(resume=folder / "checkpoints" / "step_4")
+    assert not any((folder / name).exists() for name in ("model.safetensors", "model_ema.safetensors"))
+    assert tree(folder / "best") == best
+
+
+def test_a_resumed_run_that_never_scores_as_well_again_ends_without_best(tiny, tmp_path, capsys, monkeypatch):
+    # Validated at the end of the first epoch (step 6) and of the run (step 9).
+    folder, flags = tmp_path / "run", [*RUN_FLAGS, "--max-steps", "9", "--eval-every", "1", "--keep-checkpoints", "9"]
+    rising_scores(monkeypatch)
+    PGD_AT.main(quick_flags(tiny, folder, *flags))
+    assert json.loads((folder / "best" / "metrics.json").read_text())["step"] == 9
+    # A continuation from step_7 (whose best is step 6, weights best/ no longer holds) that scores lower.
+    rising_scores(monkeypatch, lambda trainer: 0.0)
+    metrics = PGD_AT.main(quick_flags(tiny, folder, *flags, "--resume", str(folder / "checkpoints" / "step_7")))
+    assert "no best/ and no test_best: the weights of the best validation score (step 6)" in capsys.readouterr().out
+    assert metrics["best"]["step"] == 6 and "test_best" not in metrics and not (folder / "best").exists()
+    assert json.loads((folder / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
+    with pytest.raises(FileNotFoundError, match=r"the run has no best weights .*resumed from a checkpoint older"):
+        load_model(folder, weights="best")
+    load_model(folder)  # the final weights are there
+    argv = ["--run-dir", str(folder), "--weights", "best", "--no-plots"]
+    assert "has no best weights (it never validated" in exit_line(lambda: load_recipe("evaluate").main(argv), capsys)
+
+
 # ---------------------------------------------------------------------- a last batch of one example
 
 
