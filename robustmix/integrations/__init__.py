@@ -13,6 +13,8 @@ This module imports neither library; it holds what both integrations share.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import Tensor, nn
 
@@ -20,7 +22,23 @@ from robustmix.attacks import pgd
 from robustmix.step import AdversarialStep
 from robustmix.trainer import _attack_eps as attack_eps
 
-__all__ = ["attack_eps", "check_mixed_precision", "monitor_logits"]
+__all__ = ["attack_eps", "check_mixed_precision", "monitor_logits", "robustmix_batch"]
+
+
+def robustmix_batch(batch: Mapping[str, Tensor], image_key: str, label_key: str, index_key: str) -> dict[str, Tensor]:
+    """A trainer's batch under robustmix's names: ``{"image": [B, C, H, W] pixels in [0, 1], "label": [B]}``, and
+    ``"index"`` (``[B]`` dataset indices) when the batch has one.
+
+    Raises:
+        KeyError: The batch lacks ``image_key`` or ``label_key``.
+    """
+    for key in (image_key, label_key):
+        if key not in batch:
+            raise KeyError(f"batch has no {key!r} (keys: {sorted(batch)}); set image_key / label_key")
+    renamed = {"image": batch[image_key], "label": batch[label_key]}
+    if batch.get(index_key) is not None:
+        renamed["index"] = batch[index_key]
+    return renamed
 
 
 def check_mixed_precision(step: AdversarialStep, trainer_precision: str, setting: str) -> None:

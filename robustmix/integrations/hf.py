@@ -51,7 +51,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from robustmix.checkpoint import CALLBACK_TENSORS, CALLBACK_VALUES, join_state, split_state
 from robustmix.distributed import sync_buffers
-from robustmix.integrations import attack_eps, check_mixed_precision, monitor_logits
+from robustmix.integrations import attack_eps, check_mixed_precision, monitor_logits, robustmix_batch
 from robustmix.models import unwrap_model
 from robustmix.step import AdversarialStep
 from robustmix.trainer import mix_seed, training_forwards
@@ -166,12 +166,7 @@ class AdversarialTrainerMixin:
         ``on_batch_start`` fires first with ``{"image", "label", "index"}`` (robustmix's names); the step runs on
         that dict, so a callback may change the batch there.
         """
-        for key in (self.image_key, self.label_key):
-            if key not in inputs:
-                raise KeyError(f"batch has no {key!r} (keys: {sorted(inputs)}); set image_key / label_key")
-        batch = {"image": inputs[self.image_key], "label": inputs[self.label_key]}
-        if inputs.get(self.index_key) is not None:
-            batch["index"] = inputs[self.index_key]
+        batch = robustmix_batch(inputs, self.image_key, self.label_key, self.index_key)
         self.adversarial_step.fire("on_batch_start", self, batch)
         step = self.state.global_step
         epoch = step // self.robustmix_callback.steps_per_epoch

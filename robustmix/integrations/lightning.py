@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from robustmix.distributed import sync_buffers
-from robustmix.integrations import attack_eps, check_mixed_precision, monitor_logits
+from robustmix.integrations import attack_eps, check_mixed_precision, monitor_logits, robustmix_batch
 from robustmix.step import AdversarialStep
 from robustmix.trainer import mix_seed
 
@@ -157,12 +157,7 @@ class AdversarialModule(pl.LightningModule):
         ``on_batch_start`` fires first with ``{"image", "label", "index"}`` (robustmix's names); the step runs on
         that dict, so a callback may change the batch there.
         """
-        for key in (self.image_key, self.label_key):
-            if key not in batch:
-                raise KeyError(f"batch has no {key!r} (keys: {sorted(batch)}); set image_key / label_key")
-        inputs = {"image": batch[self.image_key], "label": batch[self.label_key]}
-        if batch.get(self.index_key) is not None:
-            inputs["index"] = batch[self.index_key]
+        inputs = robustmix_batch(batch, self.image_key, self.label_key, self.index_key)
         self._fire("on_batch_start", inputs)
         trainer = self.trainer
         total_steps = trainer.estimated_stepping_batches
