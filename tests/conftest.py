@@ -94,17 +94,22 @@ def launch_two_processes(script: str | Path, *args: str, timeout: int = 300) -> 
 def crash_then_resume(recipe, argv: list[str], crash_at_step: int, monkeypatch) -> None:
     """Run ``recipe.main(argv)`` until a KeyboardInterrupt ("power cut") before step ``crash_at_step + 1``, then
     once more with ``--resume latest``: what a user does after a crash."""
-    from robustmix.trainer import Trainer
-
-    real_step = Trainer._train_step
-
-    def crash(self, batch):
-        if self.global_step == crash_at_step:
-            raise KeyboardInterrupt("power cut")
-        real_step(self, batch)
-
-    monkeypatch.setattr(Trainer, "_train_step", crash)
+    crash_at(monkeypatch, crash_at_step)
     with pytest.raises(KeyboardInterrupt):
         recipe.main(argv)
     monkeypatch.undo()
     recipe.main([*argv, "--resume", "latest"])
+
+
+def crash_at(monkeypatch, step: int) -> None:
+    """Make ``Trainer`` die (KeyboardInterrupt, a power cut) before training step ``step``."""
+    from robustmix.trainer import Trainer
+
+    real = Trainer._train_step
+
+    def train_step(self, batch):
+        if self.global_step == step:
+            raise KeyboardInterrupt("power cut")
+        real(self, batch)
+
+    monkeypatch.setattr(Trainer, "_train_step", train_step)

@@ -54,7 +54,7 @@ from robustmix.runs import (
 )
 from robustmix.safestate import decode_state, encode_state, load_state, save_state
 from robustmix.trainer import EpochBatches, Trainer, batches_per_epoch
-from tests.conftest import load_recipe, quick_flags
+from tests.conftest import crash_at, load_recipe, quick_flags
 from tests.test_trainer import digits, make_model, make_trainer, weights  # noqa: F401  (digits is a fixture)
 
 
@@ -78,18 +78,6 @@ def flip_byte(file: Path) -> None:
     data = bytearray(file.read_bytes())
     data[len(data) // 2] ^= 0x01
     file.write_bytes(bytes(data))
-
-
-def crash_at(monkeypatch, step: int) -> None:
-    """Make ``Trainer`` die (KeyboardInterrupt, a power cut) before training step ``step``."""
-    real = Trainer._train_step
-
-    def train_step(self, batch):
-        if self.global_step == step:
-            raise KeyboardInterrupt("power cut")
-        real(self, batch)
-
-    monkeypatch.setattr(Trainer, "_train_step", train_step)
 
 
 @pytest.fixture
