@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.util
-import re
 import shlex
 import sys
 from datetime import datetime, timezone
@@ -44,7 +43,7 @@ from robustmix.curves import plot_training_curves
 from robustmix.evaluate import ATTACKS, add_evaluation_flags, check_run, evaluate_run, evaluation_kwargs
 from robustmix.recipe import PAPER_PRESET, PRESETS, base_parser
 from robustmix.report import plot_clean_vs_robust, results_page, results_statistics
-from robustmix.runs import load_config, load_metrics_log
+from robustmix.runs import load_config, load_metrics_log, recorded_flags
 
 #: Training flags that runs of one recipe may differ in: they change where a run is written or how it is
 #: checkpointed and logged, not what it computes (a resumed run continues exactly); ``init_from`` names each
@@ -348,13 +347,7 @@ def row_name(config: dict[str, Any]) -> str:
 def attack_bn_mode(config: dict[str, Any]) -> str | None:
     """The BatchNorm mode a run's training attack ran in: its ``--attack-bn-mode``, or for a run that predates
     the flag the ``bn_mode`` its attack callback recorded; ``None`` when neither says."""
-    if "attack_bn_mode" in config["flags"]:
-        return config["flags"]["attack_bn_mode"]
-    for callback in config.get("callbacks", []):
-        found = re.match(r"(?:PGDAttack|FGSMAttack)\(.*\bbn_mode='(\w+)'", callback)
-        if found:
-            return found.group(1)
-    return None
+    return recorded_flags(config).get("attack_bn_mode")
 
 
 def _default_attack_bn_mode(flags: dict[str, Any]) -> str:
