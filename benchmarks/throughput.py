@@ -75,11 +75,11 @@ from robustmix import (
     ProbabilityMargin,
 )
 from robustmix.attacks import perturb
-from robustmix.callbacks import Callback
-from robustmix.losses import MARTLoss, TRADESLoss
+from robustmix.cli.recipe import cpu_name
+from robustmix.core.callbacks import Callback
+from robustmix.methods.sglr import SGLRLabels
 from robustmix.models import create_model
-from robustmix.recipe import cpu_name
-from robustmix.sglr import SGLRLabels
+from robustmix.stages.losses import MARTLoss, TRADESLoss
 
 #: ``--model`` shortcuts; any other value is a timm model name.
 MODELS = {

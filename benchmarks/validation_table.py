@@ -17,7 +17,7 @@ import importlib.util
 import math
 from pathlib import Path
 
-from robustmix.runs import load_metrics_log, read_json
+from robustmix.runs.folder import load_metrics_log, read_json
 
 RESULTS = Path(__file__).resolve().parents[1] / "recipes" / "results.py"
 

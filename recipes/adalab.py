@@ -45,12 +45,7 @@ import argparse
 from typing import Any
 
 from robustmix import AdversarialCE, PGDAttack
-from robustmix.anti import AdversarysAdversary
-from robustmix.callbacks import Callback
-from robustmix.labels import TARGETS, AdaLabLabels
-from robustmix.losses import TRADESLoss
-from robustmix.margins import KappaMargin, LogitMargin, ProbabilityMargin, RecoveryMargin
-from robustmix.recipe import (
+from robustmix.cli.recipe import (
     RecipeInfo,
     _bounded,
     base_parser,
@@ -61,7 +56,12 @@ from robustmix.recipe import (
     positive_number,
     run_recipe,
 )
-from robustmix.weights import AdaLabWeights, MAILWeights
+from robustmix.core.callbacks import Callback
+from robustmix.stages.anti import AdversarysAdversary
+from robustmix.stages.labels import TARGETS, AdaLabLabels
+from robustmix.stages.losses import TRADESLoss
+from robustmix.stages.margins import KappaMargin, LogitMargin, ProbabilityMargin, RecoveryMargin
+from robustmix.stages.weights import AdaLabWeights, MAILWeights
 
 NAME = "adalab"
 MARGINS = ("probability", "logit", "kappa", "aa-steps")

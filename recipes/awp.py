@@ -22,10 +22,7 @@ import argparse
 from typing import Any
 
 from robustmix import AdversarialCE, PGDAttack
-from robustmix.awp import AWP
-from robustmix.callbacks import Callback
-from robustmix.losses import TRADESLoss
-from robustmix.recipe import (
+from robustmix.cli.recipe import (
     PAPER_PRESET,
     RecipeInfo,
     base_parser,
@@ -34,6 +31,9 @@ from robustmix.recipe import (
     parse_args,
     run_recipe,
 )
+from robustmix.core.callbacks import Callback
+from robustmix.methods.awp import AWP
+from robustmix.stages.losses import TRADESLoss
 
 NAME = "awp"
 #: --preset cifar10-paper: the AT-AWP release (csdongxian/AWP, on Rice et al.'s loop): 200 epochs, lr 0.1

@@ -21,10 +21,10 @@ import argparse
 from typing import Any
 
 from robustmix import AdversarialCE, MultiClassMargin, PGDAttack
-from robustmix.bilaw import BiLAWWeights
-from robustmix.callbacks import Callback
-from robustmix.meta import MetaBatches
-from robustmix.recipe import RecipeInfo, base_parser, number, parse_args, positive_int, run_recipe
+from robustmix.cli.recipe import RecipeInfo, base_parser, number, parse_args, positive_int, run_recipe
+from robustmix.core.callbacks import Callback
+from robustmix.methods.bilaw import BiLAWWeights
+from robustmix.methods.meta import MetaBatches
 
 NAME = "bilaw"
 

@@ -33,10 +33,7 @@ import argparse
 from typing import Any
 
 from robustmix import AntiAdversary, PGDAttack
-from robustmix.caat import META_INITS, META_OBJECTIVES, CAATLoss, CAATMetaNet, ClassWiseBudget, ReMarginBudget
-from robustmix.callbacks import Callback
-from robustmix.meta import MetaBatches
-from robustmix.recipe import (
+from robustmix.cli.recipe import (
     RecipeInfo,
     base_parser,
     load_split,
@@ -46,6 +43,9 @@ from robustmix.recipe import (
     positive_int,
     run_recipe,
 )
+from robustmix.core.callbacks import Callback
+from robustmix.methods.caat import META_INITS, META_OBJECTIVES, CAATLoss, CAATMetaNet, ClassWiseBudget, ReMarginBudget
+from robustmix.methods.meta import MetaBatches
 
 NAME = "caat"
 #: The released code holds out 3,000 of CIFAR-10's 50,000 training images as its meta split.

@@ -26,9 +26,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from robustmix.checkpoint import list_checkpoints
-from robustmix.recipe import PRESETS, nonnegative_int, positive_int
-from robustmix.runs import CHECKPOINTS_DIR, CONFIG_FILE, METRICS_FILE, METRICS_LOG
+from robustmix.cli.recipe import PRESETS, nonnegative_int, positive_int
+from robustmix.runs.checkpoint import list_checkpoints
+from robustmix.runs.folder import CHECKPOINTS_DIR, CONFIG_FILE, METRICS_FILE, METRICS_LOG
 
 RECIPES = ("pgd_at", "fgsm_rs", "trades", "mart", "mail", "awp", "gairat", "sglr", "caat", "bilaw", "adalab")
 HERE = Path(__file__).resolve().parent

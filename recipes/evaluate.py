@@ -19,7 +19,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from robustmix.evaluate import (
+from robustmix.evaluation.suite import (
     DEFAULT_ATTACKS,
     EVAL_FILE,
     add_evaluation_flags,
@@ -28,7 +28,7 @@ from robustmix.evaluate import (
     evaluation_kwargs,
     split_size,
 )
-from robustmix.runs import CONFIG_FILE, load_model
+from robustmix.runs.folder import CONFIG_FILE, load_model
 
 #: --quick: two attacks (120 nominal passes per example, attack_cost; the default suite about 3,700) on the
 #: first QUICK_EXAMPLES examples, no eps sweep, written beside the full report, never over it.

@@ -31,11 +31,11 @@ import torch
 from torch import Tensor
 
 from robustmix import AdversarialCE, FGSMAttack, pgd
-from robustmix.callbacks import Callback
+from robustmix.cli.recipe import RecipeInfo, base_parser, parse_args, run_recipe
+from robustmix.core.callbacks import Callback
+from robustmix.core.modes import model_mode
 from robustmix.models import unwrap_model
-from robustmix.modes import model_mode
-from robustmix.recipe import RecipeInfo, base_parser, parse_args, run_recipe
-from robustmix.trainer import Trainer, mix_seed
+from robustmix.training.trainer import Trainer, mix_seed
 
 NAME = "fgsm_rs"
 #: --preset cifar10-paper: Wong et al.'s release (locuslab/fast_adversarial, CIFAR10/train_fgsm.py): 15 epochs of

@@ -21,10 +21,18 @@ import math
 from typing import Any
 
 from robustmix import AdversarialCE, PGDAttack
-from robustmix.callbacks import Callback
-from robustmix.gairat import LAMBDA_SCHEDULES, ScheduledGAIRATWeights
-from robustmix.recipe import RecipeInfo, base_parser, epoch_or_first_decay, number, parse_args, run_recipe, start_epoch
-from robustmix.weights import GAIRAT_KINDS
+from robustmix.cli.recipe import (
+    RecipeInfo,
+    base_parser,
+    epoch_or_first_decay,
+    number,
+    parse_args,
+    run_recipe,
+    start_epoch,
+)
+from robustmix.core.callbacks import Callback
+from robustmix.methods.gairat import LAMBDA_SCHEDULES, ScheduledGAIRATWeights
+from robustmix.stages.weights import GAIRAT_KINDS
 
 NAME = "gairat"
 #: --preset cifar10-paper: the release (zjfheart/Geometry-aware-Instance-reweighted-Adversarial-Training,

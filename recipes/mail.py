@@ -24,9 +24,7 @@ import argparse
 from typing import Any
 
 from robustmix import AdversarialCE, MAILWeights, PGDAttack, ProbabilityMargin
-from robustmix.callbacks import Callback
-from robustmix.losses import MARTLoss, TRADESLoss
-from robustmix.recipe import (
+from robustmix.cli.recipe import (
     RecipeInfo,
     base_parser,
     epoch_or_first_decay,
@@ -36,6 +34,8 @@ from robustmix.recipe import (
     run_recipe,
     start_epoch,
 )
+from robustmix.core.callbacks import Callback
+from robustmix.stages.losses import MARTLoss, TRADESLoss
 
 NAME = "mail"
 #: --preset cifar10-paper: the release (QizhouWang/MAIL, train.py lines 24-45, 121-131, 199): 120 epochs, lr 0.01

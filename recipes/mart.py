@@ -19,9 +19,9 @@ import argparse
 from typing import Any
 
 from robustmix import PGDAttack
-from robustmix.callbacks import Callback
-from robustmix.losses import MARTLoss
-from robustmix.recipe import RecipeInfo, base_parser, nonnegative_number, parse_args, run_recipe
+from robustmix.cli.recipe import RecipeInfo, base_parser, nonnegative_number, parse_args, run_recipe
+from robustmix.core.callbacks import Callback
+from robustmix.stages.losses import MARTLoss
 
 NAME = "mart"
 #: --preset cifar10-paper: the release (YisenWang/MART, train_resnet.py, ResNet-18): 120 epochs, lr 0.01 divided

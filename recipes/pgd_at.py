@@ -18,8 +18,8 @@ import argparse
 from typing import Any
 
 from robustmix import AdversarialCE, PGDAttack
-from robustmix.callbacks import Callback
-from robustmix.recipe import RecipeInfo, base_parser, parse_args, run_recipe
+from robustmix.cli.recipe import RecipeInfo, base_parser, parse_args, run_recipe
+from robustmix.core.callbacks import Callback
 
 NAME = "pgd_at"
 #: --preset cifar10-paper: Rice, Wong & Kolter's release (locuslab/robust_overfitting, train_cifar.py): 200

@@ -37,13 +37,13 @@ from typing import Any
 
 from accelerate import Accelerator
 
-from robustmix import stats
-from robustmix.checkpoint import atomic_write_json, atomic_write_text
-from robustmix.curves import plot_training_curves
-from robustmix.evaluate import ATTACKS, add_evaluation_flags, check_run, evaluate_run, evaluation_kwargs
-from robustmix.recipe import PAPER_PRESET, PRESETS, base_parser
-from robustmix.report import plot_clean_vs_robust, results_page, results_statistics
-from robustmix.runs import load_config, load_metrics_log, recorded_flags
+from robustmix.cli.recipe import PAPER_PRESET, PRESETS, base_parser
+from robustmix.evaluation import stats
+from robustmix.evaluation.report import plot_clean_vs_robust, results_page, results_statistics
+from robustmix.evaluation.suite import ATTACKS, add_evaluation_flags, check_run, evaluate_run, evaluation_kwargs
+from robustmix.runs.checkpoint import atomic_write_json, atomic_write_text
+from robustmix.runs.folder import load_config, load_metrics_log, recorded_flags
+from robustmix.training.curves import plot_training_curves
 
 #: Training flags that runs of one recipe may differ in: they change where a run is written or how it is
 #: checkpointed and logged, not what it computes (a resumed run continues exactly); ``init_from`` names each

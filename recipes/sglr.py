@@ -21,9 +21,9 @@ import argparse
 from typing import Any
 
 from robustmix import AdversarialCE, PGDAttack
-from robustmix.callbacks import Callback
-from robustmix.recipe import RecipeInfo, base_parser, nonnegative_int, number, parse_args, run_recipe
-from robustmix.sglr import SGLRLabels
+from robustmix.cli.recipe import RecipeInfo, base_parser, nonnegative_int, number, parse_args, run_recipe
+from robustmix.core.callbacks import Callback
+from robustmix.methods.sglr import SGLRLabels
 
 NAME = "sglr"
 #: --preset cifar10-paper: the release's train.py: 200 epochs, lr 0.1 divided by 10 at its --lr-milestones 100 and

@@ -18,9 +18,9 @@ import argparse
 from typing import Any
 
 from robustmix import PGDAttack
-from robustmix.callbacks import Callback
-from robustmix.losses import TRADESLoss
-from robustmix.recipe import RecipeInfo, base_parser, nonnegative_number, parse_args, run_recipe
+from robustmix.cli.recipe import RecipeInfo, base_parser, nonnegative_number, parse_args, run_recipe
+from robustmix.core.callbacks import Callback
+from robustmix.stages.losses import TRADESLoss
 
 NAME = "trades"
 #: --preset cifar10-paper: the release (yaodongyu/TRADES, train_trades_cifar10.py): 76 epochs, lr 0.1 divided by

@@ -2,17 +2,20 @@
 
 __version__ = "0.1.0"
 
-from robustmix.anti import AdversarysAdversary, AntiAdversary, adversarys_adversary, anti_adversary
 from robustmix.attacks import FGSMAttack, PGDAttack, fgsm_rs, perturb, pgd
-from robustmix.awp import AWP, awp_perturbation
-from robustmix.bilaw import BiLAWWeightNet, BiLAWWeights
-from robustmix.caat import CAATLoss, CAATMetaNet, ClassWiseBudget, ReMarginBudget
-from robustmix.callbacks import Callback, CompositionError
-from robustmix.context import Stage, StepContext
-from robustmix.distributed import sync_buffers
-from robustmix.gairat import ScheduledGAIRATWeights, gairat_lambda
-from robustmix.labels import AdaLabLabels, LabelSmoothing, OneHotLabels, adalab_lambda, adalab_targets
-from robustmix.losses import (
+from robustmix.core.callbacks import Callback, CompositionError
+from robustmix.core.context import Stage, StepContext
+from robustmix.core.step import AdversarialStep
+from robustmix.methods.awp import AWP, awp_perturbation
+from robustmix.methods.bilaw import BiLAWWeightNet, BiLAWWeights
+from robustmix.methods.caat import CAATLoss, CAATMetaNet, ClassWiseBudget, ReMarginBudget
+from robustmix.methods.gairat import ScheduledGAIRATWeights, gairat_lambda
+from robustmix.methods.meta import MetaBatches, functional_forward, virtual_sgd_step
+from robustmix.methods.sglr import SGLRLabels
+from robustmix.runs.folder import load_model
+from robustmix.stages.anti import AdversarysAdversary, AntiAdversary, adversarys_adversary, anti_adversary
+from robustmix.stages.labels import AdaLabLabels, LabelSmoothing, OneHotLabels, adalab_lambda, adalab_targets
+from robustmix.stages.losses import (
     AdversarialCE,
     MARTLoss,
     TRADESLoss,
@@ -21,7 +24,7 @@ from robustmix.losses import (
     soft_cross_entropy,
     trades_loss,
 )
-from robustmix.margins import (
+from robustmix.stages.margins import (
     KappaMargin,
     LogitMargin,
     MultiClassMargin,
@@ -30,12 +33,9 @@ from robustmix.margins import (
     multiclass_margin,
     probability_margin,
 )
-from robustmix.meta import MetaBatches, functional_forward, virtual_sgd_step
-from robustmix.runs import load_model
-from robustmix.sglr import SGLRLabels
-from robustmix.step import AdversarialStep
-from robustmix.trainer import NonFiniteError, NonFiniteLossError, Trainer
-from robustmix.weights import AdaLabWeights, GAIRATWeights, MAILWeights, MarginWeights, normalize_weights
+from robustmix.stages.weights import AdaLabWeights, GAIRATWeights, MAILWeights, MarginWeights, normalize_weights
+from robustmix.training.distributed import sync_buffers
+from robustmix.training.trainer import NonFiniteError, NonFiniteLossError, Trainer
 
 __all__ = [
     "AWP",

@@ -25,11 +25,11 @@ from robustmix import (
     PGDAttack,
     ProbabilityMargin,
 )
-from robustmix.anti import AdversarysAdversary
-from robustmix.callbacks import Callback
+from robustmix.core.callbacks import Callback
 from robustmix.data import ImageDataset, load_dataset
 from robustmix.models import create_model
-from robustmix.trainer import Trainer
+from robustmix.stages.anti import AdversarysAdversary
+from robustmix.training.trainer import Trainer
 
 EPS, STEP_SIZE, ATTACK_STEPS = 0.1, 0.05, 2
 #: Examples per batch.

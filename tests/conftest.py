@@ -103,7 +103,7 @@ def crash_then_resume(recipe, argv: list[str], crash_at_step: int, monkeypatch) 
 
 def crash_at(monkeypatch, step: int) -> None:
     """Make ``Trainer`` die (KeyboardInterrupt, a power cut) before training step ``step``."""
-    from robustmix.trainer import Trainer
+    from robustmix.training.trainer import Trainer
 
     real = Trainer._train_step
 

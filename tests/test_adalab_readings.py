@@ -12,9 +12,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 from robustmix import AdversarialCE, AdversarialStep, CompositionError, PGDAttack
-from robustmix.anti import AdversarysAdversary, adversarys_adversary, recovering_descent
-from robustmix.context import StepContext
-from robustmix.labels import (
+from robustmix.core.context import StepContext
+from robustmix.core.modes import model_mode
+from robustmix.runs.folder import load_metrics_log
+from robustmix.stages.anti import AdversarysAdversary, adversarys_adversary, recovering_descent
+from robustmix.stages.labels import (
     TARGETS,
     AdaLabLabels,
     adalab_lambda,
@@ -25,10 +27,8 @@ from robustmix.labels import (
     one_hot,
     simplex_projection,
 )
-from robustmix.margins import LogitMargin, RecoveryMargin, logit_margin, recovery_margin
-from robustmix.modes import model_mode
-from robustmix.runs import load_metrics_log
-from robustmix.weights import adalab_importance, boundary_importance, mail_weights
+from robustmix.stages.margins import LogitMargin, RecoveryMargin, logit_margin, recovery_margin
+from robustmix.stages.weights import adalab_importance, boundary_importance, mail_weights
 from tests.conftest import load_recipe, quick_flags
 from tests.test_anti import _trained
 from tests.test_pass_accounting import HostReads, TallyNet, documented_cost

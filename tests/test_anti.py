@@ -11,10 +11,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 from robustmix import AdversarialCE, AdversarialStep, CompositionError, PGDAttack
-from robustmix.anti import AdversarysAdversary, AntiAdversary, adversarys_adversary, anti_adversary
 from robustmix.attacks import perturb, pgd, random_start
-from robustmix.context import StepContext
-from robustmix.modes import model_mode
+from robustmix.core.context import StepContext
+from robustmix.core.modes import model_mode
+from robustmix.stages.anti import AdversarysAdversary, AntiAdversary, adversarys_adversary, anti_adversary
 
 EPS = 8 / 255
 

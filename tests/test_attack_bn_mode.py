@@ -8,9 +8,9 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from robustmix import AdversarialStep
+from robustmix.cli.recipe import RecipeInfo
 from robustmix.data import load_dataset
 from robustmix.models import create_model
-from robustmix.recipe import RecipeInfo
 from tests.conftest import load_recipe
 
 RECIPES = ("pgd_at", "fgsm_rs", "trades", "mart", "mail", "awp", "gairat", "sglr", "caat", "bilaw", "adalab")

@@ -11,7 +11,7 @@ from torch import nn
 
 from robustmix.attacks import FGSMAttack, PGDAttack, fgsm_rs, perturb, pgd
 from robustmix.attacks.pgd import random_start
-from robustmix.context import StepContext
+from robustmix.core.context import StepContext
 
 
 class SmallNet(nn.Module):

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from robustmix.data import load_dataset
-from robustmix.evaluate import worst_case
-from robustmix.runs import load_model
+from robustmix.evaluation.suite import worst_case
+from robustmix.runs.folder import load_model
 from tests.conftest import load_recipe
 
 torchattacks = pytest.importorskip("torchattacks")

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustmix import AdversarialCE, AdversarialStep, Callback, PGDAttack, Stage
-from robustmix.awp import AWP, awp_perturbation
-from robustmix.losses import TRADESLoss, trades_loss
-from robustmix.runs import load_metrics_log
+from robustmix.methods.awp import AWP, awp_perturbation
+from robustmix.runs.folder import load_metrics_log
+from robustmix.stages.losses import TRADESLoss, trades_loss
 from tests.conftest import launch_two_processes, load_recipe, quick_flags
 
 

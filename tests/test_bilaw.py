@@ -7,10 +7,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 from robustmix import AdversarialCE, AdversarialStep, CompositionError, PGDAttack
-from robustmix.bilaw import OUTPUTS, BiLAWWeightNet, BiLAWWeights, bilaw_features, bilaw_weights
-from robustmix.checkpoint import join_state, split_state
-from robustmix.margins import MultiClassMargin, multiclass_margin
-from robustmix.meta import MetaBatches
+from robustmix.methods.bilaw import OUTPUTS, BiLAWWeightNet, BiLAWWeights, bilaw_features, bilaw_weights
+from robustmix.methods.meta import MetaBatches
+from robustmix.runs.checkpoint import join_state, split_state
+from robustmix.stages.margins import MultiClassMargin, multiclass_margin
 
 seeds = st.integers(0, 2**16)
 

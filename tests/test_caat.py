@@ -12,8 +12,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 from robustmix import AdversarialStep, CompositionError, PGDAttack
-from robustmix.anti import AntiAdversary
-from robustmix.caat import (
+from robustmix.cli.recipe import RecipeInfo, parse_args
+from robustmix.core.context import StepContext
+from robustmix.core.modes import model_mode
+from robustmix.data import load_dataset
+from robustmix.methods.caat import (
     REMARGIN_BOUNDS,
     CAATLoss,
     CAATMetaNet,
@@ -26,12 +29,9 @@ from robustmix.caat import (
     frl_update,
     remargin_multipliers,
 )
-from robustmix.checkpoint import join_state, split_state
-from robustmix.context import StepContext
-from robustmix.data import load_dataset
-from robustmix.meta import MetaBatches
-from robustmix.modes import model_mode
-from robustmix.recipe import RecipeInfo, parse_args
+from robustmix.methods.meta import MetaBatches
+from robustmix.runs.checkpoint import join_state, split_state
+from robustmix.stages.anti import AntiAdversary
 from tests.conftest import load_recipe
 
 seeds = st.integers(0, 2**16)

@@ -9,8 +9,9 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-import robustmix.checkpoint as checkpoint
-from robustmix.checkpoint import (
+import robustmix.runs.checkpoint as checkpoint
+from robustmix.models import create_model, model_config
+from robustmix.runs.checkpoint import (
     LATEST,
     atomic_save_weights,
     atomic_write_json,
@@ -24,8 +25,7 @@ from robustmix.checkpoint import (
     save_checkpoint,
     split_state,
 )
-from robustmix.models import create_model, model_config
-from robustmix.runs import BEST_DIR, CONFIG_FILE, MODEL_FILE, load_metrics_log, load_model
+from robustmix.runs.folder import BEST_DIR, CONFIG_FILE, MODEL_FILE, load_metrics_log, load_model
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from robustmix.checkpoint import TRAINER_STATE
+from robustmix.runs.checkpoint import TRAINER_STATE
 from tests.conftest import load_recipe
 
 compare = load_recipe("compare")

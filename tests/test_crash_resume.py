@@ -34,16 +34,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import robustmix.checkpoint as checkpoint
-from robustmix.checkpoint import (
+import robustmix.runs.checkpoint as checkpoint
+from robustmix.runs.checkpoint import (
     LATEST,
     TEST_PAUSE_ENV,
     list_checkpoints,
     read_checkpoint,
     resolve_checkpoint,
 )
-from robustmix.runs import BEST_DIR, METRICS_FILE, MODEL_FILE, load_metrics_log
-from robustmix.trainer import WALL_CLOCK_KEYS
+from robustmix.runs.folder import BEST_DIR, METRICS_FILE, MODEL_FILE, load_metrics_log
+from robustmix.training.trainer import WALL_CLOCK_KEYS
 from tests.conftest import quick_flags
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,7 +51,7 @@ TIMEOUT = 240  # seconds any one wait may take before the test fails instead of 
 
 ZYGOTE = r"""
 import json, os, runpy, sys, traceback
-import robustmix.recipe  # noqa: F401  (the imports every run shares, paid once)
+import robustmix.cli.recipe  # noqa: F401  (the imports every run shares, paid once)
 
 for line in sys.stdin:
     command = json.loads(line)

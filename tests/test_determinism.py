@@ -6,8 +6,8 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from robustmix.runs import MODEL_FILE
-from robustmix.trainer import WALL_CLOCK_KEYS
+from robustmix.runs.folder import MODEL_FILE
+from robustmix.training.trainer import WALL_CLOCK_KEYS
 from tests.conftest import load_recipe, quick_flags
 
 #: Flags that switch each method's own machinery (and its randomness) on within a few steps.

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from robustmix.data import load_dataset
-from robustmix.runs import load_model
+from robustmix.runs.folder import load_model
 from tests.conftest import launch_two_processes
 
 #: Flags that switch each method's own machinery on within the few steps the test trains.
@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from robustmix.callbacks import Callback
-from robustmix.checkpoint import split_state
+from robustmix.core.callbacks import Callback
+from robustmix.runs.checkpoint import split_state
 from robustmix.models import unwrap_model
 from tests.conftest import load_recipe
 

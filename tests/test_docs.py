@@ -79,7 +79,7 @@ def test_mkdocs_build_is_strict_and_clean(tmp_path):
     assert 'display="block"' in (tmp_path / "site" / "methods" / "trades" / "index.html").read_text()
     # The main entry point is documented although its name starts with an underscore.
     assert (
-        'id="robustmix.step.AdversarialStep.__call__"'
+        'id="robustmix.core.step.AdversarialStep.__call__"'
         in (tmp_path / "site" / "api" / "step" / "index.html").read_text()
     )
 
@@ -104,7 +104,7 @@ def test_every_returns_section_is_one_value():
 
 
 def test_quickstart_states_the_digits_preset_as_the_code_has_it():
-    from robustmix.recipe import PRESETS
+    from robustmix.cli.recipe import PRESETS
 
     text = (DOCS / "quickstart.md").read_text()
     digits = PRESETS["digits"]

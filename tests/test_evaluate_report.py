@@ -23,15 +23,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import robustmix
-import robustmix.evaluate as evaluate
-from robustmix.checkpoint import atomic_save_weights, atomic_write_json
+import robustmix.evaluation.suite as evaluate
+from robustmix.cli.recipe import base_parser, parse_args
 from robustmix.data import load_dataset
-from robustmix.evaluate import evaluate_run, sanity_flags, with_budget
+from robustmix.evaluation.report import per_example_results
+from robustmix.evaluation.stats import discordant_pairs, mcnemar_exact
+from robustmix.evaluation.suite import evaluate_run, sanity_flags, with_budget
 from robustmix.models import create_model, model_config
-from robustmix.recipe import base_parser, parse_args
-from robustmix.report import per_example_results
-from robustmix.runs import load_model
-from robustmix.stats import discordant_pairs, mcnemar_exact
+from robustmix.runs.checkpoint import atomic_save_weights, atomic_write_json
+from robustmix.runs.folder import load_model
 from tests.conftest import launch_two_processes, load_recipe
 
 EPS = 0.02
@@ -245,7 +245,7 @@ def test_evaluate_run_rejects_bad_input_before_any_attack(kwargs, message, run_d
 #: 13 examples in chunks of 3: the first process takes 3 chunks, the second 2; the last chunk holds 1 example.
 TWO_PROCESS_SCRIPT = """
 import sys
-from robustmix.evaluate import evaluate_run, with_budget
+from robustmix.evaluation.suite import evaluate_run, with_budget
 
 evaluate_run(
     sys.argv[1], output=sys.argv[2], plots=False, progress=False, eps=0.03, n_examples=13, batch_size=3,

@@ -14,7 +14,7 @@ from scipy.optimize import linprog
 from torch import Tensor, nn
 
 from robustmix.attacks.fab import fab_targeted, hyperplane_step_linf
-from robustmix.evaluate import ATTACKS, DEFAULT_ATTACKS, robust_accuracy, with_budget, worst_case
+from robustmix.evaluation.suite import ATTACKS, DEFAULT_ATTACKS, robust_accuracy, with_budget, worst_case
 from tests.test_eval_attacks import EPS, MLP, _assert_in_ball, _synthetic, _tiny_batch, _trained
 
 

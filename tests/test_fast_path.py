@@ -26,9 +26,9 @@ from robustmix import (
 )
 from robustmix.attacks import perturb
 from robustmix.data import DATASETS, load_dataset
-from robustmix.losses import TRADESLoss
 from robustmix.models import create_model, unwrap_model
-from robustmix.trainer import Trainer
+from robustmix.stages.losses import TRADESLoss
+from robustmix.training.trainer import Trainer
 
 BACKEND = "aot_eager"
 EPS, STEP = 8 / 255, 2 / 255

@@ -35,19 +35,19 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-import robustmix.evaluate as evaluate
-import robustmix.recipe as recipe_module
+import robustmix.cli.recipe as recipe_module
+import robustmix.evaluation.suite as evaluate
 from robustmix import AdversarialCE, AdversarialStep, FGSMAttack, PGDAttack
 from robustmix.attacks.pgd import perturb
-from robustmix.callbacks import Callback
-from robustmix.checkpoint import atomic_save_weights, atomic_write_json
-from robustmix.context import Stage, StepContext
+from robustmix.core.callbacks import Callback
+from robustmix.core.context import Stage, StepContext
 from robustmix.data import load_dataset
-from robustmix.evaluate import evaluate_run, with_budget, worst_case
+from robustmix.evaluation.suite import evaluate_run, with_budget, worst_case
+from robustmix.methods.sglr import SGLRLabels
 from robustmix.models import create_model, model_config
-from robustmix.runs import BEST_DIR, CONFIG_FILE, METRICS_LOG, MODEL_FILE, load_metrics_log, load_model
-from robustmix.sglr import SGLRLabels
-from robustmix.trainer import Trainer
+from robustmix.runs.checkpoint import atomic_save_weights, atomic_write_json
+from robustmix.runs.folder import BEST_DIR, CONFIG_FILE, METRICS_LOG, MODEL_FILE, load_metrics_log, load_model
+from robustmix.training.trainer import Trainer
 from tests.conftest import load_recipe, quick_flags
 
 CLASSES = 3

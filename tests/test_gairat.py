@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from robustmix import AdversarialCE, AdversarialStep, PGDAttack
-from robustmix.gairat import LAMBDA_SCHEDULES, ScheduledGAIRATWeights, gairat_lambda
-from robustmix.weights import GAIRATWeights, gairat_weights
+from robustmix.methods.gairat import LAMBDA_SCHEDULES, ScheduledGAIRATWeights, gairat_lambda
+from robustmix.stages.weights import GAIRATWeights, gairat_weights
 
 
 class Threshold(nn.Module):

@@ -31,10 +31,11 @@ from safetensors.torch import load_file, save_file
 from torch.optim.lr_scheduler import MultiStepLR
 
 from robustmix import AdversarialCE, AdversarialStep, FGSMAttack, PGDAttack
-from robustmix.anti import AntiAdversary, anti_adversary
 from robustmix.attacks import apgd, fab_targeted, fgsm_rs, perturb, pgd, square_attack
-from robustmix.caat import ClassWiseBudget
-from robustmix.checkpoint import (
+from robustmix.data import load_dataset
+from robustmix.evaluation.suite import split_size
+from robustmix.methods.caat import ClassWiseBudget
+from robustmix.runs.checkpoint import (
     LATEST,
     MANIFEST,
     CheckpointError,
@@ -42,9 +43,7 @@ from robustmix.checkpoint import (
     read_checkpoint,
     resolve_checkpoint,
 )
-from robustmix.data import load_dataset
-from robustmix.evaluate import split_size
-from robustmix.runs import (
+from robustmix.runs.folder import (
     RunFolderInUse,
     load_config,
     load_model,
@@ -52,8 +51,9 @@ from robustmix.runs import (
     recorded_flags,
     replacing_run,
 )
-from robustmix.safestate import decode_state, encode_state, load_state, save_state
-from robustmix.trainer import EpochBatches, Trainer, batches_per_epoch
+from robustmix.runs.safestate import decode_state, encode_state, load_state, save_state
+from robustmix.stages.anti import AntiAdversary, anti_adversary
+from robustmix.training.trainer import EpochBatches, Trainer, batches_per_epoch
 from tests.conftest import crash_at, load_recipe, quick_flags
 from tests.test_trainer import digits, make_model, make_trainer, weights  # noqa: F401  (digits is a fixture)
 
@@ -181,7 +181,7 @@ def test_rng_state_that_matches_its_hash_but_is_invalid_is_refused(run):
 
 def _rehash(checkpoint: Path) -> None:
     """Rewrite the manifest for the files as they are now (what a crafted checkpoint would do)."""
-    from robustmix.checkpoint import file_sha256
+    from robustmix.runs.checkpoint import file_sha256
 
     manifest = json.loads((checkpoint / MANIFEST).read_text())
     manifest["files"] = {name: file_sha256(checkpoint / name) for name in manifest["files"]}
@@ -610,7 +610,7 @@ def test_a_second_run_into_a_folder_in_use_is_a_one_line_error(tiny, unfinished,
 
 def test_a_killed_run_leaves_its_folder_unlocked(tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from robustmix.runs import locked_run_folder\n"
+        [sys.executable, "-c", "import sys, time; from robustmix.runs.folder import locked_run_folder\n"
          f"with locked_run_folder({str(tmp_path)!r}):\n    print('locked', flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1],
     )  # fmt: skip
@@ -639,7 +639,7 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_finished(tiny, unfini
 def kill_inside_replacement(folder: Path, names: tuple[str, ...], new_config: str) -> None:
     """Start replacing the run in ``folder`` in a process that writes ``new_config`` and dies (``os._exit``)."""
     code = (
-        "import os; from pathlib import Path; from robustmix.runs import replacing_run\n"
+        "import os; from pathlib import Path; from robustmix.runs.folder import replacing_run\n"
         f"with replacing_run({str(folder)!r}, {names!r}, replace=True):\n"
         f"    Path({str(folder / 'config.json')!r}).write_text({new_config!r}); os._exit(9)"
     )

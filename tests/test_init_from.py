@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from robustmix import recipe as recipe_module
+from robustmix.cli import recipe as recipe_module
 from robustmix.models import unwrap_model
-from robustmix.runs import MODEL_FILE, load_config, load_metrics_log, load_model
+from robustmix.runs.folder import MODEL_FILE, load_config, load_metrics_log, load_model
 from tests.conftest import load_recipe, quick_flags
 
 

@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 from robustmix import AdversarialCE, AdversarialStep, CompositionError, PGDAttack
-from robustmix.anti import AdversarysAdversary
-from robustmix.context import StepContext
-from robustmix.labels import (
+from robustmix.core.context import StepContext
+from robustmix.stages.anti import AdversarysAdversary
+from robustmix.stages.labels import (
     SCHEDULES,
     AdaLabLabels,
     LabelSmoothing,
@@ -22,9 +22,9 @@ from robustmix.labels import (
     one_hot,
     smooth_labels,
 )
-from robustmix.losses import soft_cross_entropy
-from robustmix.margins import ProbabilityMargin, probability_margin
-from robustmix.weights import AdaLabWeights
+from robustmix.stages.losses import soft_cross_entropy
+from robustmix.stages.margins import ProbabilityMargin, probability_margin
+from robustmix.stages.weights import AdaLabWeights
 
 seeds = st.integers(0, 2**16)
 dtypes = st.sampled_from([torch.float32, torch.bfloat16])

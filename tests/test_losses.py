@@ -7,8 +7,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from robustmix.labels import one_hot
-from robustmix.losses import classification_loss, soft_cross_entropy, weighted_mean
+from robustmix.stages.labels import one_hot
+from robustmix.stages.losses import classification_loss, soft_cross_entropy, weighted_mean
 
 
 @st.composite

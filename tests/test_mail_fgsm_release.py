@@ -14,13 +14,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim.lr_scheduler import CyclicLR
 
 from robustmix import AdversarialCE, AdversarialStep, Callback, PGDAttack
-from robustmix.context import StepContext
+from robustmix.cli.recipe import PRESETS, build_scheduler, triangular
+from robustmix.core.context import StepContext
 from robustmix.data import DATASETS, load_dataset
 from robustmix.models import create_model
-from robustmix.recipe import PRESETS, build_scheduler, triangular
-from robustmix.runs import MODEL_FILE, load_metrics_log
-from robustmix.trainer import WALL_CLOCK_KEYS, Trainer
-from robustmix.weights import MAILWeights
+from robustmix.runs.folder import MODEL_FILE, load_metrics_log
+from robustmix.stages.weights import MAILWeights
+from robustmix.training.trainer import WALL_CLOCK_KEYS, Trainer
 from tests.conftest import crash_then_resume, load_recipe, quick_flags
 
 

@@ -7,8 +7,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from robustmix import AdversarialCE, AdversarialStep, CompositionError, PGDAttack
-from robustmix.context import StepContext
-from robustmix.margins import (
+from robustmix.core.context import StepContext
+from robustmix.stages.margins import (
     KappaMargin,
     LogitMargin,
     MultiClassMargin,

@@ -5,10 +5,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustmix.checkpoint import join_state, split_state
-from robustmix.context import StepContext
-from robustmix.meta import LookaheadReweighter, MetaBatches, functional_forward, set_meta_gradients, virtual_sgd_step
-from robustmix.weights import normalize_weights
+from robustmix.core.context import StepContext
+from robustmix.methods.meta import (
+    LookaheadReweighter,
+    MetaBatches,
+    functional_forward,
+    set_meta_gradients,
+    virtual_sgd_step,
+)
+from robustmix.runs.checkpoint import join_state, split_state
+from robustmix.stages.weights import normalize_weights
 
 
 class _Net(nn.Module):

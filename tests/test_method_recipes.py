@@ -2,7 +2,7 @@
 
 import pytest
 
-from robustmix.runs import load_metrics_log
+from robustmix.runs.folder import load_metrics_log
 from tests.conftest import load_recipe, quick_flags
 
 

@@ -14,10 +14,10 @@ from safetensors.torch import load_file
 from torch.optim.lr_scheduler import OneCycleLR
 
 from robustmix import AdversarialCE, Callback, NonFiniteError, NonFiniteLossError, PGDAttack
-from robustmix.checkpoint import list_checkpoints, read_checkpoint, resolve_checkpoint
 from robustmix.data import ImageDataset, load_dataset
-from robustmix.runs import METRICS_FILE, MODEL_FILE, load_metrics_log
-from robustmix.trainer import WALL_CLOCK_KEYS
+from robustmix.runs.checkpoint import list_checkpoints, read_checkpoint, resolve_checkpoint
+from robustmix.runs.folder import METRICS_FILE, MODEL_FILE, load_metrics_log
+from robustmix.training.trainer import WALL_CLOCK_KEYS
 from tests.conftest import launch_two_processes, load_recipe, quick_flags
 from tests.test_trainer import EPS, make_model, make_trainer, subset, weights
 
@@ -246,7 +246,7 @@ import torch
 from robustmix import AdversarialCE, AdversarialStep, Callback, NonFiniteLossError, PGDAttack
 from robustmix.data import DATASETS, load_dataset
 from robustmix.models import create_model, unwrap_model
-from robustmix.trainer import Trainer
+from robustmix.training.trainer import Trainer
 
 
 class PoisonOneRank(Callback):  # a NaN loss on rank 1 only; the gradients stay finite everywhere

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from accelerate.tracking import GeneralTracker, get_available_trackers
 
-from robustmix.console import copy_console
-from robustmix.curves import curve, plot_training_curves
+from robustmix.cli.recipe import TRACKERS
 from robustmix.data import load_dataset
-from robustmix.recipe import TRACKERS
-from robustmix.runs import CURVES_FILE, LOG_FILE, load_metrics_log
+from robustmix.runs.folder import CURVES_FILE, LOG_FILE, load_metrics_log
+from robustmix.training.console import copy_console
+from robustmix.training.curves import curve, plot_training_curves
 from tests.conftest import crash_then_resume, load_recipe, quick_flags
 from tests.test_trainer import make_trainer, subset
 

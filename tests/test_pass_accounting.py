@@ -35,10 +35,10 @@ from robustmix import (
     PGDAttack,
     ProbabilityMargin,
 )
-from robustmix.awp import AWP
-from robustmix.gairat import ScheduledGAIRATWeights
-from robustmix.losses import MARTLoss, TRADESLoss
-from robustmix.sglr import SGLRLabels
+from robustmix.methods.awp import AWP
+from robustmix.methods.gairat import ScheduledGAIRATWeights
+from robustmix.methods.sglr import SGLRLabels
+from robustmix.stages.losses import MARTLoss, TRADESLoss
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 K = 10  # the standard protocol's PGD-10

@@ -1,7 +1,7 @@
 """The statistics of the results page on synthetic reports with known answers: no model, no evaluation.
 
-A synthetic report has what ``robustmix.report`` reads of an ``eval.json``: settings, run, results (with packed
-per-example results, or without them as older reports) and environment.
+A synthetic report has what ``robustmix.evaluation.report`` reads of an ``eval.json``: settings, run, results (with
+packed per-example results, or without them as older reports) and environment.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from robustmix import stats
-from robustmix.report import (
+from robustmix.evaluation import stats
+from robustmix.evaluation.report import (
     pack_bools,
     per_example_results,
     results_page,

@@ -10,9 +10,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from robustmix import AdversarialCE, AdversarialStep, CompositionError, PGDAttack, TRADESLoss
-from robustmix.checkpoint import join_state, split_state
-from robustmix.labels import one_hot
-from robustmix.sglr import SGLRLabels, sglr_targets, sglr_update
+from robustmix.methods.sglr import SGLRLabels, sglr_targets, sglr_update
+from robustmix.runs.checkpoint import join_state, split_state
+from robustmix.stages.labels import one_hot
 from tests.conftest import launch_two_processes
 
 unit = st.floats(0, 1)
@@ -177,10 +177,10 @@ DDP_SCRIPT = textwrap.dedent(
     from accelerate import Accelerator, DistributedDataParallelKwargs
     from torch import nn
     from robustmix import AdversarialCE, AdversarialStep, PGDAttack
-    from robustmix.bilaw import BiLAWWeights
-    from robustmix.margins import MultiClassMargin
-    from robustmix.meta import MetaBatches
-    from robustmix.sglr import SGLRLabels
+    from robustmix.methods.bilaw import BiLAWWeights
+    from robustmix.stages.margins import MultiClassMargin
+    from robustmix.methods.meta import MetaBatches
+    from robustmix.methods.sglr import SGLRLabels
 
     # Two training forwards (clean, adversarial) before one backward: BatchNorm buffers are not broadcast.
     accelerator = Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])

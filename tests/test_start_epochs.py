@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from robustmix.recipe import FIRST_DECAY, epoch_or_first_decay, first_decay_epoch, parse_args, start_epoch
+from robustmix.cli.recipe import FIRST_DECAY, epoch_or_first_decay, first_decay_epoch, parse_args, start_epoch
 from tests.conftest import load_recipe
 
 

@@ -17,12 +17,12 @@ from hypothesis import strategies as st
 from torch import nn
 
 from robustmix import AdversarialCE, AdversarialStep, CompositionError, PGDAttack, sync_buffers
-from robustmix.labels import LabelSmoothing, one_hot, smooth_labels
-from robustmix.losses import MARTLoss, TRADESLoss, classification_loss, mart_loss, trades_loss
-from robustmix.margins import ProbabilityMargin, probability_margin
-from robustmix.runs import load_metrics_log
-from robustmix.sglr import SGLRLabels
-from robustmix.weights import MAILWeights, mail_weights
+from robustmix.methods.sglr import SGLRLabels
+from robustmix.runs.folder import load_metrics_log
+from robustmix.stages.labels import LabelSmoothing, one_hot, smooth_labels
+from robustmix.stages.losses import MARTLoss, TRADESLoss, classification_loss, mart_loss, trades_loss
+from robustmix.stages.margins import ProbabilityMargin, probability_margin
+from robustmix.stages.weights import MAILWeights, mail_weights
 from tests.conftest import launch_two_processes, load_recipe, quick_flags
 
 CLEAN = torch.tensor([[2.0, -1.0, 0.5], [0.1, 0.2, 3.0], [-2.0, 4.0, 1.0], [0.0, 0.0, 0.0]])

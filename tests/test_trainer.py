@@ -16,10 +16,10 @@ from torch.optim.lr_scheduler import MultiStepLR, OneCycleLR
 
 from robustmix import AdversarialCE, AdversarialStep, Callback, PGDAttack, Stage
 from robustmix.data import DATASETS, ImageDataset, load_dataset
-from robustmix.losses import classification_loss
 from robustmix.models import create_model, unwrap_model
-from robustmix.runs import BEST_DIR, METRICS_FILE, MODEL_FILE, load_metrics_log
-from robustmix.trainer import WALL_CLOCK_KEYS, EpochBatches, Trainer, batches_per_epoch, training_forwards
+from robustmix.runs.folder import BEST_DIR, METRICS_FILE, MODEL_FILE, load_metrics_log
+from robustmix.stages.losses import classification_loss
+from robustmix.training.trainer import WALL_CLOCK_KEYS, EpochBatches, Trainer, batches_per_epoch, training_forwards
 from tests.conftest import launch_two_processes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -382,9 +382,9 @@ import torch
 from safetensors.torch import save_file
 from robustmix import AdversarialStep, Callback, PGDAttack, Stage
 from robustmix.data import DATASETS, load_dataset
-from robustmix.losses import classification_loss
+from robustmix.stages.losses import classification_loss
 from robustmix.models import create_model, unwrap_model
-from robustmix.trainer import Trainer
+from robustmix.training.trainer import Trainer
 
 
 class CleanAndAdversarialCE(Callback):  # TRADES-like: two training forwards before one backward
@@ -451,7 +451,7 @@ def test_two_processes_train_resume_and_agree(tmp_path):
 
 def test_only_host_datasets_are_pinned():
     """A dataset already on the accelerator (--data-on-device) cannot be pinned; the loader must not try."""
-    from robustmix.trainer import _on_host
+    from robustmix.training.trainer import _on_host
 
     data = load_dataset("digits", "validation")
     assert _on_host(data) and _on_host(list(range(3)))

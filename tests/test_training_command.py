@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from robustmix.recipe import PRESETS
+from robustmix.cli.recipe import PRESETS
 from tests.conftest import load_recipe
 
 RECIPES = ["pgd_at", "fgsm_rs", "trades", "mart", "mail", "awp", "gairat", "sglr", "caat", "bilaw", "adalab"]

@@ -10,10 +10,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 from robustmix import AdversarialCE, AdversarialStep, PGDAttack
-from robustmix.context import StepContext
-from robustmix.losses import classification_loss, weighted_mean
-from robustmix.margins import ProbabilityMargin
-from robustmix.weights import (
+from robustmix.core.context import StepContext
+from robustmix.stages.losses import classification_loss, weighted_mean
+from robustmix.stages.margins import ProbabilityMargin
+from robustmix.stages.weights import (
     GAIRAT_KINDS,
     MAIL_SCALE,
     AdaLabWeights,

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from robustmix import Callback, Stage, StepContext
-from robustmix.weights import normalize_weights
+from robustmix.stages.weights import normalize_weights
 
 
 def confident_mistake_weights(logits: Tensor, targets: Tensor, threshold: float, floor: float) -> Tensor:

@@ -9,10 +9,10 @@ import argparse
 from transformers import TrainingArguments
 
 from robustmix import AdaLabLabels, AdaLabWeights, AdversarialCE, AdversarialStep, PGDAttack, ProbabilityMargin
-from robustmix.anti import AdversarysAdversary
 from robustmix.data import load_dataset
 from robustmix.integrations.hf import AdversarialTrainer
 from robustmix.models import create_model
+from robustmix.stages.anti import AdversarysAdversary
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

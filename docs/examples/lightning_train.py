@@ -12,11 +12,11 @@ import lightning.pytorch as pl
 import torch
 
 from robustmix import AdaLabLabels, AdaLabWeights, AdversarialCE, AdversarialStep, PGDAttack, ProbabilityMargin
-from robustmix.anti import AdversarysAdversary
+from robustmix.cli.recipe import warmup_cosine
 from robustmix.data import load_dataset
 from robustmix.integrations.lightning import AdversarialModule
 from robustmix.models import create_model
-from robustmix.recipe import warmup_cosine
+from robustmix.stages.anti import AdversarysAdversary
 
 
 def sgd_with_warmup_cosine(module: AdversarialModule) -> dict:

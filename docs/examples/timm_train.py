@@ -16,9 +16,9 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import AverageMeter, ModelEmaV3
 
 from robustmix import AdaLabLabels, AdaLabWeights, AdversarialCE, AdversarialStep, PGDAttack, ProbabilityMargin
-from robustmix.anti import AdversarysAdversary  # robustmix
 from robustmix.data import load_dataset
 from robustmix.models import create_model  # robustmix: normalization inside the model
+from robustmix.stages.anti import AdversarysAdversary  # robustmix
 
 
 def train_one_epoch(epoch, model, loader, optimizer, step, lr_scheduler, num_epochs, model_ema=None):

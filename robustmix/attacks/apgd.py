@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from robustmix.attacks.objectives import Objective, cross_entropy, dlr, targeted_dlr
 from robustmix.attacks.pgd import DEFAULT_LOSS_SCALE, Norm, _check, _flat_norm, check_eps, project, random_start
-from robustmix.modes import BNMode, check_bn_mode, model_mode
+from robustmix.core.modes import BNMode, check_bn_mode, model_mode
 
 APGDLoss = Literal["ce", "dlr", "targeted_dlr"]
 #: One run's result: ``(x_out [B, ...], fooled [B] bool, best loss [B])``.

@@ -16,9 +16,9 @@ from robustmix.attacks.pgd import (
     check_loss_scale,
     perturb,
 )
-from robustmix.callbacks import Callback
-from robustmix.context import Stage, StepContext
-from robustmix.modes import BNMode, check_bn_mode
+from robustmix.core.callbacks import Callback
+from robustmix.core.context import Stage, StepContext
+from robustmix.core.modes import BNMode, check_bn_mode
 
 
 def _is_number(value: object) -> bool:

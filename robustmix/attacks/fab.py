@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from robustmix.attacks.apgd import _usable, ranked_targets
 from robustmix.attacks.pgd import DEFAULT_LOSS_SCALE, _check, check_eps
-from robustmix.modes import BNMode, check_bn_mode, model_mode
+from robustmix.core.modes import BNMode, check_bn_mode, model_mode
 
 
 def fab_targeted(

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from robustmix.attacks.objectives import get_objective
-from robustmix.modes import BNMode, check_bn_mode, model_mode
+from robustmix.core.modes import BNMode, check_bn_mode, model_mode
 
 Norm = Literal["linf", "l2"]
 Start = Literal["uniform", "normal", "none"]

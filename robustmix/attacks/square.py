@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from robustmix.attacks.objectives import cw_margin
 from robustmix.attacks.pgd import check_eps
-from robustmix.modes import BNMode, model_mode
+from robustmix.core.modes import BNMode, model_mode
 
 #: Iterations after which ``p`` halves once more (on the 10,000-query scale when the schedule is rescaled).
 _P_HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)

@@ -19,8 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from robustmix.attacks import pgd
-from robustmix.step import AdversarialStep
-from robustmix.trainer import _attack_eps as attack_eps
+from robustmix.core.step import AdversarialStep
+from robustmix.training.trainer import _attack_eps as attack_eps
 
 __all__ = ["attack_eps", "check_mixed_precision", "monitor_logits", "robustmix_batch"]
 

@@ -49,12 +49,12 @@ from torch import Tensor, nn
 from transformers import EvalPrediction, Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from robustmix.checkpoint import CALLBACK_TENSORS, CALLBACK_VALUES, join_state, split_state
-from robustmix.distributed import sync_buffers
+from robustmix.core.step import AdversarialStep
 from robustmix.integrations import attack_eps, check_mixed_precision, monitor_logits, robustmix_batch
 from robustmix.models import unwrap_model
-from robustmix.step import AdversarialStep
-from robustmix.trainer import mix_seed, training_forwards
+from robustmix.runs.checkpoint import CALLBACK_TENSORS, CALLBACK_VALUES, join_state, split_state
+from robustmix.training.distributed import sync_buffers
+from robustmix.training.trainer import mix_seed, training_forwards
 
 
 def robust_accuracy(prediction: EvalPrediction) -> dict[str, float]:

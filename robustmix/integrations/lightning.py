@@ -42,10 +42,10 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from robustmix.distributed import sync_buffers
+from robustmix.core.step import AdversarialStep
 from robustmix.integrations import attack_eps, check_mixed_precision, monitor_logits, robustmix_batch
-from robustmix.step import AdversarialStep
-from robustmix.trainer import mix_seed
+from robustmix.training.distributed import sync_buffers
+from robustmix.training.trainer import mix_seed
 
 #: Key of the callbacks' state in Lightning's checkpoint dict.
 CHECKPOINT_KEY = "robustmix_callbacks"

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from robustmix.callbacks import Callback
-from robustmix.context import INPUT_FIELDS, Stage, StepContext
-from robustmix.weights import _check_burn_in, boundary_importance
+from robustmix.core.callbacks import Callback
+from robustmix.core.context import INPUT_FIELDS, Stage, StepContext
+from robustmix.stages.weights import _check_burn_in, boundary_importance
 
 #: Shapes ``s(m)`` of ADA-Lab's interpolation ``lam = lam_max * s(m)``, both non-increasing from 1 to 0.
 SCHEDULES = ("linear", "tanh")

@@ -17,7 +17,7 @@ from enum import IntEnum
 import torch
 from torch import Tensor, nn
 
-from robustmix.modes import model_mode
+from robustmix.core.modes import model_mode
 
 
 class Stage(IntEnum):

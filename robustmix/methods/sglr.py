@@ -20,9 +20,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from robustmix.callbacks import Callback
-from robustmix.context import Stage, StepContext
-from robustmix.labels import _check_unit, one_hot
+from robustmix.core.callbacks import Callback
+from robustmix.core.context import Stage, StepContext
+from robustmix.stages.labels import _check_unit, one_hot
 
 
 def sglr_update(

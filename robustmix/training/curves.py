@@ -2,7 +2,7 @@
 
     plot_training_curves({"pgd_at seed 0": load_metrics_log(run_dir)}, run_dir / "curves.png")
 
-The rows are those of a run's ``metrics.jsonl`` (``robustmix.runs.load_metrics_log``); each panel draws,
+The rows are those of a run's ``metrics.jsonl`` (``robustmix.runs.folder.load_metrics_log``); each panel draws,
 per run, the rows that hold its value at their optimizer step. Validation of EMA weights (``val_ema_*``),
 where a run has it, is drawn dashed beside the raw weights'. matplotlib (``pip install 'robustmix[plot]'``)
 is imported inside ``plot_training_curves`` only, on the Agg canvas: no pyplot state, no display.

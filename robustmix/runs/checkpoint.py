@@ -5,7 +5,7 @@ A checkpoint is a folder ``checkpoints/step_<N>/`` holding
 - ``model.safetensors``: the model's weights (``state_dict`` of the unwrapped model);
 - ``model_ema.safetensors``: the moving average of the weights, for a run that keeps one;
 - ``optimizer``, ``scheduler`` (when there is an lr scheduler) and ``scaler`` (the fp16 GradScaler): each a
-  ``.safetensors`` file with its tensors and a ``.json`` file with the rest (``robustmix.safestate``);
+  ``.safetensors`` file with its tensors and a ``.json`` file with the rest (``robustmix.runs.safestate``);
 - ``rng_<rank>``: every process's RNG states (Python, NumPy, torch, and the accelerator's), the same way;
 - ``callbacks.safetensors`` and ``callbacks.json``: the callbacks' ``state_dict()`` (tensors, then the
   plain values);
@@ -54,7 +54,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 import robustmix
 from robustmix.models import unwrap_model
-from robustmix.safestate import load_state, save_state, state_files
+from robustmix.runs.safestate import load_state, save_state, state_files
 
 MODEL = "model.safetensors"
 EMA_MODEL = "model_ema.safetensors"

@@ -15,9 +15,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from robustmix.callbacks import Callback
-from robustmix.context import Stage, StepContext
-from robustmix.margins import _check_steps
+from robustmix.core.callbacks import Callback
+from robustmix.core.context import Stage, StepContext
+from robustmix.stages.margins import _check_steps
 
 #: GAIRAT's weight functions of kappa.
 GAIRAT_KINDS = ("tanh", "sigmoid", "discrete")
@@ -86,7 +86,7 @@ def mail_weights(margin_pm: Tensor, bias: float = -1.5, slope: float = 1.0, *, n
 
     Args:
         margin_pm: MAIL's probability margin ``PM = max_{k != y} p_k - p_y`` ``[B]`` in [-1, 1]:
-            the *negative* of ``robustmix.margins.probability_margin``, positive when misclassified.
+            the *negative* of ``robustmix.stages.margins.probability_margin``, positive when misclassified.
         bias: Shift, -1.5 by default.
         slope: Steepness (>= 0), 1 by default; weights increase with ``PM``.
         normalize: Scale to batch mean 1, where the factor 3 cancels (like every robustmix reweighter).

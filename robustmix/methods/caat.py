@@ -11,7 +11,7 @@ weight the TRADES term's two parts:
 with ``x_adv`` from TRADES-KL ascent and ``x_anti`` from CE descent, both inside the per-sample ball
 ``B(x, eps * c_{y_i})``. ``(alpha, beta) = softmax(MLP(BN(z)) / 0.001)`` of six detached features
 ``z`` of the clean logits; the MLP is trained every ``meta_every`` steps by a one-step lookahead
-(``robustmix.meta``) whose outer loss is the same loss at ``alpha = beta = 1`` on a held-out meta
+(``robustmix.methods.meta``) whose outer loss is the same loss at ``alpha = beta = 1`` on a held-out meta
 batch, with the meta batch's own adversary and anti-adversary (``meta_objective="caat"``), or its
 clean CE (``"clean"``). ``ReMarginBudget`` updates ``c``, ``w0`` and ``w1`` before every epoch from
 class-wise errors on held-out data (Fair Robust Learning's rule).
@@ -39,13 +39,13 @@ from torch.optim import Optimizer
 
 from robustmix.attacks.objectives import kl_divergence
 from robustmix.attacks.pgd import check_eps, pgd
-from robustmix.callbacks import Callback
-from robustmix.context import Stage, StepContext
-from robustmix.labels import one_hot
-from robustmix.margins import probability_margin
-from robustmix.meta import LookaheadReweighter, VirtualModel, functional_forward, virtual_sgd_step
+from robustmix.core.callbacks import Callback
+from robustmix.core.context import Stage, StepContext
+from robustmix.core.modes import model_mode
+from robustmix.methods.meta import LookaheadReweighter, VirtualModel, functional_forward, virtual_sgd_step
 from robustmix.models import unwrap_model
-from robustmix.modes import model_mode
+from robustmix.stages.labels import one_hot
+from robustmix.stages.margins import probability_margin
 
 #: Number of CAAT's per-sample features (see ``caat_features``).
 NUM_FEATURES = 6

@@ -138,7 +138,7 @@ def check_trainer_arguments(
         ValueError: the model's classes or input channels differ from the step's or the data's; the optimizer
             holds none of the model's parameters; ``val_data`` is empty; ``output_dir`` is a file.
     """
-    from robustmix.step import AdversarialStep  # the step module imports this one
+    from robustmix.core.step import AdversarialStep  # the step module imports this one
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")

@@ -16,8 +16,8 @@ import torch
 from torch import Tensor
 
 from robustmix.attacks.objectives import cw_margin
-from robustmix.callbacks import Callback
-from robustmix.context import INPUT_FIELDS, Stage, StepContext
+from robustmix.core.callbacks import Callback
+from robustmix.core.context import INPUT_FIELDS, Stage, StepContext
 
 
 def logit_margin(logits: Tensor, y: Tensor, scale: float | None = None) -> Tensor:

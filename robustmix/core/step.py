@@ -19,10 +19,10 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from robustmix.callbacks import Callback, CompositionError, check_composition
-from robustmix.context import StepContext
+from robustmix.core.callbacks import Callback, CompositionError, check_composition
+from robustmix.core.context import StepContext
+from robustmix.core.validation import check_batch, check_model_input, check_step_position
 from robustmix.models import unwrap_model
-from robustmix.validation import check_batch, check_model_input, check_step_position
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 
@@ -128,7 +128,7 @@ class AdversarialStep:
             The scalar loss (backpropagate it) and the step's ``StepContext``.
 
         Raises:
-            TypeError: a tensor of the wrong dtype (see ``robustmix.validation``).
+            TypeError: a tensor of the wrong dtype (see ``robustmix.core.validation``).
             ValueError: a bad batch, index, position (``epoch``...), a model with other classes than
                 ``num_classes``, or one example for a model with BatchNorm in train mode; raised before any
                 forward.

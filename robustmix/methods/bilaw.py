@@ -25,10 +25,10 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from robustmix.attacks.pgd import check_eps, pgd
-from robustmix.context import Stage, StepContext
-from robustmix.labels import one_hot
-from robustmix.meta import LookaheadReweighter, functional_forward, virtual_sgd_step
-from robustmix.weights import normalize_weights
+from robustmix.core.context import Stage, StepContext
+from robustmix.methods.meta import LookaheadReweighter, functional_forward, virtual_sgd_step
+from robustmix.stages.labels import one_hot
+from robustmix.stages.weights import normalize_weights
 
 #: Output activations of the weight net: both keep weights positive.
 OUTPUTS = ("softplus", "sigmoid")

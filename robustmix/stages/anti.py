@@ -16,10 +16,10 @@ from torch import Tensor, nn
 
 from robustmix.attacks.callbacks import _check_budget, count_compiled_passes
 from robustmix.attacks.pgd import DEFAULT_LOSS_SCALE, NORMS, STARTS, Norm, Start, perturb
-from robustmix.callbacks import Callback
-from robustmix.context import Stage, StepContext
-from robustmix.modes import BNMode, check_bn_mode
-from robustmix.weights import _check_burn_in
+from robustmix.core.callbacks import Callback
+from robustmix.core.context import Stage, StepContext
+from robustmix.core.modes import BNMode, check_bn_mode
+from robustmix.stages.weights import _check_burn_in
 
 
 def _budget(ctx: StepContext) -> float | Tensor:

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from robustmix.attacks.objectives import kl_divergence
-from robustmix.callbacks import Callback
-from robustmix.context import INPUT_FIELDS, Stage, StepContext
+from robustmix.core.callbacks import Callback
+from robustmix.core.context import INPUT_FIELDS, Stage, StepContext
 
 #: MART's constants, as in its released code: ``-log(1.0001 - max_{k != y} p_k + 1e-12)`` stays at most
 #: ``-log(1e-4)`` when the wrong class takes all the mass, ``log(p + 1e-12)`` is finite where ``p = 0``,

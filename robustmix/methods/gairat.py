@@ -1,6 +1,6 @@
 """GAIRAT's lambda schedule: plain AT during a burn-in, then the geometry-aware weights.
 
-The weights themselves are ``robustmix.weights.gairat_weights`` of the attack's ``kappa``
+The weights themselves are ``robustmix.stages.weights.gairat_weights`` of the attack's ``kappa``
 (``PGDAttack(track_kappa=True)``, no extra forward). The released code (Zhang et al., ICLR 2021)
 keeps ``lam = +inf`` (uniform weights: PGD-AT) before its ``begin_epoch`` and then either fixes
 ``lam`` (its default, ``"fixed"``) or lowers it linearly with the epoch (``"linear"``).
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import math
 
-from robustmix.context import StepContext
-from robustmix.weights import GAIRATWeights, _check_burn_in
+from robustmix.core.context import StepContext
+from robustmix.stages.weights import GAIRATWeights, _check_burn_in
 
 #: ``"fixed"``: ``lam`` from the burn-in on (the released default); ``"linear"``:
 #: ``lam_max - (e + 1) / E * (lam_max - lam)`` at 0-based epoch ``e`` of ``E``.

@@ -40,7 +40,12 @@ from tqdm.auto import tqdm
 
 from robustmix.attacks import pgd
 from robustmix.attacks.pgd import check_eps
-from robustmix.checkpoint import (
+from robustmix.core.modes import model_mode
+from robustmix.core.step import MIXED_PRECISION, AdversarialStep
+from robustmix.core.validation import check_trainer_arguments
+from robustmix.data import augment_cifar, make_dataloader
+from robustmix.models import unwrap_model
+from robustmix.runs.checkpoint import (
     CheckpointError,
     atomic_save_weights,
     atomic_write_json,
@@ -51,10 +56,7 @@ from robustmix.checkpoint import (
     restore_checkpoint,
     save_checkpoint,
 )
-from robustmix.data import augment_cifar, make_dataloader
-from robustmix.models import unwrap_model
-from robustmix.modes import model_mode
-from robustmix.runs import (
+from robustmix.runs.folder import (
     BEST_DIR,
     CHECKPOINTS_DIR,
     EMA_MODEL_FILE,
@@ -63,8 +65,6 @@ from robustmix.runs import (
     MODEL_FILE,
     drop_results_after,
 )
-from robustmix.step import MIXED_PRECISION, AdversarialStep
-from robustmix.validation import check_trainer_arguments
 
 # Independent random streams derived from the run seed.
 _ORDER_STREAM, _AUGMENT_STREAM, _EVAL_STREAM = 0, 1, 2
@@ -309,7 +309,7 @@ class Trainer:
         checkpoint_every: Save a checkpoint every this many epochs (``None``: never by epoch).
         checkpoint_every_steps: Save a checkpoint every this many steps (``None``: never by step).
         keep_checkpoints: Keep only this many most recent checkpoints (by step); ``None`` keeps all.
-        output_dir: Run folder (see ``robustmix.runs``); ``None`` writes nothing, not even checkpoints.
+        output_dir: Run folder (see ``robustmix.runs.folder``); ``None`` writes nothing, not even checkpoints.
         seed: Seed (>= 0) of the data order, augmentation, evaluation starts and, at a fresh start, of the
             global RNGs (offset by the process index) that attacks and dropout draw from.
         augment: Random crop (4-pixel padding) and horizontal flip of every training batch, on the device.

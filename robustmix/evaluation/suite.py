@@ -10,7 +10,7 @@ standard set, in its order (the differences in detail are listed in docs/recipes
 AutoAttack, and results name the attacks they ran.
 
 ``evaluate_run`` applies all of it to a training run folder, on one process or many, and writes a
-report (``eval.json`` with every setting, ``eval.md``, plots; see ``robustmix.report``).
+report (``eval.json`` with every setting, ``eval.md``, plots; see ``robustmix.evaluation.report``).
 """
 
 from __future__ import annotations
@@ -41,20 +41,20 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 import robustmix
-from robustmix import report as reports
 from robustmix.attacks.apgd import apgd, apgd_targeted
 from robustmix.attacks.fab import fab_targeted
 from robustmix.attacks.objectives import get_objective
 from robustmix.attacks.pgd import perturb
 from robustmix.attacks.square import square_attack
-from robustmix.checkpoint import atomic_write_json, atomic_write_text, file_sha256
+from robustmix.cli.recipe import device_name, nonnegative_int, nonnegative_number, positive_int
+from robustmix.core.modes import BNMode, model_mode
+from robustmix.core.step import MIXED_PRECISION
+from robustmix.core.validation import check_batch, check_model_input
 from robustmix.data import SPLITS, ImageDataset, load_dataset
-from robustmix.margins import probability_margin
-from robustmix.modes import BNMode, model_mode
-from robustmix.recipe import device_name, nonnegative_int, nonnegative_number, positive_int
-from robustmix.runs import CONFIG_FILE, WEIGHTS, load_config, load_model, missing_weights, read_json
-from robustmix.step import MIXED_PRECISION
-from robustmix.validation import check_batch, check_model_input
+from robustmix.evaluation import report as reports
+from robustmix.runs.checkpoint import atomic_write_json, atomic_write_text, file_sha256
+from robustmix.runs.folder import CONFIG_FILE, WEIGHTS, load_config, load_model, missing_weights, read_json
+from robustmix.stages.margins import probability_margin
 
 #: ``fn(model, x, y, *, eps, seed, **kwargs) -> x_adv``.
 AttackFn = Callable[..., Tensor]
@@ -148,7 +148,7 @@ def evaluate_run(
     (``eval_margins.png``). It prints a summary and, when a sanity check fails, a WARNING block (stderr).
 
     Args:
-        run_dir: A training run's folder (see ``robustmix.runs``).
+        run_dir: A training run's folder (see ``robustmix.runs.folder``).
         attacks: Names in ``ATTACKS`` or specs, run in this order.
         eps: L-inf radius in pixels in [0, 1]; defaults to the eps the run trained with.
         n_examples: Evaluate the first this many examples of the split; defaults to all of them.
@@ -178,7 +178,7 @@ def evaluate_run(
     Returns:
         The report as written to ``output``: ``"settings"`` (what was run), ``"run"`` (what was evaluated),
             ``"results"`` (as ``worst_case`` returns them; the per-example results packed, clean, worst case and
-            each attack alone: see ``robustmix.report.per_example_results``), ``"eps_sweep"``
+            each attack alone: see ``robustmix.evaluation.report.per_example_results``), ``"eps_sweep"``
             (``"eps"``, per-attack ``"standalone"`` and ``"worst_case"`` accuracies, one per eps),
             ``"margins"`` (histograms), ``"sanity_flags"``, ``"environment"`` (versions, device, processes,
             date) and ``"files"`` (names of the table and plots next to ``output``).
@@ -571,7 +571,7 @@ def check_run(run_dir: str | Path, weights: Literal["final", "best", "ema"] = "f
     file is named here; ``load_model`` reads the tensors.
 
     Returns:
-        The run's config (``robustmix.runs.load_config``) and the path of its weights file.
+        The run's config (``robustmix.runs.folder.load_config``) and the path of its weights file.
 
     Raises:
         FileNotFoundError: The folder, its config.json or the weights file does not exist.
@@ -904,7 +904,7 @@ def _combine(records: list[dict[str, Any]], specs: list[AttackSpec], eps: float)
         "worst_case": _accuracy(robust),
         "attacked": {name: sum(record["attacked"][name] for record in records) for name in names},
         "loss_trace": {},
-        # The first n examples of the split, decoded by robustmix.report.per_example_results.
+        # The first n examples of the split, decoded by robustmix.evaluation.report.per_example_results.
         "per_example": {
             "n": len(correct),
             "indices": {"start": 0, "stop": len(correct)},

@@ -26,9 +26,9 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.optim import SGD, Adam, Optimizer
 
-from robustmix.callbacks import Callback
-from robustmix.context import StepContext
-from robustmix.modes import BNMode, model_mode
+from robustmix.core.callbacks import Callback
+from robustmix.core.context import StepContext
+from robustmix.core.modes import BNMode, model_mode
 
 
 def _torch_optimizer(optimizer: Optimizer) -> Optimizer:
@@ -108,7 +108,7 @@ class VirtualModel(nn.Module):
     """``model`` run with the (detached) parameters of a virtual step: an attack target at ``theta'``.
 
     Attacks and eval-mode forwards see the virtual model as any other module: its mode is ``model``'s
-    (``robustmix.modes.model_mode`` sets and restores it), its buffers are ``model``'s own, and no
+    (``robustmix.core.modes.model_mode`` sets and restores it), its buffers are ``model``'s own, and no
     gradient reaches ``params`` or the weight net through it.
 
     Args:

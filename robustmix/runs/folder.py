@@ -39,8 +39,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from robustmix.checkpoint import list_checkpoints
 from robustmix.models import build_from_config, check_model_config
+from robustmix.runs.checkpoint import list_checkpoints
 
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.safetensors"

@@ -25,10 +25,10 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from robustmix.attacks.pgd import DEFAULT_LOSS_SCALE
-from robustmix.callbacks import Callback
-from robustmix.context import Stage, StepContext
-from robustmix.losses import _check_beta, classification_loss, trades_loss
-from robustmix.modes import model_mode
+from robustmix.core.callbacks import Callback
+from robustmix.core.context import Stage, StepContext
+from robustmix.core.modes import model_mode
+from robustmix.stages.losses import _check_beta, classification_loss, trades_loss
 
 #: Training losses whose ascent sets the perturbation: PGD-AT's CE on ``x_adv``, or TRADES' loss.
 AWP_LOSSES = ("ce", "trades")

@@ -31,7 +31,7 @@ from sklearn.model_selection import train_test_split
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from robustmix.idx import find_idx_files, read_idx_split
+from robustmix.data.idx import find_idx_files, read_idx_split
 
 SPLITS = ("train", "validation", "test")
 CIFAR_PAD = 4

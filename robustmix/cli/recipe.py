@@ -11,7 +11,7 @@ A recipe is a short script: its own flags (if any), the callbacks of its method,
 
 ``run_recipe`` loads the data, builds the model, optimizer and lr schedule, trains with
 ``Trainer``, evaluates the final (and best) weights on the test split and writes
-the run folder described in ``robustmix.runs``.
+the run folder described in ``robustmix.runs.folder``.
 
 A recipe's own flags take the same argparse types as the shared ones, so a bad value is a one-line error
 before any work: ``number`` (``0.1`` or ``8/255``, never NaN), ``positive_number``, ``nonnegative_number``,
@@ -51,13 +51,13 @@ from torch.optim import SGD, AdamW, Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, MultiStepLR
 
 import robustmix
-from robustmix.callbacks import Callback
-from robustmix.checkpoint import CheckpointError, atomic_write_json, list_checkpoints, resolve_checkpoint
-from robustmix.console import copy_console
+from robustmix.core.callbacks import Callback
+from robustmix.core.modes import BN_MODES
+from robustmix.core.step import MIXED_PRECISION, AdversarialStep
 from robustmix.data import DATASETS, ImageDataset, check_disjoint, load_dataset
 from robustmix.models import create_model, model_config, unwrap_model
-from robustmix.modes import BN_MODES
-from robustmix.runs import (
+from robustmix.runs.checkpoint import CheckpointError, atomic_write_json, list_checkpoints, resolve_checkpoint
+from robustmix.runs.folder import (
     BEST_DIR,
     CHECKPOINTS_DIR,
     CONFIG_FILE,
@@ -77,8 +77,8 @@ from robustmix.runs import (
     recorded_flags,
     replacing_run,
 )
-from robustmix.step import MIXED_PRECISION, AdversarialStep
-from robustmix.trainer import NONFINITE_POLICIES, Trainer, batches_per_epoch
+from robustmix.training.console import copy_console
+from robustmix.training.trainer import NONFINITE_POLICIES, Trainer, batches_per_epoch
 
 #: Seed of the validation hold-out: the same train/validation split for every run seed, so runs differ
 #: only in their training randomness.
@@ -680,7 +680,7 @@ def _check_resumed_flags(
     parser: argparse.ArgumentParser, args: argparse.Namespace, recipe_defaults: dict[str, Any]
 ) -> None:
     """Exit (``parser.error``) unless every flag that decides what the run computes is the one its config.json
-    recorded (``robustmix.runs.flag_differences``): a resumed run continues one computation."""
+    recorded (``robustmix.runs.folder.flag_differences``): a resumed run continues one computation."""
     output = Path(args.output_dir)
 
     def default(name: str) -> Any:  # the value a run that predates the flag ran with
@@ -887,7 +887,7 @@ def _run_recipe(
 def _plot_curves(args: argparse.Namespace, output: Path, attack: dict[str, Any]) -> None:
     """Write the run's training curves (``curves.png``), or say in one line why not (no matplotlib)."""
     try:
-        from robustmix.curves import plot_training_curves
+        from robustmix.training.curves import plot_training_curves
 
         plot_training_curves(
             {f"{args.recipe} seed {args.seed}": load_metrics_log(output)}, output / CURVES_FILE,

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
-from robustmix.context import FIELDS, INPUT_FIELDS, MULTI_WRITER_FIELDS, Stage, StepContext
+from robustmix.core.context import FIELDS, INPUT_FIELDS, MULTI_WRITER_FIELDS, Stage, StepContext
 
 if TYPE_CHECKING:
     from torch.optim import Optimizer

@@ -1,0 +1,1 @@
+"""The command-line layer the recipes share: argparse types, presets, optimizer and scheduler, the fit path."""
