@@ -41,7 +41,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import random
 import statistics
 import sys
@@ -75,10 +74,10 @@ from robustmix import (
     ProbabilityMargin,
 )
 from robustmix.attacks import perturb
-from robustmix.cli.recipe import cpu_name
 from robustmix.core.callbacks import Callback
 from robustmix.methods.sglr import SGLRLabels
 from robustmix.models import create_model
+from robustmix.runs.environment import cpu_name, versions
 from robustmix.stages.losses import MARTLoss, TRADESLoss
 
 #: ``--model`` shortcuts; any other value is a timm model name.
@@ -458,8 +457,7 @@ def _environment(device: torch.device) -> dict[str, object]:
     env: dict[str, object] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "python " + " ".join(sys.argv),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
+        **versions(),
         "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),

@@ -45,9 +45,9 @@ import argparse
 from typing import Any
 
 from robustmix import AdversarialCE, PGDAttack
+from robustmix.cli.args import bounded
 from robustmix.cli.recipe import (
     RecipeInfo,
-    _bounded,
     base_parser,
     nonnegative_int,
     nonnegative_number,
@@ -141,14 +141,14 @@ def parser() -> argparse.ArgumentParser:
         "--target-source", choices=tuple(TARGET_SOURCES), default="aa",
         help="prediction the label is built from: aa (x_aa), adv (x_adv) or clean (x) (default: aa)",
     )  # fmt: skip
-    add("--lam-max", type=_bounded(number, 0), default=0.5, help="largest interpolation, in [0, 1] (default: 0.5)")
+    add("--lam-max", type=bounded(number, 0), default=0.5, help="largest interpolation, in [0, 1] (default: 0.5)")
     add("--temperature", type=positive_number, default=1.0, help="softmax temperature T of the label (default: 1)")
     add("--burn-in", type=nonnegative_int, help="epochs of plain PGD-AT first (default: a third of --epochs)")
     add(
         "--weighting", choices=WEIGHTINGS, default="adalab",
         help="importance weights: adalab (sharpness c), MAIL's curve, or none (default: adalab)",
     )  # fmt: skip
-    add("--importance-c", type=_bounded(number, 0), default=5.0, help="c of --weighting adalab (default: 5)")
+    add("--importance-c", type=bounded(number, 0), default=5.0, help="c of --weighting adalab (default: 5)")
     add("--base", choices=BASES, default="at", help="PGD-AT's attack and loss, or TRADES' (default: at)")
     add("--beta", type=nonnegative_number, help=f"TRADES' KL weight, with --base trades (default: {DEFAULT_BETA:g})")
     return p

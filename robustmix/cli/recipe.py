@@ -30,16 +30,13 @@ import hashlib
 import json
 import math
 import os
-import platform
 import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-import accelerate
 import timm
 import torch
 import yaml
@@ -51,12 +48,22 @@ from torch.optim import SGD, AdamW, Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, MultiStepLR
 
 import robustmix
+from robustmix.cli.args import (
+    FIRST_DECAY,
+    MAX_SEED,
+    nonnegative_int,
+    nonnegative_number,
+    positive_int,
+    positive_number,
+    seed_int,
+)
 from robustmix.core.callbacks import Callback
 from robustmix.core.modes import BN_MODES
 from robustmix.core.step import MIXED_PRECISION, AdversarialStep
 from robustmix.data import DATASETS, ImageDataset, check_disjoint, load_dataset
 from robustmix.models import create_model, model_config, unwrap_model
 from robustmix.runs.checkpoint import CheckpointError, atomic_write_json, list_checkpoints, resolve_checkpoint
+from robustmix.runs.environment import device_name, versions
 from robustmix.runs.folder import (
     BEST_DIR,
     CHECKPOINTS_DIR,
@@ -205,61 +212,6 @@ BuildCallbacks = Callable[[argparse.Namespace, RecipeInfo], Sequence[Callback]]
 
 
 # ---------------------------------------------------------------------- command line
-
-
-def number(text: str) -> float:
-    """A float or a fraction such as ``8/255``; not NaN (it fails every comparison, so no range check sees it)."""
-    try:
-        value = float(Fraction(text)) if "/" in text else float(text)
-    except (ValueError, ZeroDivisionError) as err:
-        raise argparse.ArgumentTypeError(f"expected a number such as 0.1 or 8/255, got {text!r}") from err
-    if math.isnan(value):
-        raise argparse.ArgumentTypeError(f"expected a number such as 0.1 or 8/255, got {text!r}")
-    return value
-
-
-def _bounded(kind: Callable[[str], float | int], low: float, *, strict: bool = False) -> Callable[[str], Any]:
-    def parse(text: str) -> float | int:
-        try:
-            value = kind(text)
-        except ValueError as err:
-            raise argparse.ArgumentTypeError(f"expected {kind.__name__.strip('_')}, got {text!r}") from err
-        if not math.isfinite(value) or value < low or (strict and value == low):
-            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low:g}, got {text}")
-        return value
-
-    parse.__name__ = kind.__name__
-    return parse
-
-
-#: argparse type: an integer >= 1.
-positive_int = _bounded(int, 1)
-#: argparse type: an integer >= 0.
-nonnegative_int = _bounded(int, 0)
-#: argparse type: a finite number > 0 (``number``'s forms).
-positive_number = _bounded(number, 0, strict=True)
-#: argparse type: a finite number >= 0 (``number``'s forms).
-nonnegative_number = _bounded(number, 0)
-
-#: The largest ``--seed``: NumPy takes seeds below 2**32, and Accelerate seeds each process with seed + its index.
-MAX_SEED = 2**31 - 1
-
-
-def seed_int(text: str) -> int:
-    """argparse type of ``--seed``: an integer in [0, ``MAX_SEED``]."""
-    value = nonnegative_int(text)
-    if value > MAX_SEED:
-        raise argparse.ArgumentTypeError(f"must be <= {MAX_SEED} (2**31 - 1), got {text}")
-    return value
-
-
-#: The value of a method's start-epoch flag that means the epoch of the lr schedule's first drop.
-FIRST_DECAY = "first-decay"
-
-
-def epoch_or_first_decay(text: str) -> int | str:
-    """argparse type of a start-epoch flag: an epoch (integer >= 0) or ``first-decay``."""
-    return FIRST_DECAY if text == FIRST_DECAY else nonnegative_int(text)
 
 
 def first_decay_epoch(args: argparse.Namespace) -> int | None:
@@ -712,23 +664,6 @@ def _check_resumed_flags(
 # ---------------------------------------------------------------------- the shared fit path
 
 
-def device_name(device: torch.device) -> str:
-    """The GPU's name (e.g. ``"NVIDIA H100 80GB HBM3"``), or the device type with the CPU's model (e.g.
-    ``"cpu (AMD EPYC)"``): the same seeded run gives other numbers on another CPU model."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{device.type} ({cpu_name()})" if device.type == "cpu" else device.type
-
-
-def cpu_name() -> str:
-    """The CPU's model name (from /proc/cpuinfo where there is one), or ``"unknown CPU"``."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
-
-
 def run_recipe(args: argparse.Namespace, build_callbacks: BuildCallbacks, *, meta_size: int = 0) -> dict[str, Any]:
     """Train a recipe from its parsed flags and write the run folder; call it on every process.
 
@@ -1055,10 +990,5 @@ def _run_config(
         "total_steps": trainer.total_steps,
         "flags": vars(args),
         "device": device_name(trainer.accelerator.device),
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "accelerate": accelerate.__version__,
-            "timm": timm.__version__,
-        },
+        "versions": versions(),
     }

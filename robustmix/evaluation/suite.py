@@ -23,7 +23,6 @@ import inspect
 import itertools
 import json
 import math
-import platform
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -32,7 +31,6 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
 
-import accelerate
 import numpy as np
 import torch
 from accelerate import Accelerator
@@ -46,13 +44,14 @@ from robustmix.attacks.fab import fab_targeted
 from robustmix.attacks.objectives import get_objective
 from robustmix.attacks.pgd import perturb
 from robustmix.attacks.square import square_attack
-from robustmix.cli.recipe import device_name, nonnegative_int, nonnegative_number, positive_int
+from robustmix.cli.args import nonnegative_int, nonnegative_number, positive_int
 from robustmix.core.modes import BNMode, model_mode
 from robustmix.core.step import MIXED_PRECISION
 from robustmix.core.validation import check_batch, check_model_input
 from robustmix.data import SPLITS, ImageDataset, load_dataset
 from robustmix.evaluation import report as reports
 from robustmix.runs.checkpoint import atomic_write_json, atomic_write_text, file_sha256
+from robustmix.runs.environment import device_name, versions
 from robustmix.runs.folder import CONFIG_FILE, WEIGHTS, load_config, load_model, missing_weights, read_json
 from robustmix.stages.margins import probability_margin
 
@@ -957,9 +956,7 @@ def _environment(accelerator: Accelerator, elapsed_s: float) -> dict[str, Any]:
     device = accelerator.device
     return {
         "robustmix": robustmix.__version__,
-        "torch": torch.__version__,
-        "accelerate": accelerate.__version__,
-        "python": platform.python_version(),
+        **versions(),
         "device": device_name(device),
         "num_processes": accelerator.num_processes,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
