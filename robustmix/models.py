@@ -17,6 +17,8 @@ import timm
 import torch
 from torch import nn
 
+from robustmix.checks import is_integer
+
 _CONFIG_KEYS = ("name", "num_classes", "in_chans", "cifar_stem", "mean", "std", "timm_kwargs")
 
 
@@ -185,7 +187,7 @@ def check_model_config(config: Any) -> None:
         raise ValueError(f"model config: 'name' must be a timm model name, got {name!r}")
     for key, minimum in (("num_classes", 2), ("in_chans", 1)):
         value = config[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        if not is_integer(value) or value < minimum:
             raise ValueError(f"model config: {key!r} must be an integer >= {minimum}, got {value!r}")
     if not isinstance(config["cifar_stem"], bool):
         raise ValueError(f"model config: 'cifar_stem' must be true or false, got {config['cifar_stem']!r}")

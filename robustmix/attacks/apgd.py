@@ -20,7 +20,17 @@ import torch
 from torch import Tensor, nn
 
 from robustmix.attacks.objectives import Objective, cross_entropy, dlr, targeted_dlr
-from robustmix.attacks.pgd import DEFAULT_LOSS_SCALE, Norm, _check, _flat_norm, check_eps, project, random_start
+from robustmix.attacks.pgd import (
+    DEFAULT_LOSS_SCALE,
+    Norm,
+    autograd_input,
+    check_attack_inputs,
+    check_eps,
+    flat_norm,
+    project,
+    random_start,
+)
+from robustmix.checks import check_int
 from robustmix.core.modes import BNMode, check_bn_mode, model_mode
 
 APGDLoss = Literal["ce", "dlr", "targeted_dlr"]
@@ -107,8 +117,8 @@ def apgd(
         raise ValueError(f"target_class must have shape [B] = [{y.shape[0]}], got {list(target_class.shape)}")
     check_bn_mode(bn_mode)
     with torch.inference_mode(False), torch.enable_grad(), model_mode(model, bn_mode):
-        x, y = _usable(x), _usable(y)
-        target_class = None if target_class is None else _usable(target_class)
+        x, y = autograd_input(x), autograd_input(y)
+        target_class = None if target_class is None else autograd_input(target_class)
         _check_num_classes(model, x[:1], loss)
         generator = torch.Generator(device=x.device).manual_seed(seed)
         best = None
@@ -155,11 +165,10 @@ def apgd_targeted(
             target run found one, else the point with the highest targeted DLR loss over all targets.
     """
     _check_apgd(x, y, eps, steps, norm, "targeted_dlr", restarts, rho, momentum)
-    if isinstance(n_target_classes, bool) or not isinstance(n_target_classes, int) or n_target_classes < 1:
-        raise ValueError(f"n_target_classes must be an integer >= 1, got {n_target_classes!r}")
+    check_int("n_target_classes", n_target_classes, 1)
     check_bn_mode(bn_mode)
     with torch.inference_mode(False), torch.enable_grad(), model_mode(model, bn_mode):
-        x, y = _usable(x), _usable(y)
+        x, y = autograd_input(x), autograd_input(y)
         _, targets = ranked_targets(model, x, y, n_target_classes, 4, "APGD-T (targeted DLR)")
         n_targets = targets.shape[1]
         generator = torch.Generator(device=x.device).manual_seed(seed)
@@ -198,7 +207,7 @@ def _apgd_run(
         return loss.detach(), torch.nan_to_num(grad, nan=0.0), logits.detach().argmax(dim=1) != y
 
     def ascent_direction(grad: Tensor) -> Tensor:
-        return grad.sign() if norm == "linf" else grad / (_flat_norm(grad) + 1e-12)
+        return grad.sign() if norm == "linf" else grad / (flat_norm(grad) + 1e-12)
 
     def per_sample(mask: Tensor) -> Tensor:
         return mask.view(-1, *([1] * (x.dim() - 1)))
@@ -265,14 +274,13 @@ def _merge(best: _Run, run: _Run) -> _Run:
 def _check_apgd(
     x: Tensor, y: Tensor, eps: float, steps: int, norm: str, loss: str, restarts: int, rho: float, momentum: float
 ) -> Objective:
-    _check(x, y, steps, norm, "uniform")
+    check_attack_inputs(x, y, steps, norm, "uniform")
     if isinstance(eps, Tensor):
         raise ValueError(f"eps must be a number of pixels, got a tensor {eps!r}")
     check_eps(float(eps), norm)
     if loss not in _OBJECTIVES:
         raise ValueError(f"unknown APGD loss {loss!r}; expected one of {sorted(_OBJECTIVES)}")
-    if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
-        raise ValueError(f"restarts must be an integer >= 1, got {restarts!r}")
+    check_int("restarts", restarts, 1)
     if not 0 < rho <= 1:
         raise ValueError(f"rho must be in (0, 1], got {rho}")
     if not 0 < momentum <= 1:
@@ -309,8 +317,3 @@ def ranked_targets(
 def _require_classes(num_classes: int, minimum: int, what: str) -> None:
     if num_classes < minimum:
         raise ValueError(f"{what} needs a model with at least {minimum} classes, this one has {num_classes}")
-
-
-def _usable(t: Tensor) -> Tensor:
-    """Tensors made under inference_mode cannot enter autograd: clone those."""
-    return t.detach().clone() if t.is_inference() else t.detach()

@@ -16,13 +16,10 @@ from robustmix.attacks.pgd import (
     check_loss_scale,
     perturb,
 )
+from robustmix.checks import check_int, is_number
 from robustmix.core.callbacks import Callback
 from robustmix.core.context import Stage, StepContext
 from robustmix.core.modes import BNMode, check_bn_mode
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def count_compiled_passes(ctx: StepContext, steps: int) -> None:
@@ -32,9 +29,16 @@ def count_compiled_passes(ctx: StepContext, steps: int) -> None:
         ctx.counter.add(steps * ctx.batch_size)
 
 
-def _check_budget(eps: float | None, step_size: float, steps: int, norm: Norm = "linf") -> None:
+def check_budget(eps: float | None, step_size: float, steps: int, norm: Norm = "linf") -> None:
+    """Check an attack generator's budget: ``eps`` in pixels (``None``: per-sample, from a budget callback),
+    ``step_size`` a finite number >= 0 and ``steps`` an integer >= 0.
+
+    Raises:
+        TypeError: ``eps`` or ``step_size`` is not a number.
+        ValueError: a value out of range.
+    """
     for name, value in (("eps", eps), ("step_size", step_size)):
-        if not (_is_number(value) or (name == "eps" and value is None)):
+        if not (is_number(value) or (name == "eps" and value is None)):
             hint = "; per-sample budgets come from a budget callback writing ctx.eps (eps=None)"
             hint = hint if name == "eps" else ""
             raise TypeError(f"{name} must be a number of pixels, got {type(value).__name__}{hint}")
@@ -42,8 +46,7 @@ def _check_budget(eps: float | None, step_size: float, steps: int, norm: Norm = 
         check_eps(eps, norm if norm in NORMS else "linf")
     if not (0 <= step_size < float("inf")):
         raise ValueError(f"step_size must be a finite number >= 0, got {step_size}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
+    check_int("steps", steps, 0)
 
 
 class PGDAttack(Callback):
@@ -83,7 +86,7 @@ class PGDAttack(Callback):
         loss_scale: float = DEFAULT_LOSS_SCALE,
         generator: torch.Generator | None = None,
     ) -> None:
-        _check_budget(eps, step_size, steps, norm)
+        check_budget(eps, step_size, steps, norm)
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         if start not in STARTS:
@@ -158,7 +161,7 @@ class FGSMAttack(PGDAttack):
         loss_scale: float = DEFAULT_LOSS_SCALE,
         generator: torch.Generator | None = None,
     ) -> None:
-        if not _is_number(eps):
+        if not is_number(eps):
             raise TypeError(f"FGSMAttack needs a scalar eps (a number of pixels), got {type(eps).__name__}")
         super().__init__(
             eps, 1.25 * eps if step_size is None else step_size, 1, start="uniform", bn_mode=bn_mode,

@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustmix.attacks.apgd import _usable, ranked_targets
-from robustmix.attacks.pgd import DEFAULT_LOSS_SCALE, _check, check_eps
+from robustmix.attacks.apgd import ranked_targets
+from robustmix.attacks.pgd import DEFAULT_LOSS_SCALE, autograd_input, check_attack_inputs, check_eps
+from robustmix.checks import check_int
 from robustmix.core.modes import BNMode, check_bn_mode, model_mode
 
 
@@ -72,12 +73,11 @@ def fab_targeted(
         ``x_adv [B, ...]`` in ``B(x, eps)`` and [0, 1], detached: per sample, the closest
             misclassified point of the first target run whose closest one lies in the ball, else ``x``.
     """
-    _check(x, y, steps, "linf", "none")
+    check_attack_inputs(x, y, steps, "linf", "none")
     if isinstance(eps, Tensor):
         raise ValueError(f"eps must be a number of pixels, got a tensor {eps!r}")
     check_eps(float(eps))
-    if isinstance(n_target_classes, bool) or not isinstance(n_target_classes, int) or n_target_classes < 1:
-        raise ValueError(f"n_target_classes must be an integer >= 1, got {n_target_classes!r}")
+    check_int("n_target_classes", n_target_classes, 1)
     if not 0 <= alpha_max <= 1:
         raise ValueError(f"alpha_max must be in [0, 1], got {alpha_max}")
     if not 1 <= eta < float("inf"):
@@ -86,7 +86,7 @@ def fab_targeted(
         raise ValueError(f"beta must be in (0, 1], got {beta}")
     check_bn_mode(bn_mode)
     with torch.inference_mode(False), torch.enable_grad(), model_mode(model, bn_mode):
-        x, y = _usable(x), _usable(y)
+        x, y = autograd_input(x), autograd_input(y)
         logits, targets = ranked_targets(model, x, y, n_target_classes, 2, "FAB-T")
         n_targets = targets.shape[1]
         x_adv = x.clone()

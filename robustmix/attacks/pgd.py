@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from robustmix.attacks.objectives import get_objective
+from robustmix.checks import check_int, is_number
 from robustmix.core.modes import BNMode, check_bn_mode, model_mode
 
 Norm = Literal["linf", "l2"]
@@ -80,9 +81,14 @@ def _per_sample(value: float | Tensor, x: Tensor, name: str, maximum: float = fl
     return value
 
 
-def _flat_norm(t: Tensor) -> Tensor:
+def flat_norm(t: Tensor) -> Tensor:
     """Per-sample L2 norm of ``[B, ...]``, shaped ``[B, 1, ...]`` for broadcasting."""
     return t.flatten(1).norm(dim=1).view(-1, *([1] * (t.dim() - 1)))
+
+
+def autograd_input(t: Tensor) -> Tensor:
+    """``t`` detached, and cloned if it was made under ``inference_mode`` (such tensors cannot enter autograd)."""
+    return t.detach().clone() if t.is_inference() else t.detach()
 
 
 def project(x_new: Tensor, x: Tensor, eps: Tensor | float, norm: Norm) -> Tensor:
@@ -92,7 +98,7 @@ def project(x_new: Tensor, x: Tensor, eps: Tensor | float, norm: Norm) -> Tensor
     else:
         delta = x_new - x
         # reciprocal * eps (what `float / tensor` computes): a float and a [B] budget give identical points.
-        delta = delta * torch.clamp((_flat_norm(delta) + 1e-12).reciprocal() * eps, max=1.0)
+        delta = delta * torch.clamp((flat_norm(delta) + 1e-12).reciprocal() * eps, max=1.0)
         x_new = x + delta
     # Clamping to [0, 1] moves every coordinate towards x (which is in [0, 1]): the norm only shrinks.
     return x_new.clamp(0.0, 1.0)
@@ -114,7 +120,7 @@ def random_start(
         noise = (2 * torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) - 1) * eps
     else:
         direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        direction = direction / (_flat_norm(direction) + 1e-12)
+        direction = direction / (flat_norm(direction) + 1e-12)
         u = torch.rand((x.shape[0],), generator=generator, device=x.device, dtype=x.dtype)
         radius = u.pow(1.0 / x[0].numel()).view(-1, *([1] * (x.dim() - 1)))
         noise = direction * radius * eps
@@ -123,7 +129,7 @@ def random_start(
 
 def check_loss_scale(loss_scale: float) -> None:
     """``loss_scale`` must be a finite number > 0: 0 or NaN would zero or poison every gradient step."""
-    if isinstance(loss_scale, bool) or not isinstance(loss_scale, (int, float)):
+    if not is_number(loss_scale):
         raise TypeError(f"loss_scale must be a number, got {type(loss_scale).__name__}")
     if not 0 < loss_scale < float("inf"):
         raise ValueError(f"loss_scale must be a finite number > 0, got {loss_scale}")
@@ -159,7 +165,7 @@ def _iteration(
 
     grad, logits = torch.func.grad(scaled_objective, has_aux=True)(x_k)
     grad = torch.nan_to_num(grad, nan=0.0)
-    step = step_size * grad.sign() if norm == "linf" else step_size * grad / (_flat_norm(grad) + 1e-12)
+    step = step_size * grad.sign() if norm == "linf" else step_size * grad / (flat_norm(grad) + 1e-12)
     return project(x_k + step, x, eps, norm), logits.detach()
 
 
@@ -223,7 +229,14 @@ def _compiled_loop(
     return x_k.clone() if cuda_graphs else x_k
 
 
-def _check(x: Tensor, y: Tensor, steps: int, norm: str, start: str) -> None:
+def check_attack_inputs(x: Tensor, y: Tensor, steps: int, norm: str, start: str) -> None:
+    """Check an attack's batch and options: ``x`` a non-empty float batch ``[B, ...]``, ``y`` int64 ``[B]``,
+    ``steps`` an integer >= 0, ``norm`` in ``NORMS`` and ``start`` in ``STARTS``.
+
+    Raises:
+        TypeError: ``x`` or ``y`` of the wrong type or dtype.
+        ValueError: a shape, ``steps``, ``norm`` or ``start`` out of range.
+    """
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor of pixels in [0, 1], got {getattr(x, 'dtype', type(x))}")
     if x.dim() < 2 or x.shape[0] == 0:
@@ -232,8 +245,7 @@ def _check(x: Tensor, y: Tensor, steps: int, norm: str, start: str) -> None:
         raise TypeError(f"y must be an int64 tensor of labels, got {getattr(y, 'dtype', type(y).__name__)}")
     if y.shape != (x.shape[0],):
         raise ValueError(f"y must have shape [B] = [{x.shape[0]}], got {list(y.shape)}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
+    check_int("steps", steps, 0)
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     if start not in STARTS:
@@ -301,7 +313,7 @@ def perturb(
         TypeError, ValueError: naming the bad argument, before any forward (a label ``>= C`` is only
             found by the first forward, which needs ``C``).
     """
-    _check(x, y, steps, norm, start)
+    check_attack_inputs(x, y, steps, norm, start)
     check_loss_scale(loss_scale)
     if compile_backend is not None and bn_mode != "eval":
         raise ValueError(
@@ -347,7 +359,7 @@ def perturb(
             if norm == "linf":
                 x_k = x_k + step_size * grad.sign()
             else:
-                x_k = x_k + step_size * grad / (_flat_norm(grad) + 1e-12)
+                x_k = x_k + step_size * grad / (flat_norm(grad) + 1e-12)
             x_k = project(x_k, x, eps, norm)
     return x_k.detach()
 

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from robustmix.attacks.objectives import cw_margin
 from robustmix.attacks.pgd import check_eps
+from robustmix.checks import check_int
 from robustmix.core.modes import BNMode, model_mode
 
 #: Iterations after which ``p`` halves once more (on the 10,000-query scale when the schedule is rescaled).
@@ -153,8 +154,7 @@ def _check_square(x: Tensor, y: Tensor, eps: float, queries: int, p_init: float)
     if isinstance(eps, Tensor):
         raise ValueError(f"eps must be a number of pixels, got a tensor {eps!r}")
     check_eps(float(eps))
-    if isinstance(queries, bool) or not isinstance(queries, int) or queries < 0:
-        raise ValueError(f"queries must be an integer >= 0, got {queries!r}")
+    check_int("queries", queries, 0)
     if not 0 < p_init <= 1:
         raise ValueError(f"p_init must be in (0, 1], got {p_init}")
     if x.shape[1] > _MAX_CHANNELS:

@@ -19,6 +19,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from robustmix.checks import check_int
 from robustmix.core.callbacks import Callback, CompositionError, check_composition
 from robustmix.core.context import StepContext
 from robustmix.core.validation import check_batch, check_model_input, check_step_position
@@ -71,10 +72,7 @@ class AdversarialStep:
     ) -> None:
         if mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got {mixed_precision!r}")
-        if num_classes is not None and (
-            isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2
-        ):
-            raise ValueError(f"num_classes must be an integer >= 2 or None, got {num_classes!r}")
+        check_int("num_classes", num_classes, 2, optional=True)
         self.callbacks = list(callbacks)
         self.staged = check_composition(self.callbacks)
         if fast and (train_mode := [c for c in self.staged if getattr(c, "bn_mode", "eval") != "eval"]):

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import numbers
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from robustmix.checks import check_int, is_integer, is_number
 from robustmix.models import unwrap_model
 
 
@@ -57,8 +57,7 @@ def check_batch(
         raise ValueError(f"index must be an integer tensor [B] = [{inputs.shape[0]}], got {_kind(index)}")
     if index is not None and index.device != inputs.device:
         raise ValueError(f"inputs are on {inputs.device} but index on {index.device}")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-        raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+    check_int("num_classes", num_classes, 2)
 
     lo, hi = torch.aminmax(inputs.detach().float())
     stats = [lo, hi, targets.min().float(), targets.max().float()]
@@ -99,13 +98,13 @@ def check_model_input(model: nn.Module, inputs: Tensor, num_classes: int | None 
     """
     _check_pixel_dtype(inputs)
     declared = getattr(model, "num_classes", None)
-    if num_classes is not None and _is_int(declared) and declared != num_classes:
+    if num_classes is not None and is_integer(declared) and declared != num_classes:
         raise ValueError(
             f"num_classes is {num_classes} but the model has {declared} outputs (model.num_classes); "
             "build the model and the step for the same classes"
         )
     in_chans = getattr(model, "in_chans", None)
-    if _is_int(in_chans) and (inputs.dim() != 4 or inputs.shape[1] != in_chans):
+    if is_integer(in_chans) and (inputs.dim() != 4 or inputs.shape[1] != in_chans):
         raise ValueError(
             f"inputs must be images [B, {in_chans}, H, W] for this model (model.in_chans = {in_chans}), "
             f"got shape {list(inputs.shape)}"
@@ -147,7 +146,7 @@ def check_trainer_arguments(
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     for name, value in (("eval_eps", eval_eps), ("grad_clip", grad_clip)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+        if value is not None and not is_number(value):
             raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
 
     inner = unwrap_model(model)
@@ -157,7 +156,7 @@ def check_trainer_arguments(
         raise ValueError("the optimizer holds none of the model's parameters: build it over model.parameters()")
 
     model_classes = getattr(inner, "num_classes", None)
-    if step.num_classes is not None and _is_int(model_classes) and step.num_classes != model_classes:
+    if step.num_classes is not None and is_integer(model_classes) and step.num_classes != model_classes:
         raise ValueError(f"the step was built with num_classes={step.num_classes} but the model has {model_classes}")
     classes = step.num_classes if step.num_classes is not None else model_classes
     in_chans = getattr(inner, "in_chans", None)
@@ -165,13 +164,13 @@ def check_trainer_arguments(
         if data is None:
             continue
         data_classes = getattr(data, "num_classes", None)
-        if _is_int(classes) and _is_int(data_classes) and data_classes != classes:
+        if is_integer(classes) and is_integer(data_classes) and data_classes != classes:
             raise ValueError(
                 f"{name} has {data_classes} classes but the model has {classes} outputs; build the model with "
                 f"num_classes={data_classes}"
             )
         shape = getattr(data, "image_shape", None)
-        if _is_int(in_chans) and isinstance(shape, tuple) and shape and shape[0] != in_chans:
+        if is_integer(in_chans) and isinstance(shape, tuple) and shape and shape[0] != in_chans:
             raise ValueError(f"{name} has {shape[0]}-channel images but the model takes in_chans={in_chans}")
     if val_data is not None and (not hasattr(val_data, "__len__") or len(val_data) == 0):
         raise ValueError("val_data must be a non-empty map-style dataset, or None to skip validation")
@@ -188,17 +187,13 @@ def check_step_position(**values: Any) -> None:
         minimum = 1 if name.startswith("total_") else 0
         if value is None and minimum == 1:
             continue
-        if not _is_int(value) or value < minimum:
+        if not is_integer(value) or value < minimum:
             raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 def _check_pixel_dtype(inputs: object) -> None:
     if not isinstance(inputs, Tensor) or not inputs.is_floating_point():
         raise TypeError(f"inputs must be a floating-point tensor of pixels in [0, 1], got {_kind(inputs)}")
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _kind(value: object) -> str:

@@ -25,10 +25,11 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from robustmix.attacks.pgd import DEFAULT_LOSS_SCALE
+from robustmix.checks import check_int, check_number
 from robustmix.core.callbacks import Callback
 from robustmix.core.context import Stage, StepContext
 from robustmix.core.modes import model_mode
-from robustmix.stages.losses import _check_beta, classification_loss, trades_loss
+from robustmix.stages.losses import classification_loss, trades_loss
 
 #: Training losses whose ascent sets the perturbation: PGD-AT's CE on ``x_adv``, or TRADES' loss.
 AWP_LOSSES = ("ce", "trades")
@@ -130,11 +131,10 @@ class AWP(Callback):
         self, gamma: float = 0.01, proxy_lr: float = 0.01, warmup_epochs: int = 0, loss: str = "ce", beta: float = 6.0
     ) -> None:
         _check_awp(gamma, proxy_lr)
-        if isinstance(warmup_epochs, bool) or not isinstance(warmup_epochs, int) or warmup_epochs < 0:
-            raise ValueError(f"warmup_epochs must be an integer >= 0, got {warmup_epochs!r}")
+        check_int("warmup_epochs", warmup_epochs, 0)
         if loss not in AWP_LOSSES:
             raise ValueError(f"loss must be one of {AWP_LOSSES}, got {loss!r}")
-        _check_beta(beta)
+        check_number("beta", beta)
         self.gamma, self.proxy_lr, self.warmup_epochs = gamma, proxy_lr, warmup_epochs
         self.loss, self.beta = loss, beta
         #: ``(parameter, unperturbed weights, perturbation)`` of the step in flight.

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from robustmix.attacks.pgd import check_eps, pgd
+from robustmix.checks import check_int
 from robustmix.core.context import Stage, StepContext
 from robustmix.methods.meta import LookaheadReweighter, functional_forward, virtual_sgd_step
 from robustmix.stages.labels import one_hot
@@ -115,13 +116,11 @@ class BiLAWWeights(LookaheadReweighter):
         output: str = "softplus",
         optimizer: Optimizer | None = None,
     ) -> None:
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+        check_int("num_classes", num_classes, 2)
         check_eps(eps)
         if not (0 <= step_size < math.inf):
             raise ValueError(f"step_size must be a finite number >= 0, got {step_size}")
-        if isinstance(attack_steps, bool) or not isinstance(attack_steps, int) or attack_steps < 0:
-            raise ValueError(f"attack_steps must be an integer >= 0, got {attack_steps!r}")
+        check_int("attack_steps", attack_steps, 0)
         super().__init__(
             BiLAWWeightNet(num_classes, hidden, output), meta_batches, meta_every=meta_every, meta_lr=meta_lr,
             optimizer=optimizer,

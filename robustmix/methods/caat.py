@@ -39,6 +39,7 @@ from torch.optim import Optimizer
 
 from robustmix.attacks.objectives import kl_divergence
 from robustmix.attacks.pgd import check_eps, pgd
+from robustmix.checks import check_int
 from robustmix.core.callbacks import Callback
 from robustmix.core.context import Stage, StepContext
 from robustmix.core.modes import model_mode
@@ -467,8 +468,7 @@ class CAATLoss(LookaheadReweighter):
         net: nn.Module | None = None,
         optimizer: Optimizer | None = None,
     ) -> None:
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+        check_int("num_classes", num_classes, 2)
         if not (0 <= beta_tr < math.inf):
             raise ValueError(f"beta_tr must be a finite number >= 0, got {beta_tr}")
         if meta_objective not in META_OBJECTIVES:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 
+from robustmix.checks import check_int
 from robustmix.core.context import StepContext
-from robustmix.stages.weights import GAIRATWeights, _check_burn_in
+from robustmix.stages.weights import GAIRATWeights
 
 #: ``"fixed"``: ``lam`` from the burn-in on (the released default); ``"linear"``:
 #: ``lam_max - (e + 1) / E * (lam_max - lam)`` at 0-based epoch ``e`` of ``E``.
@@ -57,7 +58,7 @@ def gairat_lambda(
 
 
 def _check_schedule(lam: float, burn_in_epochs: int, schedule: str, lam_max: float) -> None:
-    _check_burn_in(burn_in_epochs)
+    check_int("burn_in_epochs", burn_in_epochs, 0)
     if schedule not in LAMBDA_SCHEDULES:
         raise ValueError(f"schedule must be one of {LAMBDA_SCHEDULES}, got {schedule!r}")
     if math.isnan(lam):

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.optim import SGD, Adam, Optimizer
 
+from robustmix.checks import check_int
 from robustmix.core.callbacks import Callback
 from robustmix.core.context import StepContext
 from robustmix.core.modes import BNMode, model_mode
@@ -232,8 +233,7 @@ class LookaheadReweighter(Callback):
         meta_weight_decay: float = 0.0,
         optimizer: Optimizer | None = None,
     ) -> None:
-        if isinstance(meta_every, bool) or not isinstance(meta_every, int) or meta_every < 1:
-            raise ValueError(f"meta_every must be an integer >= 1, got {meta_every!r}")
+        check_int("meta_every", meta_every, 1)
         if not (0 < meta_lr < float("inf")):
             raise ValueError(f"meta_lr must be a positive number, got {meta_lr}")
         if not (0 <= meta_weight_decay < float("inf")):

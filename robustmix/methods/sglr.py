@@ -20,9 +20,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from robustmix.checks import check_int, check_unit
 from robustmix.core.callbacks import Callback
 from robustmix.core.context import Stage, StepContext
-from robustmix.stages.labels import _check_unit, one_hot
+from robustmix.stages.labels import one_hot
 
 
 def sglr_update(
@@ -40,8 +41,8 @@ def sglr_update(
     Returns:
         The new rows; distributions when the inputs are.
     """
-    _check_unit("momentum", momentum)
-    _check_unit("clean_weight", clean_weight)
+    check_unit("momentum", momentum)
+    check_unit("clean_weight", clean_weight)
     evidence = clean_weight * p_clean.float() + (1 - clean_weight) * p_adv.float()
     return momentum * rows.float() + (1 - momentum) * evidence
 
@@ -52,7 +53,7 @@ def sglr_targets(rows: Tensor, onehot: Tensor, r: float = 1.0) -> Tensor:
     ``r = 1`` (the default) is the released code: the table row alone. ``r < 1`` is the reading of
     the CVPR text as an interpolation with the label, ``y~ = r * p~ + (1 - r) * onehot(y)``.
     """
-    _check_unit("r", r)
+    check_unit("r", r)
     # lerp is exact at both ends (r = 0: onehot, r = 1: rows) and when the row is one-hot, whatever r.
     return torch.lerp(onehot.float(), rows.float(), r)
 
@@ -125,10 +126,9 @@ class SGLRLabels(Callback):
         for name, value, low in (
             ("num_examples", num_examples, 1), ("num_classes", num_classes, 2), ("start_epoch", start_epoch, 0),
         ):  # fmt: skip
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+            check_int(name, value, low)
         for name, value in (("momentum", momentum), ("clean_weight", clean_weight), ("r", r)):
-            _check_unit(name, value)
+            check_unit(name, value)
         self.num_examples, self.num_classes, self.start_epoch = num_examples, num_classes, start_epoch
         self.momentum, self.clean_weight, self.r = momentum, clean_weight, r
         self.table = torch.zeros(num_examples, num_classes)

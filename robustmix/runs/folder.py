@@ -39,6 +39,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from robustmix.checks import is_integer
 from robustmix.models import build_from_config, check_model_config
 from robustmix.runs.checkpoint import list_checkpoints
 
@@ -207,7 +208,7 @@ def drop_results_after(run_dir: str | Path, step: int, *, finished: bool) -> lis
             best_step = read_json(best / METRICS_FILE)["step"]
         except (FileNotFoundError, ValueError, TypeError, KeyError):
             best_step = None
-        if isinstance(best_step, bool) or not isinstance(best_step, int) or best_step > step:
+        if not is_integer(best_step) or best_step > step:
             (best / MODEL_FILE).unlink(missing_ok=True)
             shutil.rmtree(best)
             dropped.append(f"{BEST_DIR}/")

@@ -14,12 +14,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from robustmix.attacks.callbacks import _check_budget, count_compiled_passes
+from robustmix.attacks.callbacks import check_budget, count_compiled_passes
 from robustmix.attacks.pgd import DEFAULT_LOSS_SCALE, NORMS, STARTS, Norm, Start, perturb
+from robustmix.checks import check_int
 from robustmix.core.callbacks import Callback
 from robustmix.core.context import Stage, StepContext
 from robustmix.core.modes import BNMode, check_bn_mode
-from robustmix.stages.weights import _check_burn_in
 
 
 def _budget(ctx: StepContext) -> float | Tensor:
@@ -242,9 +242,9 @@ class AdversarysAdversary(Callback):
         until_recovered: bool = False,
         project: bool = True,
     ) -> None:
-        _check_budget(None, 0.0 if step_size is None else step_size, steps)
+        check_budget(None, 0.0 if step_size is None else step_size, steps)
         _check_options(norm, bn_mode)
-        _check_burn_in(burn_in_epochs)
+        check_int("burn_in_epochs", burn_in_epochs, 0)
         if until_recovered and steps < 1:
             raise ValueError("until_recovered needs steps >= 1 (the most descent steps an example may take)")
         self.steps, self.step_size, self.norm = steps, step_size, norm
@@ -312,7 +312,7 @@ class AntiAdversary(Callback):
         loss_scale: float = DEFAULT_LOSS_SCALE,
         generator: torch.Generator | None = None,
     ) -> None:
-        _check_budget(eps, step_size, steps, norm)
+        check_budget(eps, step_size, steps, norm)
         _check_options(norm, bn_mode, start)
         if relative_step_size and eps is not None:
             raise ValueError("relative_step_size needs the per-sample eps of the context: leave eps=None")

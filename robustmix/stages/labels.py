@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from robustmix.checks import check_int, check_unit
 from robustmix.core.callbacks import Callback
 from robustmix.core.context import INPUT_FIELDS, Stage, StepContext
-from robustmix.stages.weights import _check_burn_in, boundary_importance
+from robustmix.stages.weights import boundary_importance
 
 #: Shapes ``s(m)`` of ADA-Lab's interpolation ``lam = lam_max * s(m)``, both non-increasing from 1 to 0.
 SCHEDULES = ("linear", "tanh")
@@ -29,7 +30,7 @@ def one_hot(y: Tensor, num_classes: int) -> Tensor:
 
 def smooth_labels(y: Tensor, num_classes: int, alpha: float) -> Tensor:
     """Label smoothing ``(1 - alpha) * onehot(y) + alpha / C`` ``[B, C]`` (float32), ``alpha`` in [0, 1]."""
-    _check_unit("alpha", alpha)
+    check_unit("alpha", alpha)
     return one_hot(y, num_classes) * (1 - alpha) + alpha / num_classes
 
 
@@ -45,7 +46,7 @@ def adalab_lambda(margin: Tensor, lam_max: float, schedule: str = "linear") -> T
         schedule: ``s(m)``: ``"linear"`` (the default) ``clamp((1 - m) / 2, 0, 1)``, or ``"tanh"``
             ``(1 + tanh(5 * (0.5 - (1 + m) / 2))) / 2``, the shape of ADA-Lab's importance weights.
     """
-    _check_unit("lam_max", lam_max)
+    check_unit("lam_max", lam_max)
     _check_schedule(schedule)
     margin = margin.float()
     if schedule == "linear":
@@ -160,11 +161,6 @@ def _column(lam: Tensor | float) -> Tensor | float:
     return lam.float()[:, None] if isinstance(lam, Tensor) else lam
 
 
-def _check_unit(name: str, value: float) -> None:
-    if not 0 <= value <= 1:
-        raise ValueError(f"{name} must be in [0, 1], got {value}")
-
-
 def _check_schedule(schedule: str) -> None:
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
@@ -191,7 +187,7 @@ class LabelSmoothing(Callback):
     writes = ("soft_targets",)
 
     def __init__(self, alpha: float = 0.1) -> None:
-        _check_unit("alpha", alpha)
+        check_unit("alpha", alpha)
         self.alpha = alpha
 
     def __call__(self, ctx: StepContext) -> None:
@@ -234,10 +230,10 @@ class AdaLabLabels(Callback):
         target: str = "interpolate",
         source: str = "anti",
     ) -> None:
-        _check_unit("lam_max", lam_max)
+        check_unit("lam_max", lam_max)
         if not (0 < temperature < math.inf):
             raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
-        _check_burn_in(burn_in_epochs)
+        check_int("burn_in_epochs", burn_in_epochs, 0)
         _check_schedule(schedule)
         if target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {target!r}")

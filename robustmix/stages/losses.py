@@ -6,13 +6,12 @@ they are stable under bf16/fp16 and for logits of any magnitude.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from robustmix.attacks.objectives import kl_divergence
+from robustmix.checks import check_number
 from robustmix.core.callbacks import Callback
 from robustmix.core.context import INPUT_FIELDS, Stage, StepContext
 
@@ -74,11 +73,6 @@ class AdversarialCE(Callback):
         return f"AdversarialCE(source={self.source!r})"
 
 
-def _check_beta(beta: float) -> None:
-    if not (0 <= beta < math.inf):
-        raise ValueError(f"beta must be a finite number >= 0, got {beta}")
-
-
 def trades_loss(
     logits_clean: Tensor,
     logits_adv: Tensor,
@@ -104,7 +98,7 @@ def trades_loss(
     Returns:
         The scalar loss, float32.
     """
-    _check_beta(beta)
+    check_number("beta", beta)
     natural = classification_loss(logits_clean, targets, soft_targets)
     # kl_divergence(logits, _, reference) is KL(softmax(reference) || softmax(logits)), per sample.
     robust = weighted_mean(kl_divergence(logits_adv, targets, logits_clean), weights)
@@ -133,7 +127,7 @@ def mart_loss(
     Returns:
         The scalar loss, float32.
     """
-    _check_beta(beta)
+    check_number("beta", beta)
     log_p_adv = F.log_softmax(logits_adv.float(), dim=1)
     p_adv = log_p_adv.exp()
     # Probabilities are >= 0, so zeroing the true class leaves max_{k != y} p_k.
@@ -163,7 +157,7 @@ class TRADESLoss(Callback):
     writes = ("loss",)
 
     def __init__(self, beta: float = 6.0) -> None:
-        _check_beta(beta)
+        check_number("beta", beta)
         self.beta = beta
 
     def __call__(self, ctx: StepContext) -> None:
@@ -190,7 +184,7 @@ class MARTLoss(Callback):
     writes = ("loss",)
 
     def __init__(self, beta: float = 5.0) -> None:
-        _check_beta(beta)
+        check_number("beta", beta)
         self.beta = beta
 
     def __call__(self, ctx: StepContext) -> None:

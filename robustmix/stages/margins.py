@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from robustmix.attacks.objectives import cw_margin
+from robustmix.checks import is_integer
 from robustmix.core.callbacks import Callback
 from robustmix.core.context import INPUT_FIELDS, Stage, StepContext
 
@@ -84,7 +85,7 @@ def _check_scale(scale: float) -> None:
 
 
 def _check_steps(steps: int) -> None:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    if not is_integer(steps) or steps < 1:
         raise ValueError(f"steps must be the attack's number of steps, an integer >= 1, got {steps!r}")
 
 

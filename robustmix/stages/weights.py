@@ -15,9 +15,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from robustmix.checks import check_int
 from robustmix.core.callbacks import Callback
 from robustmix.core.context import Stage, StepContext
-from robustmix.stages.margins import _check_steps
 
 #: GAIRAT's weight functions of kappa.
 GAIRAT_KINDS = ("tanh", "sigmoid", "discrete")
@@ -105,7 +105,7 @@ def _check_finite_non_negative(name: str, value: float) -> None:
 
 
 def _check_gairat(steps: int, lam: float, kind: str) -> None:
-    _check_steps(steps)
+    check_int("steps", steps, 1)
     if kind not in GAIRAT_KINDS:
         raise ValueError(f"kind must be one of {GAIRAT_KINDS}, got {kind!r}")
     if math.isnan(lam):
@@ -116,11 +116,6 @@ def _check_mail(bias: float, slope: float) -> None:
     if not math.isfinite(bias):
         raise ValueError(f"bias must be finite, got {bias}")
     _check_finite_non_negative("slope", slope)
-
-
-def _check_burn_in(burn_in_epochs: int) -> None:
-    if isinstance(burn_in_epochs, bool) or not isinstance(burn_in_epochs, int) or burn_in_epochs < 0:
-        raise ValueError(f"burn_in_epochs must be an integer >= 0, got {burn_in_epochs!r}")
 
 
 class MarginWeights(Callback):
@@ -142,7 +137,7 @@ class MarginWeights(Callback):
     normalize: bool = True
 
     def __init__(self, fn: Callable[[Tensor], Tensor], *, name: str | None = None, burn_in_epochs: int = 0) -> None:
-        _check_burn_in(burn_in_epochs)
+        check_int("burn_in_epochs", burn_in_epochs, 0)
         self.fn = fn
         self.name = name or getattr(fn, "__name__", type(fn).__name__)
         self.burn_in_epochs = burn_in_epochs
