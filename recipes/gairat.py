@@ -31,8 +31,7 @@ from robustmix.cli.recipe import (
     start_epoch,
 )
 from robustmix.core.callbacks import Callback
-from robustmix.methods.gairat import LAMBDA_SCHEDULES, ScheduledGAIRATWeights
-from robustmix.stages.weights import GAIRAT_KINDS
+from robustmix.methods.gairat import GAIRAT_KINDS, LAMBDA_SCHEDULES, ScheduledGAIRATWeights
 
 NAME = "gairat"
 #: --preset cifar10-paper: the release (zjfheart/Geometry-aware-Instance-reweighted-Adversarial-Training,

@@ -9,7 +9,7 @@ from robustmix.core.step import AdversarialStep
 from robustmix.methods.awp import AWP, awp_perturbation
 from robustmix.methods.bilaw import BiLAWWeightNet, BiLAWWeights
 from robustmix.methods.caat import CAATLoss, CAATMetaNet, ClassWiseBudget, ReMarginBudget
-from robustmix.methods.gairat import ScheduledGAIRATWeights, gairat_lambda
+from robustmix.methods.gairat import GAIRATWeights, ScheduledGAIRATWeights, gairat_lambda
 from robustmix.methods.meta import MetaBatches, functional_forward, virtual_sgd_step
 from robustmix.methods.sglr import SGLRLabels
 from robustmix.runs.folder import load_model
@@ -33,7 +33,7 @@ from robustmix.stages.margins import (
     multiclass_margin,
     probability_margin,
 )
-from robustmix.stages.weights import AdaLabWeights, GAIRATWeights, MAILWeights, MarginWeights, normalize_weights
+from robustmix.stages.weights import AdaLabWeights, MAILWeights, MarginWeights, normalize_weights
 from robustmix.training.distributed import sync_buffers
 from robustmix.training.trainer import NonFiniteError, NonFiniteLossError, Trainer
 

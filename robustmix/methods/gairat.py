@@ -1,6 +1,6 @@
-"""GAIRAT's lambda schedule: plain AT during a burn-in, then the geometry-aware weights.
+"""GAIRAT: geometry-aware weights of the attack's ``kappa``, and their lambda schedule.
 
-The weights themselves are ``robustmix.stages.weights.gairat_weights`` of the attack's ``kappa``
+The weights are ``gairat_weights`` of ``kappa``, the attack iterations an example stayed correctly classified
 (``PGDAttack(track_kappa=True)``, no extra forward). The released code (Zhang et al., ICLR 2021)
 keeps ``lam = +inf`` (uniform weights: PGD-AT) before its ``begin_epoch`` and then either fixes
 ``lam`` (its default, ``"fixed"``) or lowers it linearly with the epoch (``"linear"``).
@@ -10,9 +10,69 @@ from __future__ import annotations
 
 import math
 
+import torch
+from torch import Tensor
+
 from robustmix.checks import check_int
 from robustmix.core.context import StepContext
-from robustmix.stages.weights import GAIRATWeights
+from robustmix.stages.weights import MarginWeights, normalize_weights
+
+#: GAIRAT's weight functions of kappa.
+GAIRAT_KINDS = ("tanh", "sigmoid", "discrete")
+
+
+def gairat_weights(kappa: Tensor, steps: int, lam: float = -1.0, kind: str = "tanh") -> Tensor:
+    """GAIRAT's weights ``[B]`` from ``kappa [B]`` (attack iterations still correct), batch mean 1.
+
+    With ``h = K / 2``: ``"tanh"`` (the default) ``(1 + tanh(lam + 5 (h - kappa) / h)) / 2``;
+    ``"sigmoid"`` ``sigmoid(lam + 5 (h - kappa) / h)``; ``"discrete"`` ``(K + 1 - kappa) / (K + 1)``,
+    which ignores ``lam``. ``lam = +inf`` gives uniform weights exactly (PGD-AT). The released
+    code uses ``h = int(K / 2)``; the two agree for even ``K``.
+
+    Args:
+        kappa: Integers in ``[0, steps]``, ``[B]``.
+        steps: The attack's number of steps ``K`` (>= 1).
+        lam: Shift of the weight curve, -1 by default; larger is flatter. May be infinite.
+        kind: ``"tanh"``, ``"sigmoid"`` or ``"discrete"``.
+    """
+    _check_gairat(steps, lam, kind)
+    kappa = kappa.float()
+    if kind == "discrete":
+        return normalize_weights((steps + 1 - kappa) / (steps + 1))
+    half = steps / 2
+    z = lam + 5 * (half - kappa) / half
+    # (1 + tanh(z)) / 2 == sigmoid(2 z): exact at lam = +inf and free of cancellation at z << 0.
+    return normalize_weights(torch.sigmoid(2 * z if kind == "tanh" else z))
+
+
+class GAIRATWeights(MarginWeights):
+    """Multiplies ``weights`` by GAIRAT's ``gairat_weights`` of ``kappa`` (``PGDAttack(track_kappa=True)``).
+
+    ``lam`` is read at every step, so an epoch hook may schedule it.
+
+    Args:
+        steps: The attack's number of steps ``K``.
+        lam: Shift of the weight curve, -1 by default; ``+inf`` is PGD-AT.
+        kind: ``"tanh"`` (the default), ``"sigmoid"`` or ``"discrete"``.
+        burn_in_epochs: Epochs of uniform weights at the start, 0 by default.
+    """
+
+    reads = ("kappa",)
+
+    def __init__(self, steps: int, lam: float = -1.0, kind: str = "tanh", burn_in_epochs: int = 0) -> None:
+        _check_gairat(steps, lam, kind)
+        super().__init__(self._weights, name="gairat_weights", burn_in_epochs=burn_in_epochs)
+        self.steps, self.lam, self.kind = steps, lam, kind
+
+    def _weights(self, kappa: Tensor) -> Tensor:
+        return gairat_weights(kappa, self.steps, self.lam, self.kind)
+
+    def __repr__(self) -> str:
+        return (
+            f"GAIRATWeights(steps={self.steps}, lam={self.lam}, kind={self.kind!r}, "
+            f"burn_in_epochs={self.burn_in_epochs})"
+        )
+
 
 #: ``"fixed"``: ``lam`` from the burn-in on (the released default); ``"linear"``:
 #: ``lam_max - (e + 1) / E * (lam_max - lam)`` at 0-based epoch ``e`` of ``E``.
@@ -112,3 +172,11 @@ class ScheduledGAIRATWeights(GAIRATWeights):
             f"ScheduledGAIRATWeights(steps={self.steps}, lam={self.final_lam}, kind={self.kind!r}, "
             f"burn_in_epochs={self.burn_in_epochs}, schedule={self.schedule!r}, lam_max={self.lam_max})"
         )
+
+
+def _check_gairat(steps: int, lam: float, kind: str) -> None:
+    check_int("steps", steps, 1)
+    if kind not in GAIRAT_KINDS:
+        raise ValueError(f"kind must be one of {GAIRAT_KINDS}, got {kind!r}")
+    if math.isnan(lam):
+        raise ValueError("lam must be a number (+inf gives uniform weights), got NaN")

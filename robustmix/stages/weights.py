@@ -19,8 +19,6 @@ from robustmix.checks import check_int
 from robustmix.core.callbacks import Callback
 from robustmix.core.context import Stage, StepContext
 
-#: GAIRAT's weight functions of kappa.
-GAIRAT_KINDS = ("tanh", "sigmoid", "discrete")
 #: The factor MAIL's released code multiplies its sigmoid weights by (``mail_loss.py``, ``weight_assign``).
 MAIL_SCALE = 3.0
 
@@ -57,30 +55,6 @@ def adalab_importance(margin: Tensor, c: float = 5.0) -> Tensor:
     return normalize_weights(boundary_importance(margin, c))
 
 
-def gairat_weights(kappa: Tensor, steps: int, lam: float = -1.0, kind: str = "tanh") -> Tensor:
-    """GAIRAT's weights ``[B]`` from ``kappa [B]`` (attack iterations still correct), batch mean 1.
-
-    With ``h = K / 2``: ``"tanh"`` (the default) ``(1 + tanh(lam + 5 (h - kappa) / h)) / 2``;
-    ``"sigmoid"`` ``sigmoid(lam + 5 (h - kappa) / h)``; ``"discrete"`` ``(K + 1 - kappa) / (K + 1)``,
-    which ignores ``lam``. ``lam = +inf`` gives uniform weights exactly (PGD-AT). The released
-    code uses ``h = int(K / 2)``; the two agree for even ``K``.
-
-    Args:
-        kappa: Integers in ``[0, steps]``, ``[B]``.
-        steps: The attack's number of steps ``K`` (>= 1).
-        lam: Shift of the weight curve, -1 by default; larger is flatter. May be infinite.
-        kind: ``"tanh"``, ``"sigmoid"`` or ``"discrete"``.
-    """
-    _check_gairat(steps, lam, kind)
-    kappa = kappa.float()
-    if kind == "discrete":
-        return normalize_weights((steps + 1 - kappa) / (steps + 1))
-    half = steps / 2
-    z = lam + 5 * (half - kappa) / half
-    # (1 + tanh(z)) / 2 == sigmoid(2 z): exact at lam = +inf and free of cancellation at z << 0.
-    return normalize_weights(torch.sigmoid(2 * z if kind == "tanh" else z))
-
-
 def mail_weights(margin_pm: Tensor, bias: float = -1.5, slope: float = 1.0, *, normalize: bool = True) -> Tensor:
     """MAIL's weights ``3 * sigmoid(slope * (PM + bias))`` ``[B]``, by default scaled to batch mean 1.
 
@@ -102,14 +76,6 @@ def mail_weights(margin_pm: Tensor, bias: float = -1.5, slope: float = 1.0, *, n
 def _check_finite_non_negative(name: str, value: float) -> None:
     if not (0 <= value < math.inf):
         raise ValueError(f"{name} must be a finite number >= 0, got {value}")
-
-
-def _check_gairat(steps: int, lam: float, kind: str) -> None:
-    check_int("steps", steps, 1)
-    if kind not in GAIRAT_KINDS:
-        raise ValueError(f"kind must be one of {GAIRAT_KINDS}, got {kind!r}")
-    if math.isnan(lam):
-        raise ValueError("lam must be a number (+inf gives uniform weights), got NaN")
 
 
 def _check_mail(bias: float, slope: float) -> None:
@@ -173,35 +139,6 @@ class AdaLabWeights(MarginWeights):
 
     def __repr__(self) -> str:
         return f"AdaLabWeights(c={self.c}, burn_in_epochs={self.burn_in_epochs})"
-
-
-class GAIRATWeights(MarginWeights):
-    """Multiplies ``weights`` by GAIRAT's ``gairat_weights`` of ``kappa`` (``PGDAttack(track_kappa=True)``).
-
-    ``lam`` is read at every step, so an epoch hook may schedule it.
-
-    Args:
-        steps: The attack's number of steps ``K``.
-        lam: Shift of the weight curve, -1 by default; ``+inf`` is PGD-AT.
-        kind: ``"tanh"`` (the default), ``"sigmoid"`` or ``"discrete"``.
-        burn_in_epochs: Epochs of uniform weights at the start, 0 by default.
-    """
-
-    reads = ("kappa",)
-
-    def __init__(self, steps: int, lam: float = -1.0, kind: str = "tanh", burn_in_epochs: int = 0) -> None:
-        _check_gairat(steps, lam, kind)
-        super().__init__(self._weights, name="gairat_weights", burn_in_epochs=burn_in_epochs)
-        self.steps, self.lam, self.kind = steps, lam, kind
-
-    def _weights(self, kappa: Tensor) -> Tensor:
-        return gairat_weights(kappa, self.steps, self.lam, self.kind)
-
-    def __repr__(self) -> str:
-        return (
-            f"GAIRATWeights(steps={self.steps}, lam={self.lam}, kind={self.kind!r}, "
-            f"burn_in_epochs={self.burn_in_epochs})"
-        )
 
 
 class MAILWeights(MarginWeights):
