@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from robustmix import Callback, Stage, StepContext
+from robustmix.checks import check_unit
 from robustmix.stages.weights import normalize_weights
 
 
@@ -49,8 +50,7 @@ class ConfidentMistakeWeights(Callback):
     def __init__(self, threshold: float = 0.9, floor: float = 0.1, momentum: float = 0.99) -> None:
         if not 0 < threshold < 1:
             raise ValueError(f"threshold must be in (0, 1), got {threshold}")
-        if not 0 <= floor <= 1:
-            raise ValueError(f"floor must be in [0, 1], got {floor}")
+        check_unit("floor", floor)  # the same one-line error as robustmix's own callbacks
         if not 0 <= momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         self.threshold, self.floor, self.momentum = threshold, floor, momentum
