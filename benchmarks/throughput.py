@@ -55,9 +55,9 @@ from typing import Any, NamedTuple
 import handwritten  # benchmarks/ is on sys.path when this file runs as a script
 import torch
 import torch.nn.functional as F
+from host_reads import HostReads
 from torch import Tensor, nn
 from torch.amp import GradScaler
-from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
@@ -377,44 +377,6 @@ def _count_syncs(fn: Callable[[], object]) -> int:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
-#: Tensor methods that read values back to the host: each one is a device synchronization on CUDA.
-HOST_READS = frozenset(
-    {
-        "__bool__",
-        "__float__",
-        "__index__",
-        "__int__",
-        "cpu",
-        "item",
-        "masked_select",
-        "nonzero",
-        "numpy",
-        "tolist",
-        "unique",
-    }
-)
-
-
-class HostReads(TorchFunctionMode):
-    """Counts the Python-level tensor operations that read values back to the host, on any device.
-
-    On CUDA each is a synchronization; on a CPU this counts them where they cannot be timed. Reads
-    inside C++ kernels are not seen: on CUDA the script also uses the sync debug mode.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_function__(self, func: Callable, types: object, args: tuple = (), kwargs: dict | None = None) -> Any:
-        name = getattr(func, "__name__", "")
-        masked = name in ("__getitem__", "__setitem__") and any(
-            isinstance(a, Tensor) and a.dtype == torch.bool for a in _flatten(args[1:2])
-        )
-        self.count += name in HOST_READS or masked
-        return func(*args, **(kwargs or {}))
-
-
 class Flops(TorchDispatchMode):
     """FLOPs of the operators run in the block, by the formulas of ``torch.utils.flop_counter`` (its registry).
 
@@ -434,10 +396,6 @@ class Flops(TorchDispatchMode):
         if count is not None:
             self.total += count(*args, **kwargs, out_val=out)
         return out
-
-
-def _flatten(items: tuple) -> list[object]:
-    return [x for item in items for x in (item if isinstance(item, tuple | list) else (item,))]
 
 
 def _compile_count() -> int:

@@ -8,6 +8,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import functools
 import importlib.util
 import socket
 import subprocess
@@ -27,7 +28,22 @@ REPO = Path(__file__).resolve().parents[1]
 
 def load_recipe(name: str):
     """Import ``recipes/<name>.py`` by path: recipes are scripts, not a package."""
-    spec = importlib.util.spec_from_file_location(f"recipes_{name}", REPO / "recipes" / f"{name}.py")
+    return _load_script("recipes", name)
+
+
+def load_benchmark(name: str):
+    """Import ``benchmarks/<name>.py`` by path: benchmarks are scripts, not a package."""
+    return _load_script("benchmarks", name)
+
+
+@functools.cache
+def training_recipes() -> tuple[str, ...]:
+    """Every training recipe's name, from the one list of them: ``RECIPES`` of ``recipes/compare.py``."""
+    return load_recipe("compare").RECIPES
+
+
+def _load_script(folder: str, name: str):
+    spec = importlib.util.spec_from_file_location(f"{folder}_{name}", REPO / folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

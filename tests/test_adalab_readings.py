@@ -29,9 +29,11 @@ from robustmix.stages.labels import (
 )
 from robustmix.stages.margins import LogitMargin, RecoveryMargin, logit_margin, recovery_margin
 from robustmix.stages.weights import adalab_importance, boundary_importance, mail_weights
-from tests.conftest import load_recipe, quick_flags
-from tests.test_anti import _trained
-from tests.test_pass_accounting import HostReads, TallyNet, documented_cost
+from tests.conftest import load_benchmark, load_recipe, quick_flags
+from tests.test_pass_accounting import documented_cost
+from tests.toys import TallyNet, trained_pattern_net
+
+HostReads = load_benchmark("host_reads").HostReads
 
 seeds = st.integers(0, 2**16)
 #: The target forms that interpolate between the one-hot label and one source distribution.
@@ -306,14 +308,14 @@ def _predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def _attacked(eps: float) -> torch.Tensor:
     from robustmix.attacks import pgd
 
-    model, x, y = _trained()
+    model, x, y = trained_pattern_net()
     return pgd(model, x, y, eps=eps, step_size=eps / 4, steps=10, generator=torch.Generator().manual_seed(1))
 
 
 @settings(max_examples=20, deadline=None)
 @given(steps=st.integers(1, 5), project=st.booleans(), eps=st.sampled_from([0.1, 0.3]))
 def test_recovering_descent_stops_each_example_once_it_is_recovered(steps, project, eps):
-    model, x, y = _trained()
+    model, x, y = trained_pattern_net()
     x_adv = _attacked(eps)
     step_size = eps / 4
     x_aa, taken = recovering_descent(model, x, x_adv, y, eps=eps, step_size=step_size, steps=steps, project=project)
@@ -333,7 +335,7 @@ def test_recovering_descent_stops_each_example_once_it_is_recovered(steps, proje
 
 
 def test_recovering_descent_recovers_more_than_one_plain_step():
-    model, x, y = _trained()
+    model, x, y = trained_pattern_net()
     x_adv = _attacked(0.3)
     assert (_predict(model, x_adv) == y).float().mean() < 0.5
     one_step = adversarys_adversary(model, x, x_adv, y, eps=0.3, step_size=0.3 / 8)
@@ -345,7 +347,7 @@ def test_recovering_descent_recovers_more_than_one_plain_step():
 @settings(max_examples=10, deadline=None)
 @given(seed=seeds)
 def test_recovering_descent_is_permutation_equivariant(seed):
-    model, x, y = _trained()
+    model, x, y = trained_pattern_net()
     x_adv = _attacked(0.3)
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     x_aa, taken = recovering_descent(model, x, x_adv, y, eps=0.3, steps=3)
@@ -356,7 +358,7 @@ def test_recovering_descent_is_permutation_equivariant(seed):
 
 @pytest.mark.parametrize("epoch", [0, 1])
 def test_recovering_callback_writes_the_steps_needed(epoch):
-    model, x, y = _trained()
+    model, x, y = trained_pattern_net()
     steps = 3
     callbacks = [
         PGDAttack(0.3, 0.075, 5), AdversarysAdversary(steps, until_recovered=True, burn_in_epochs=1),

@@ -1,7 +1,6 @@
 """Anti-adversary generators: they stay in the attack's ball and lower the true-class loss."""
 
 import copy
-import functools
 
 import pytest
 import torch
@@ -15,38 +14,9 @@ from robustmix.attacks import perturb, pgd, random_start
 from robustmix.core.context import StepContext
 from robustmix.core.modes import model_mode
 from robustmix.stages.anti import AdversarysAdversary, AntiAdversary, adversarys_adversary, anti_adversary
+from tests.toys import trained_pattern_net
 
 EPS = 8 / 255
-
-
-class PatternNet(nn.Module):
-    """Two-layer MLP with BatchNorm (whose mode the generators must respect) for 8x8 images."""
-
-    num_classes = 4
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 4))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
-@functools.cache
-def _trained() -> tuple[PatternNet, torch.Tensor, torch.Tensor]:
-    """PatternNet fit to 4 classes of noisy random 8x8 patterns, seeded (well under a second of CPU)."""
-    torch.manual_seed(0)
-    prototypes = torch.rand(4, 1, 8, 8)
-    y = torch.arange(4).repeat(16)
-    x = (prototypes[y] + 0.15 * torch.randn(len(y), 1, 8, 8)).clamp(0, 1)
-    model = PatternNet()
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
-    for _ in range(80):
-        optimizer.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        optimizer.step()
-    model.zero_grad(set_to_none=True)
-    return model.train(), x, y
 
 
 def _linf(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -71,7 +41,7 @@ def _ce(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 @example(eps=0.0, per_sample=False, steps=1, step_size=None, norm="linf", batch=1, seed=0)
 @example(eps=0.3, per_sample=True, steps=3, step_size=0.5, norm="linf", batch=6, seed=1)
 def test_adversarys_adversary_stays_in_the_ball_and_box(eps, per_sample, steps, step_size, norm, batch, seed):
-    model, x_all, y_all = _trained()
+    model, x_all, y_all = trained_pattern_net()
     g = torch.Generator().manual_seed(seed)
     pick = torch.randint(0, len(y_all), (batch,), generator=g)
     x, y = x_all[pick], y_all[pick]
@@ -89,7 +59,7 @@ def test_adversarys_adversary_stays_in_the_ball_and_box(eps, per_sample, steps, 
 
 @pytest.mark.parametrize("per_sample", [False, True])
 def test_adversarys_adversary_lowers_the_true_class_loss(per_sample):
-    model, x, y = _trained()
+    model, x, y = trained_pattern_net()
     eps = torch.linspace(EPS / 2, 2 * EPS, len(y)) if per_sample else EPS
     x_adv = pgd(model, x, y, eps=eps, step_size=EPS / 4, steps=10)
     x_aa = adversarys_adversary(model, x, x_adv, y, eps=eps)
@@ -101,7 +71,7 @@ def test_adversarys_adversary_lowers_the_true_class_loss(per_sample):
 
 
 def test_default_step_is_half_the_budget_and_steps_descend_further():
-    model, x, y = _trained()
+    model, x, y = trained_pattern_net()
     eps = torch.linspace(EPS / 2, 2 * EPS, len(y))
     x_adv = pgd(model, x, y, eps=eps, step_size=EPS / 4, steps=5)
     explicit = perturb(model, x, y, eps=eps, step_size=eps / 2, steps=1, descend=True, x_init=x_adv)
@@ -113,7 +83,7 @@ def test_default_step_is_half_the_budget_and_steps_descend_further():
 
 @pytest.mark.parametrize("per_sample", [False, True])
 def test_anti_adversary_lowers_the_loss_of_clean_inputs(per_sample):
-    model, x, y = _trained()
+    model, x, y = trained_pattern_net()
     eps = torch.linspace(EPS / 2, 2 * EPS, len(y)) if per_sample else EPS
     g = torch.Generator().manual_seed(0)
     x_anti = anti_adversary(model, x, y, eps=eps, step_size=EPS / 4, steps=5, generator=g)
@@ -124,7 +94,7 @@ def test_anti_adversary_lowers_the_loss_of_clean_inputs(per_sample):
 
 
 def test_anti_adversary_starts_near_x():
-    model, x, y = _trained()
+    model, x, y = trained_pattern_net()
     start = anti_adversary(model, x, y, eps=EPS, step_size=0.0, steps=1, generator=torch.Generator().manual_seed(0))
     assert 0 < _linf(start, x).max() <= 0.01, "CAAT's start is x + 0.001 * N(0, I)"
 
@@ -134,7 +104,7 @@ def _ctx(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **fields) -> StepCo
 
 
 def test_adversarys_adversary_callback_uses_the_context_budget():
-    model, x, y = _trained()
+    model, x, y = trained_pattern_net()
     eps = torch.linspace(0, 2 * EPS, len(y))
     x_adv = pgd(model, x, y, eps=eps, step_size=EPS / 4, steps=3)
     ctx = _ctx(model, x, y, eps=eps, x_adv=x_adv)
@@ -149,7 +119,7 @@ def test_adversarys_adversary_callback_uses_the_context_budget():
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_the_uniform_budget_gives_the_same_points_as_the_per_sample_one(norm):
     """``uniform_eps`` only skips a host read: the float and the ``[B]`` budget give identical points."""
-    model, x, y = _trained()
+    model, x, y = trained_pattern_net()
     x_adv = pgd(model, x, y, eps=EPS, step_size=EPS / 4, steps=3, norm=norm)
     eps = torch.full((len(y),), EPS)
     outputs = []
@@ -161,7 +131,7 @@ def test_the_uniform_budget_gives_the_same_points_as_the_per_sample_one(norm):
 
 
 def test_anti_adversary_callback_budgets():
-    model, x, y = _trained()
+    model, x, y = trained_pattern_net()
     eps = torch.linspace(0, 2 * EPS, len(y))
     ctx = _ctx(model, x, y, eps=eps)
     AntiAdversary(step_size=0.5, steps=2, relative_step_size=True)(ctx)
@@ -175,7 +145,7 @@ def test_anti_adversary_callback_budgets():
 @given(seed=st.integers(0, 2**16), batch=st.integers(1, 8))
 @example(seed=0, batch=1)
 def test_generators_are_permutation_equivariant(seed, batch):
-    model, x_all, y_all = _trained()
+    model, x_all, y_all = trained_pattern_net()
     g = torch.Generator().manual_seed(seed)
     pick = torch.randperm(len(y_all), generator=g)[:batch]
     x, y, eps = x_all[pick], y_all[pick], torch.rand(batch, generator=g) * 2 * EPS
@@ -194,7 +164,7 @@ def test_generators_are_permutation_equivariant(seed, batch):
 
 @pytest.mark.parametrize("steps", [1, 2])
 def test_adversarys_adversary_costs_its_steps(steps):
-    model, x, y = _trained()
+    model, x, y = trained_pattern_net()
     model = copy.deepcopy(model)  # the training forward updates BatchNorm statistics of the shared model
     attack_steps = 3
     step = AdversarialStep(

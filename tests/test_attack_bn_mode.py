@@ -11,9 +11,9 @@ from robustmix import AdversarialStep
 from robustmix.cli.recipe import RecipeInfo
 from robustmix.data import load_dataset
 from robustmix.models import create_model
-from tests.conftest import load_recipe
+from tests.conftest import load_recipe, training_recipes
 
-RECIPES = ("pgd_at", "fgsm_rs", "trades", "mart", "mail", "awp", "gairat", "sglr", "caat", "bilaw", "adalab")
+RECIPES = training_recipes()
 #: Every recipe attacks in eval mode by default, so that the presets compare methods under one protocol (on
 #: digits PGD-AT with a train-mode attack reached 51.7% clean / 20.0% PGD-20 against 98.6 / 70.6 in eval mode);
 #: FGSM-RS's wong protocol and --preset cifar10-paper take the releases' modes: Rice et al.'s, AT-AWP's and

@@ -18,32 +18,7 @@ from robustmix.methods.awp import AWP, awp_perturbation
 from robustmix.runs.folder import load_metrics_log
 from robustmix.stages.losses import TRADESLoss, trades_loss
 from tests.conftest import launch_two_processes, load_recipe, quick_flags
-
-
-class TinyBN(nn.Module):
-    """Conv + BatchNorm classifier of 1x8x8 images into 3 classes."""
-
-    num_classes = 3
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-            nn.Linear(16, 3),
-        )  # fmt: skip
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
-def _model(dtype: torch.dtype = torch.float32) -> TinyBN:
-    torch.manual_seed(0)
-    return TinyBN().to(dtype).train()
-
-
-def _batch(size: int = 8, seed: int = 0, dtype: torch.dtype = torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(size, 1, 8, 8, generator=g, dtype=dtype), torch.randint(0, 3, (size,), generator=g)
+from tests.toys import batch_8x8, tiny_bn
 
 
 def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -72,8 +47,8 @@ def _released_code_perturbation(model: nn.Module, x, y, gamma: float) -> dict[st
 
 
 def test_perturbation_is_the_released_codes():
-    model = _model(torch.float64)  # float64: w' - w of the proxy loses no digits to rounding
-    x, y = _batch(dtype=torch.float64)
+    model = tiny_bn(torch.float64)  # float64: w' - w of the proxy loses no digits to rounding
+    x, y = batch_8x8(dtype=torch.float64)
     expected = _released_code_perturbation(model, x, y, gamma=0.01)
     perturbation = awp_perturbation(model, _ce_of(x, y), gamma=0.01)
     assert perturbation.keys() == expected.keys() == {"net.0.weight", "net.5.weight"}  # no biases, no BatchNorm
@@ -83,8 +58,8 @@ def test_perturbation_is_the_released_codes():
 
 @pytest.mark.parametrize("gamma", [0.0, 0.005, 0.01, 0.5])
 def test_each_layer_moves_by_gamma_relative_to_its_norm(gamma):
-    model = _model()
-    perturbation = awp_perturbation(model, _ce_of(*_batch()), gamma=gamma)
+    model = tiny_bn()
+    perturbation = awp_perturbation(model, _ce_of(*batch_8x8()), gamma=gamma)
     for name, param in model.named_parameters():
         if param.dim() > 1:
             ratio = perturbation[name].norm() / param.norm()
@@ -92,8 +67,8 @@ def test_each_layer_moves_by_gamma_relative_to_its_norm(gamma):
 
 
 def test_perturbation_ascends_the_loss_and_leaves_grads_statistics_and_modes_alone():
-    model = _model()
-    x, y = _batch()
+    model = tiny_bn()
+    x, y = batch_8x8()
     model.net[1].eval()  # a mode of the user's, to be restored
     for p in model.parameters():
         p.grad = torch.full_like(p, 7.0)
@@ -113,9 +88,9 @@ def test_perturbation_ascends_the_loss_and_leaves_grads_statistics_and_modes_alo
 
 
 def test_a_zero_or_non_finite_gradient_gives_no_perturbation():
-    model = _model()
-    zero = awp_perturbation(model, lambda m: 0.0 * m(_batch()[0]).sum(), gamma=0.01)
-    overflow = awp_perturbation(model, lambda m: m(_batch()[0]).sum() * float("inf"), gamma=0.01)
+    model = tiny_bn()
+    zero = awp_perturbation(model, lambda m: 0.0 * m(batch_8x8()[0]).sum(), gamma=0.01)
+    overflow = awp_perturbation(model, lambda m: m(batch_8x8()[0]).sum() * float("inf"), gamma=0.01)
     assert all(torch.equal(delta, torch.zeros_like(delta)) for delta in (*zero.values(), *overflow.values()))
 
 
@@ -133,12 +108,12 @@ class RecordsWeights(Callback):
 
 
 def test_removal_is_exact_when_the_optimizer_does_not_move_the_weights():
-    model, recorder = _model(), RecordsWeights()
+    model, recorder = tiny_bn(), RecordsWeights()
     step = AdversarialStep([PGDAttack(eps=0.1, step_size=0.03, steps=2), AWP(gamma=0.01), recorder, AdversarialCE()])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9, weight_decay=5e-4)
     before = _weights(model)
     for i in range(3):
-        loss, _ = step(model, *_batch(seed=i))
+        loss, _ = step(model, *batch_8x8(seed=i))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -149,12 +124,12 @@ def test_removal_is_exact_when_the_optimizer_does_not_move_the_weights():
 
 
 def test_removal_also_happens_when_the_grad_scaler_skips_the_step():
-    model = _model()
+    model = tiny_bn()
     step = _awp_step(AWP(gamma=0.01))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu")
     before = _weights(model)
-    loss, _ = step(model, *_batch())
+    loss, _ = step(model, *batch_8x8())
     optimizer.zero_grad()
     scaler.scale(loss).backward()
     model.net[0].weight.grad[0, 0, 0, 0] = float("inf")  # an fp16 overflow
@@ -165,11 +140,11 @@ def test_removal_also_happens_when_the_grad_scaler_skips_the_step():
 
 
 def test_the_update_uses_the_gradient_at_the_perturbed_weights_and_lands_on_the_unperturbed_ones():
-    model = _model()
+    model = tiny_bn()
     step = _awp_step(AWP(gamma=0.01))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     before = _weights(model)
-    loss, _ = step(model, *_batch())
+    loss, _ = step(model, *batch_8x8())
     optimizer.zero_grad()
     loss.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters()}
@@ -178,22 +153,22 @@ def test_the_update_uses_the_gradient_at_the_perturbed_weights_and_lands_on_the_
     for name, p in model.named_parameters():
         torch.testing.assert_close(p, before[name] - 0.1 * grads[name], rtol=0, atol=1e-7)
 
-    plain = _model()
-    loss, _ = _awp_step(AWP(gamma=0.0))(plain, *_batch())
+    plain = tiny_bn()
+    loss, _ = _awp_step(AWP(gamma=0.0))(plain, *batch_8x8())
     loss.backward()
     assert not torch.allclose(plain.net[0].weight.grad, grads["net.0.weight"])  # the perturbation mattered
 
 
 def test_no_perturbation_during_warm_up():
-    model, recorder = _model(), RecordsWeights()
+    model, recorder = tiny_bn(), RecordsWeights()
     before = _weights(model)
     awp = AWP(gamma=0.01, warmup_epochs=2)
     step = AdversarialStep([PGDAttack(eps=0.1, step_size=0.03, steps=2), awp, recorder, AdversarialCE()])
-    loss, ctx = step(model, *_batch(), epoch=1)
+    loss, ctx = step(model, *batch_8x8(), epoch=1)
     loss.backward()
     assert ctx.passes() == (3, 3)  # plain PGD-AT with K = 2
     assert all(torch.equal(recorder.seen[name], before[name]) for name in before)
-    _, ctx = step(model, *_batch(), epoch=2)
+    _, ctx = step(model, *batch_8x8(), epoch=2)
     assert not torch.equal(recorder.seen["net.0.weight"], before["net.0.weight"])
 
 
@@ -215,14 +190,14 @@ def test_no_perturbation_during_warm_up():
     ids=["at", "trades"],
 )
 def test_cost_per_step(callbacks, passes):
-    loss, ctx = AdversarialStep(callbacks)(_model(), *_batch())
+    loss, ctx = AdversarialStep(callbacks)(tiny_bn(), *batch_8x8())
     loss.backward()
     assert ctx.passes() == passes
 
 
 def test_trades_awp_ascends_the_trades_loss():
-    model = _model()
-    x, y = _batch()
+    model = tiny_bn()
+    x, y = batch_8x8()
     x_adv = (x + 0.05).clamp(0, 1)
     expected = awp_perturbation(model, lambda m: trades_loss(m(x), m(x_adv), y, 6.0), gamma=0.005)
     awp = AWP(gamma=0.005, loss="trades", beta=6.0)
@@ -250,14 +225,14 @@ class ReadsLogitsEarly(Callback):
 
 
 def test_misuse_fails_loudly():
-    model = _model()
+    model = tiny_bn()
     step = _awp_step(AWP())
-    step(model, *_batch())
+    step(model, *batch_8x8())
     with pytest.raises(RuntimeError, match="on_after_optimizer_step"):
-        step(model, *_batch())  # the previous perturbation was never removed
+        step(model, *batch_8x8())  # the previous perturbation was never removed
     early = AdversarialStep([PGDAttack(steps=1), ReadsLogitsEarly(), AWP(), AdversarialCE()])
     with pytest.raises(RuntimeError, match="before any training forward"):
-        early(_model(), *_batch())
+        early(tiny_bn(), *batch_8x8())
     for kwargs, message in (
         ({"gamma": -0.1}, "gamma"), ({"proxy_lr": 0.0}, "proxy_lr"), ({"warmup_epochs": -1}, "warmup_epochs"),
         ({"loss": "mart"}, "loss"), ({"beta": float("inf")}, "beta"),
@@ -322,13 +297,13 @@ def _ddp_worker(out: Path) -> None:
     from robustmix.models import unwrap_model
 
     accelerator = Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
-    model = _model()
+    model = tiny_bn()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     model, optimizer = accelerator.prepare(model, optimizer)
     recorder = RecordsWeights()
     step = AdversarialStep([PGDAttack(eps=0.1, step_size=0.03, steps=2), AWP(gamma=0.01), recorder, AdversarialCE()])
     for i in range(3):
-        loss, _ = step(model, *_batch(seed=10 * i + accelerator.process_index))
+        loss, _ = step(model, *batch_8x8(seed=10 * i + accelerator.process_index))
         optimizer.zero_grad()
         accelerator.backward(loss)
         optimizer.step()

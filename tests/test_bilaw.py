@@ -11,6 +11,7 @@ from robustmix.methods.bilaw import OUTPUTS, BiLAWWeightNet, BiLAWWeights, bilaw
 from robustmix.methods.meta import MetaBatches
 from robustmix.runs.checkpoint import join_state, split_state
 from robustmix.stages.margins import MultiClassMargin, multiclass_margin
+from tests.toys import SmallConvNet, batch_4x4
 
 seeds = st.integers(0, 2**16)
 
@@ -43,29 +44,10 @@ def test_weights_are_non_negative_mean_one_and_equivariant(batch, output, seed):
     torch.testing.assert_close(bilaw_weights(net, bilaw_features(margin_vector[perm], y[perm])), w[perm])
 
 
-class SmallNet(nn.Module):
-    num_classes = 3
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = nn.Sequential(
-            nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3)
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
-def _batch(b: int = 8, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(b, 1, 4, 4, generator=g), torch.arange(b) % 3
-
-
 def _bilaw(model: nn.Module, *, steps: int = 2, meta_every: int = 2, clean_meta_loss: bool = False):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     weights = BiLAWWeights(
-        3, MetaBatches(*_batch(12, seed=5), batch_size=8), eps=0.1, step_size=0.05, attack_steps=steps,
+        3, MetaBatches(*batch_4x4(12, seed=5), batch_size=8), eps=0.1, step_size=0.05, attack_steps=steps,
         meta_every=meta_every, clean_meta_loss=clean_meta_loss, optimizer=optimizer,
     )  # fmt: skip
     step = AdversarialStep([PGDAttack(0.1, 0.05, steps), MultiClassMargin(), weights, AdversarialCE()])
@@ -74,9 +56,9 @@ def _bilaw(model: nn.Module, *, steps: int = 2, meta_every: int = 2, clean_meta_
 
 @pytest.mark.parametrize("clean_meta_loss", [False, True])
 def test_cost_per_step_with_and_without_the_lookahead(clean_meta_loss):
-    model = SmallNet()
+    model = SmallConvNet()
     step, callback, _ = _bilaw(model, steps=2, clean_meta_loss=clean_meta_loss)
-    x, y = _batch()
+    x, y = batch_4x4()
     net_before = [p.clone() for p in callback.net.parameters()]
     params_before = [p.clone() for p in model.parameters()]
     stats_before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -125,15 +107,15 @@ def test_lookahead_learns_to_down_weight_mislabeled_examples(seed):
 
 
 def test_state_dict_round_trips_through_a_checkpoint():
-    model = SmallNet()
+    model = SmallConvNet()
     step, callback, optimizer = _bilaw(model, meta_every=1)
-    x, y = _batch()
+    x, y = batch_4x4()
     for i in range(2):
         loss, _ = step(model, x, y, step=i)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    twin, twin_callback, _ = _bilaw(SmallNet(), meta_every=1)
+    twin, twin_callback, _ = _bilaw(SmallConvNet(), meta_every=1)
     twin_callback.optimizer = optimizer
     twin.load_state_dict(join_state(*split_state(step.state_dict())))
     stats = {k: v.clone() for k, v in model.state_dict().items()}
@@ -148,7 +130,7 @@ def test_state_dict_round_trips_through_a_checkpoint():
 
 
 def test_composition_needs_the_multi_class_margin():
-    weights = BiLAWWeights(3, MetaBatches(*_batch(4), batch_size=2), eps=0.1, step_size=0.05, attack_steps=2)
+    weights = BiLAWWeights(3, MetaBatches(*batch_4x4(4), batch_size=2), eps=0.1, step_size=0.05, attack_steps=2)
     with pytest.raises(CompositionError, match="MultiClassMargin"):
         AdversarialStep([PGDAttack(0.1, 0.05, 2), weights, AdversarialCE()])
     with pytest.raises(ValueError, match="output"):

@@ -33,6 +33,7 @@ from robustmix.methods.meta import MetaBatches
 from robustmix.runs.checkpoint import join_state, split_state
 from robustmix.stages.anti import AntiAdversary
 from tests.conftest import load_recipe
+from tests.toys import SmallConvNet, batch_4x4
 
 seeds = st.integers(0, 2**16)
 
@@ -141,25 +142,6 @@ def test_class_weights_normalize_the_clean_and_kl_terms_over_the_batch():
     torch.testing.assert_close(same, caat_loss(clean, adv, anti, y, alpha, beta, 1.5))
 
 
-class SmallNet(nn.Module):
-    num_classes = 3
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = nn.Sequential(
-            nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3)
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
-def _batch(b: int = 8, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(b, 1, 4, 4, generator=g), torch.arange(b) % 3
-
-
 def _caat(
     model: nn.Module,
     *,
@@ -171,7 +153,7 @@ def _caat(
     budget=None,
 ):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    meta = MetaBatches(*_batch(12, seed=5), batch_size=8, seed=0)
+    meta = MetaBatches(*batch_4x4(12, seed=5), batch_size=8, seed=0)
     budget = ClassWiseBudget(0.1, multipliers) if budget is None else budget
     attack = PGDAttack(None, 0.02, steps, loss="kl", start="normal")
     anti = AntiAdversary(None, 0.02, steps)
@@ -184,9 +166,9 @@ def _caat(
 
 
 def test_class_wise_budget_bounds_attack_and_anti_adversary():
-    step, _, _ = _caat(SmallNet(), meta_every=1000)
-    x, y = _batch()
-    _, ctx = step(SmallNet(), x, y, step=1)
+    step, _, _ = _caat(SmallConvNet(), meta_every=1000)
+    x, y = batch_4x4()
+    _, ctx = step(SmallConvNet(), x, y, step=1)
     torch.testing.assert_close(ctx.eps, 0.1 * torch.tensor([1.0, 1.5, 0.5])[y])
     for perturbed in (ctx.x_adv, ctx.x_anti):
         assert torch.all((perturbed - x).abs().flatten(1).amax(dim=1) <= ctx.eps + 1e-6)
@@ -205,9 +187,9 @@ def test_class_wise_budget_bounds_attack_and_anti_adversary():
     ],
 )
 def test_cost_per_step_with_and_without_the_lookahead(meta_objective, extra):
-    model = SmallNet()
+    model = SmallConvNet()
     step, callback, _ = _caat(model, steps=2, meta_every=2, meta_objective=meta_objective)
-    x, y = _batch()
+    x, y = batch_4x4()
     net_before = [p.clone() for p in callback.net.parameters()]
     params_before = [p.clone() for p in model.parameters()]
     stats_before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -232,11 +214,11 @@ def test_cost_per_step_with_and_without_the_lookahead(meta_objective, extra):
 
 
 def test_class_average_losses_become_the_next_epochs_feature():
-    model = SmallNet()
+    model = SmallConvNet()
     step, callback, _ = _caat(model, meta_every=1000)
     ce = []
     for i in range(2):
-        x, y = _batch(6, seed=i)
+        x, y = batch_4x4(6, seed=i)
         _, ctx = step(model, x, y, step=1 + i)
         ce.append((F.cross_entropy(ctx.logits["clean"].detach(), y, reduction="none"), y))
     assert torch.equal(callback.class_loss, torch.full((3,), math.log(3)))
@@ -247,16 +229,16 @@ def test_class_average_losses_become_the_next_epochs_feature():
 
 
 def test_state_dict_round_trips_through_a_checkpoint():
-    model = SmallNet()
+    model = SmallConvNet()
     step, callback, optimizer = _caat(model, meta_every=1)
-    x, y = _batch()
+    x, y = batch_4x4()
     for i in range(2):
         loss, _ = step(model, x, y, step=i)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     tensors, values = split_state(step.state_dict())
-    twin, twin_callback, _ = _caat(SmallNet(), meta_every=1)
+    twin, twin_callback, _ = _caat(SmallConvNet(), meta_every=1)
     twin_callback.optimizer = optimizer
     twin.load_state_dict(join_state(tensors, values))
     stats = {k: v.clone() for k, v in model.state_dict().items()}
@@ -271,7 +253,7 @@ def test_state_dict_round_trips_through_a_checkpoint():
 
 
 def test_composition_needs_the_anti_adversary():
-    meta = MetaBatches(*_batch(4), batch_size=2)
+    meta = MetaBatches(*batch_4x4(4), batch_size=2)
     with pytest.raises(CompositionError, match="AntiAdversary"):
         AdversarialStep([PGDAttack(0.1, 0.02, 1), CAATLoss(3, meta, meta_objective="clean")])
     with pytest.raises(ValueError, match="meta_perturbations that write x_adv and x_anti"):
@@ -281,12 +263,12 @@ def test_composition_needs_the_anti_adversary():
 
 
 def test_the_released_outer_loss_is_the_caat_loss_at_unit_weights_on_the_meta_batchs_own_perturbations():
-    model = SmallNet()
-    budget = ReMarginBudget(0.1, 3, *_batch(6, seed=7))
+    model = SmallConvNet()
+    budget = ReMarginBudget(0.1, 3, *batch_4x4(6, seed=7))
     budget.load_state_dict({"lam": torch.tensor([[0.2, 0.0, 0.1], [0.0, 0.3, 0.0], [0.2, -0.1, 0.4]])})
     step, callback, _ = _caat(model, meta_every=1, budget=budget)
     net_before, stepped = copy.deepcopy(callback.net), copy.deepcopy(model)
-    x, y = _batch()
+    x, y = batch_4x4()
     torch.manual_seed(3)
     _, ctx = step(model, x, y, step=0)
 
@@ -306,7 +288,7 @@ def test_the_released_outer_loss_is_the_caat_loss_at_unit_weights_on_the_meta_ba
         logits = [stepped(v) for v in (x, seen.x_adv, seen.x_anti)]
     caat_loss(*logits, y, alpha, beta, 1.5, clean_weights=w[0][y], kl_weights=w[1][y]).backward()
     sgd.step()
-    x_meta, y_meta = next(MetaBatches(*_batch(12, seed=5), batch_size=8, seed=0))
+    x_meta, y_meta = next(MetaBatches(*batch_4x4(12, seed=5), batch_size=8, seed=0))
     on_meta = StepContext(stepped, stepped, x_meta, y_meta, 3)
     for perturbation in callback.meta_perturbations:
         perturbation(on_meta)
@@ -422,9 +404,9 @@ def test_a_random_net_saturates_and_the_even_init_starts_every_example_at_one_ha
 
 
 def test_the_meta_step_moves_the_even_net():
-    model = SmallNet()
+    model = SmallConvNet()
     step, callback, _ = _caat(model, meta_every=1, net=CAATMetaNet(init="even"))
-    x, y = _batch()
+    x, y = batch_4x4()
     step(model, x, y, step=0)  # a lookahead step: one Adam step of the net
     assert callback.net.mlp[2].weight.abs().sum() > 0
     alpha = callback.net(torch.randn(8, 6))[:, 0]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from robustmix.runs.checkpoint import TRAINER_STATE
-from tests.conftest import load_recipe
+from tests.conftest import REPO, load_recipe
 
 compare = load_recipe("compare")
 
@@ -25,6 +25,12 @@ def test_command_starts_resumes_or_skips(tmp_path):
     assert compare.command(args, "trades", 1)[-2:] == ["--resume", "latest"]
     (run / "metrics.json").write_text("{}")
     assert compare.command(args, "trades", 1) is None
+
+
+def test_recipes_lists_every_training_recipe():
+    """compare.py's list is the one list of recipe names (the tests parametrize over it): no script left out."""
+    scripts = sorted(p.stem for p in (REPO / "recipes").glob("*.py") if "run_recipe(" in p.read_text())
+    assert sorted(compare.RECIPES) == scripts
 
 
 def test_variant_names_the_folder():

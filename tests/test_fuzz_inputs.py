@@ -48,7 +48,7 @@ from robustmix.models import create_model, model_config
 from robustmix.runs.checkpoint import atomic_save_weights, atomic_write_json
 from robustmix.runs.folder import BEST_DIR, CONFIG_FILE, METRICS_LOG, MODEL_FILE, load_metrics_log, load_model
 from robustmix.training.trainer import Trainer
-from tests.conftest import load_recipe, quick_flags
+from tests.conftest import load_recipe, quick_flags, training_recipes
 
 CLASSES = 3
 SIDE = 6
@@ -567,7 +567,7 @@ JUNK = ("abc", "8/0", "1/", "", "--", "0x1p3", "1,5", "nan", "NaN", "inf", "-inf
 #: must not be one of them.
 CHOICES = {
     str(choice)
-    for name in ("pgd_at", "fgsm_rs", "trades", "mart", "mail", "awp", "gairat", "sglr", "caat", "bilaw", "adalab")
+    for name in training_recipes()
     for action in load_recipe(name).parser()._actions
     for choice in action.choices or ()
 }
@@ -625,9 +625,7 @@ def bad_flags(draw) -> tuple[str, list[str], str]:
 #: Flags every run of a recipe gets first: the tiny dataset has 90 training examples, fewer than the default
 #: meta split of BiLAW and CAAT.
 FIRST_FLAGS = {"bilaw": ["--meta-size", "10"], "caat": ["--meta-size", "10"]}
-RECIPES = {name: load_recipe(name) for name in (
-    "pgd_at", "trades", "mart", "fgsm_rs", "adalab", "awp", "sglr", "mail", "gairat", "bilaw", "caat", "evaluate",
-)}  # fmt: skip
+RECIPES = {name: load_recipe(name) for name in (*training_recipes(), "evaluate")}
 
 
 def _exit_message(call) -> str:

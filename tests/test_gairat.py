@@ -11,8 +11,14 @@ from hypothesis import strategies as st
 from torch import nn
 
 from robustmix import AdversarialCE, AdversarialStep, PGDAttack
-from robustmix.methods.gairat import LAMBDA_SCHEDULES, ScheduledGAIRATWeights, gairat_lambda
-from robustmix.stages.weights import GAIRATWeights, gairat_weights
+from robustmix.methods.gairat import (
+    LAMBDA_SCHEDULES,
+    GAIRATWeights,
+    ScheduledGAIRATWeights,
+    gairat_lambda,
+    gairat_weights,
+)
+from tests.toys import SmallConvNet
 
 
 class Threshold(nn.Module):
@@ -46,19 +52,6 @@ def test_kappa_counts_iterates_before_the_known_flip(steps):
     assert torch.equal(ctx.kappa, flips_after.clamp(max=steps))
 
 
-class SmallNet(nn.Module):
-    num_classes = 3
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3)
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
 def _loss_and_grads(callbacks, model, x, y, epoch=0):
     torch.manual_seed(123)  # the attack's random start
     loss, ctx = AdversarialStep(callbacks)(model, x, y, epoch=epoch, total_epochs=4)
@@ -77,7 +70,7 @@ def _loss_and_grads(callbacks, model, x, y, epoch=0):
 )
 def test_lam_inf_is_pgd_at_bitwise(weights):
     torch.manual_seed(0)
-    model = SmallNet()
+    model = SmallConvNet()
     x, y = torch.rand(16, 1, 4, 4), torch.arange(16) % 3
     twin = copy.deepcopy(model)  # before the reference step updates BatchNorm's running statistics
     reference, reference_grads, _ = _loss_and_grads([PGDAttack(0.1, 0.025, 5), AdversarialCE()], model, x, y)
@@ -91,7 +84,7 @@ def test_lam_inf_is_pgd_at_bitwise(weights):
 
 def test_after_the_burn_in_the_weights_are_gairats():
     torch.manual_seed(0)
-    model = SmallNet()
+    model = SmallConvNet()
     x, y = torch.rand(16, 1, 4, 4), torch.arange(16) % 3
     callbacks = [
         PGDAttack(0.1, 0.025, 5, track_kappa=True),

@@ -18,6 +18,7 @@ from robustmix.stages.margins import (
     multiclass_margin,
     probability_margin,
 )
+from tests.toys import SmallMLP
 
 SCALAR_MARGINS = [logit_margin, probability_margin]
 seeds = st.integers(0, 2**16)
@@ -194,18 +195,6 @@ def test_kappa_margin_callback(kappa, seed):
     assert torch.equal(written[0], kappa / 2 - 1) and torch.equal(written[1], written[0][perm])
 
 
-class TinyNet(nn.Module):
-    num_classes = 3
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
 @pytest.mark.parametrize("margin", [ProbabilityMargin(), LogitMargin(), KappaMargin(3)])
 def test_margins_cost_no_pass_beyond_pgd_at(margin):
     steps = 3
@@ -218,7 +207,7 @@ def test_margins_cost_no_pass_beyond_pgd_at(margin):
         ]
     )
     x, y = torch.rand(5, 1, 4, 4), torch.tensor([0, 1, 2, 0, 1])
-    loss, ctx = step(TinyNet(), x, y)
+    loss, ctx = step(SmallMLP(), x, y)
     loss.backward()
     # PGD-AT: K attack forwards and backwards, plus the training forward and its backward.
     assert ctx.passes() == (steps + 1, steps + 1)

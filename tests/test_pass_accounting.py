@@ -8,7 +8,8 @@
 
 A docs page and the code disagreeing, or the step's counter missing a pass, fails the test. The host
 reads of a step (values copied back to the host, a synchronization each on CUDA) are counted on any device:
-none may happen per attack iteration. Counts, not times: timings live in ``benchmarks/throughput.py``.
+none may happen per attack iteration; what counts as a host read is ``benchmarks/host_reads.py``, which
+``benchmarks/throughput.py`` counts with too. Counts, not times: timings live in ``benchmarks/throughput.py``.
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ from typing import Any
 
 import pytest
 import torch
-from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
 
 from robustmix import (
     AdaLabLabels,
@@ -39,6 +38,8 @@ from robustmix.methods.awp import AWP
 from robustmix.methods.gairat import ScheduledGAIRATWeights
 from robustmix.methods.sglr import SGLRLabels
 from robustmix.stages.losses import MARTLoss, TRADESLoss
+from tests.conftest import load_benchmark
+from tests.toys import TallyNet, batch_8x8
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 K = 10  # the standard protocol's PGD-10
@@ -46,39 +47,7 @@ K_AA = 1  # ADA-Lab's default
 BURN_IN = 1  # epochs of the base method for callbacks with a burn-in: epoch 0 is in it, epoch 1 after it
 BATCH = 8
 NUM_CLASSES = 3
-
-
-class _Tally(torch.autograd.Function):
-    """Identity on the logits that counts the passes through them, independently of the step's hook."""
-
-    @staticmethod
-    def forward(ctx: Any, logits: Tensor, net: TallyNet) -> Tensor:
-        net.forwards += 1
-        ctx.net = net
-        return logits.view_as(logits)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        ctx.net.backwards += 1
-        return grad, None
-
-
-class TallyNet(nn.Module):
-    """A tiny conv net with BatchNorm (train and eval modes differ) that counts its own passes."""
-
-    num_classes = NUM_CLASSES
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = nn.Sequential(
-            nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 3)
-        )
-        self.forwards = 0
-        self.backwards = 0
-
-    def forward(self, x: Tensor) -> Tensor:
-        return _Tally.apply(self.net(x), self)
+HostReads = load_benchmark("host_reads").HostReads
 
 
 def documented_cost(page: str, row: str, **symbols: int) -> tuple[int, int]:
@@ -163,8 +132,7 @@ CASES: dict[str, tuple[Callable[[], list[Callback]], str, str, int]] = {
 def test_passes_per_step_match_the_docs(name: str) -> None:
     callbacks, page, row, epoch = CASES[name]
     model = TallyNet().train()
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.rand(BATCH, 1, 8, 8, generator=g), torch.randint(0, NUM_CLASSES, (BATCH,), generator=g)
+    x, y = batch_8x8(BATCH)
     step = AdversarialStep(callbacks())
     loss, ctx = step(model, x, y, torch.arange(BATCH) if step.requires_index else None, epoch=epoch)
     loss.backward()
@@ -197,20 +165,6 @@ def test_documented_cost_reads_a_row_and_rejects_unknown_terms() -> None:
         documented_cost("methods/trades.md", "**TRADES**")
     with pytest.raises(AssertionError, match="0 table rows"):
         documented_cost("methods/trades.md", "no such method")
-
-
-class HostReads(TorchFunctionMode):
-    """Counts tensor values read back to the host from Python (``.item()``, ``bool()``, ``.tolist()``...)."""
-
-    READS = frozenset({"__bool__", "__float__", "__index__", "__int__", "cpu", "item", "nonzero", "tolist"})
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_function__(self, func: Callable, types: object, args: tuple = (), kwargs: dict | None = None) -> Any:
-        self.count += getattr(func, "__name__", "") in self.READS
-        return func(*args, **(kwargs or {}))
 
 
 def _host_reads(callbacks: list[Callback], **step_kwargs: Any) -> int:

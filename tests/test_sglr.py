@@ -7,13 +7,13 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
-from torch import nn
 
 from robustmix import AdversarialCE, AdversarialStep, CompositionError, PGDAttack, TRADESLoss
 from robustmix.methods.sglr import SGLRLabels, sglr_targets, sglr_update
 from robustmix.runs.checkpoint import join_state, split_state
 from robustmix.stages.labels import one_hot
 from tests.conftest import launch_two_processes
+from tests.toys import LinearNet, batch_4x4
 
 unit = st.floats(0, 1)
 
@@ -62,31 +62,14 @@ def test_update_and_targets_are_distributions_by_the_formula(data, momentum, cle
     assert torch.equal(sglr_targets(new[perm], onehot[perm], r), targets[perm])
 
 
-class SmallNet(nn.Module):
-    num_classes = 3
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
 def _step(labels: SGLRLabels, steps: int = 2) -> AdversarialStep:
     return AdversarialStep([PGDAttack(0.1, 0.05, steps), labels, AdversarialCE()])
 
 
-def _batch(b: int = 4, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(b, 1, 4, 4, generator=g), torch.arange(b) % 3
-
-
 def test_before_the_start_epoch_targets_are_one_hot_and_cost_what_pgd_at_costs():
     labels = SGLRLabels(10, 3, start_epoch=2)
-    x, y = _batch()
-    loss, ctx = _step(labels)(SmallNet(), x, y, torch.tensor([1, 3, 5, 7]), epoch=1)
+    x, y = batch_4x4(4)
+    loss, ctx = _step(labels)(LinearNet(), x, y, torch.tensor([1, 3, 5, 7]), epoch=1)
     loss.backward()
     assert torch.equal(ctx.soft_targets, one_hot(y, 3))
     assert "clean" not in ctx.logits and ctx.passes() == (3, 3)  # K + 1 with K = 2: no clean forward
@@ -95,7 +78,7 @@ def test_before_the_start_epoch_targets_are_one_hot_and_cost_what_pgd_at_costs()
 
 def test_after_the_start_epoch_the_table_follows_the_formula():
     labels = SGLRLabels(10, 3, start_epoch=1, momentum=0.8, clean_weight=0.3, r=0.5)
-    model, (x, y), index = SmallNet(), _batch(), torch.tensor([1, 3, 5, 7])
+    model, (x, y), index = LinearNet(), batch_4x4(4), torch.tensor([1, 3, 5, 7])
     rows = one_hot(y, 3)  # rows start one-hot
     for _ in range(2):  # the second step starts from the rows the first one wrote
         loss, ctx = _step(labels)(model, x, y, index, epoch=1)
@@ -112,7 +95,7 @@ def test_after_the_start_epoch_the_table_follows_the_formula():
 
 
 def test_the_clean_forward_keeps_no_graph_unless_a_loss_needs_its_gradient():
-    model, (x, y), index = SmallNet(), _batch(), torch.tensor([1, 3, 5, 7])
+    model, (x, y), index = LinearNet(), batch_4x4(4), torch.tensor([1, 3, 5, 7])
     _, ctx = _step(SGLRLabels(10, 3, start_epoch=0))(model, x, y, index)
     assert not ctx.logits["clean"].requires_grad and ctx.logits["adv"].requires_grad
     # TRADES differentiates the clean forward: SGLR shares that one forward, with its graph.
@@ -133,7 +116,7 @@ def test_detached_reads_must_be_logits_the_callback_reads():
 
 def test_state_dict_round_trips_through_a_checkpoint_exactly(tmp_path):
     labels = SGLRLabels(10, 3, start_epoch=0)
-    model, (x, y) = SmallNet(), _batch()
+    model, (x, y) = LinearNet(), batch_4x4(4)
     torch.manual_seed(1)
     _step(labels)(model, x, y, torch.tensor([0, 2, 4, 9]))
     tensors, values = split_state(_step(labels).state_dict())
@@ -152,18 +135,18 @@ def test_state_dict_round_trips_through_a_checkpoint_exactly(tmp_path):
 
 
 def test_bad_index_and_arguments():
-    x, y = _batch()
+    x, y = batch_4x4(4)
     with pytest.raises(CompositionError, match="index"):
-        _step(SGLRLabels(10, 3, start_epoch=0))(SmallNet(), x, y)
+        _step(SGLRLabels(10, 3, start_epoch=0))(LinearNet(), x, y)
     with pytest.raises(IndexError, match="num_examples"):
-        _step(SGLRLabels(4, 3, start_epoch=0))(SmallNet(), x, y, torch.tensor([0, 1, 2, 4]))
+        _step(SGLRLabels(4, 3, start_epoch=0))(LinearNet(), x, y, torch.tensor([0, 1, 2, 4]))
     # Without the step's input check (which reads the index range for it) SGLR reads the range itself.
     unchecked = AdversarialStep(
         [PGDAttack(eps=0.1, step_size=0.05, steps=1), SGLRLabels(4, 3, start_epoch=0), AdversarialCE()],
         check_inputs=False,
     )
     with pytest.raises(IndexError, match="num_examples"):
-        unchecked(SmallNet(), x, y, torch.tensor([0, 1, 2, 4]))
+        unchecked(LinearNet(), x, y, torch.tensor([0, 1, 2, 4]))
     with pytest.raises(ValueError, match="momentum"):
         SGLRLabels(4, 3, start_epoch=0, momentum=1.5)
     with pytest.raises(ValueError, match="start_epoch"):

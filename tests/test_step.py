@@ -6,24 +6,7 @@ from torch import nn
 
 from robustmix import AdversarialCE, AdversarialStep, Callback, CompositionError, PGDAttack, Stage
 from robustmix.attacks import FGSMAttack
-
-
-class CountingNet(nn.Module):
-    num_classes = 3
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
-        self.calls = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        return self.net(x)
-
-
-def _batch(b: int = 4):
-    return torch.rand(b, 1, 4, 4), torch.arange(b) % 3
+from tests.toys import LinearNet, batch_4x4
 
 
 class NeedsMargin(Callback):
@@ -100,46 +83,46 @@ def test_order_given_does_not_matter():
 
 def test_index_required_when_a_callback_keeps_per_example_state():
     step = AdversarialStep([PGDAttack(steps=1), KeepsPerExampleState(), AdversarialCE()])
-    x, y = _batch()
+    x, y = batch_4x4(4)
     with pytest.raises(CompositionError, match="need `index=`"):
-        step(CountingNet(), x, y)
-    step(CountingNet(), x, y, index=torch.arange(4))
+        step(LinearNet(), x, y)
+    step(LinearNet(), x, y, index=torch.arange(4))
 
 
 @pytest.mark.parametrize("steps", [0, 1, 10])
 def test_pgd_at_costs_k_plus_one_passes(steps):
     step = AdversarialStep([PGDAttack(eps=0.1, step_size=0.03, steps=steps), AdversarialCE()])
-    x, y = _batch()
-    loss, ctx = step(CountingNet(), x, y)
+    x, y = batch_4x4(4)
+    loss, ctx = step(LinearNet(), x, y)
     assert ctx.passes() == (steps + 1, steps)  # the training backward has not run yet
     loss.backward()
     assert ctx.passes() == (steps + 1, steps + 1)
 
 
 def test_fgsm_costs_two_forwards_and_two_backwards():
-    loss, ctx = AdversarialStep([FGSMAttack(eps=0.1), AdversarialCE()])(CountingNet(), *_batch())
+    loss, ctx = AdversarialStep([FGSMAttack(eps=0.1), AdversarialCE()])(LinearNet(), *batch_4x4(4))
     loss.backward()
     assert ctx.passes() == (2, 2)
 
 
 def test_forwards_are_memoized_within_a_step():
-    model = CountingNet()
+    model = LinearNet()
     step = AdversarialStep([PGDAttack(steps=2), ReadsAdvLogitsTwice(), AdversarialCE()])
-    _, ctx = step(model, *_batch())
+    _, ctx = step(model, *batch_4x4(4))
     assert model.calls == 3 and ctx.passes()[0] == 3
 
 
 def test_the_step_sees_through_ddp_style_wrappers():
-    model = CountingNet()
+    model = LinearNet()
     wrapped = nn.DataParallel(model)  # on CPU: a plain wrapper with `.module`
-    _loss, ctx = AdversarialStep([PGDAttack(steps=2), AdversarialCE()])(wrapped, *_batch())
+    _loss, ctx = AdversarialStep([PGDAttack(steps=2), AdversarialCE()])(wrapped, *batch_4x4(4))
     assert ctx.attack_model is model and ctx.passes()[0] == 3
 
 
 def test_several_reweighters_multiply_and_renormalize():
     w1, w2 = torch.tensor([1.0, 2.0, 3.0, 2.0]), torch.tensor([2.0, 1.0, 1.0, 0.0])
     step = AdversarialStep([PGDAttack(steps=1), ConstantWeights(w1), ConstantWeights(w2), AdversarialCE()])
-    _, ctx = step(CountingNet(), *_batch())
+    _, ctx = step(LinearNet(), *batch_4x4(4))
     product = w1 * w2
     torch.testing.assert_close(ctx.weights, product / product.mean())
 
@@ -147,7 +130,7 @@ def test_several_reweighters_multiply_and_renormalize():
 def test_a_single_reweighter_is_used_as_given():
     w = torch.tensor([0.5, 1.5, 1.0, 1.0])
     step = AdversarialStep([PGDAttack(steps=1), ConstantWeights(w), AdversarialCE()])
-    loss, ctx = step(CountingNet(), *_batch())
+    loss, ctx = step(LinearNet(), *batch_4x4(4))
     per_sample = nn.functional.cross_entropy(ctx.logits["adv"], ctx.targets, reduction="none")
     torch.testing.assert_close(loss, (w * per_sample).mean())
 
@@ -168,8 +151,8 @@ def test_a_single_reweighter_is_used_as_given():
     ],
 )
 def test_bad_batches_fail_before_any_forward(mutate, error, message):
-    model = CountingNet()
-    x, y = mutate(*_batch())
+    model = LinearNet()
+    x, y = mutate(*batch_4x4(4))
     step = AdversarialStep([PGDAttack(steps=2), AdversarialCE()])
     with pytest.raises(error, match=message):
         step(model, x, y)
@@ -182,9 +165,9 @@ def test_bad_step_arguments():
     step = AdversarialStep([PGDAttack(steps=1), AdversarialCE()])
     plain = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
     with pytest.raises(ValueError, match="num_classes"):
-        step(plain, *_batch())
+        step(plain, *batch_4x4(4))
     with pytest.raises(ValueError, match="index must be"):
-        step(CountingNet(), *_batch(), index=torch.rand(4))
+        step(LinearNet(), *batch_4x4(4), index=torch.rand(4))
 
 
 class Stateful(Callback):

@@ -24,6 +24,7 @@ from robustmix.stages.losses import MARTLoss, TRADESLoss, classification_loss, m
 from robustmix.stages.margins import ProbabilityMargin, probability_margin
 from robustmix.stages.weights import MAILWeights, mail_weights
 from tests.conftest import launch_two_processes, load_recipe, quick_flags
+from tests.toys import batch_8x8, tiny_bn
 
 CLEAN = torch.tensor([[2.0, -1.0, 0.5], [0.1, 0.2, 3.0], [-2.0, 4.0, 1.0], [0.0, 0.0, 0.0]])
 ADV = torch.tensor([[1.0, 0.5, 0.2], [2.5, -1.0, 1.0], [0.3, 0.1, -0.4], [3.0, -3.0, 0.0]])
@@ -150,32 +151,6 @@ def test_mart_loss_and_gradients_are_finite_for_any_logits(batch, beta):
 # ---------------------------------------------------------------------- callbacks and compositions
 
 
-class TinyBN(nn.Module):
-    """Conv + BatchNorm classifier of 1x8x8 images into 3 classes."""
-
-    num_classes = 3
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-            nn.Linear(16, 3),
-        )  # fmt: skip
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
-def _batch(size: int = 8, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(size, 1, 8, 8, generator=g), torch.randint(0, 3, (size,), generator=g)
-
-
-def _model() -> TinyBN:
-    torch.manual_seed(0)
-    return TinyBN().train()
-
-
 TRADES_ATTACK = {"eps": 0.1, "step_size": 0.03, "loss": "kl", "start": "normal"}
 CE_ATTACK = {"eps": 0.1, "step_size": 0.03}
 
@@ -189,7 +164,7 @@ CE_ATTACK = {"eps": 0.1, "step_size": 0.03}
     ids=["trades", "mart"],
 )
 def test_cost_per_step(callbacks, passes):
-    loss, ctx = AdversarialStep(callbacks)(_model(), *_batch())
+    loss, ctx = AdversarialStep(callbacks)(tiny_bn(), *batch_8x8())
     loss.backward()
     assert ctx.passes() == passes
 
@@ -205,7 +180,7 @@ def test_losses_need_both_forwards_of_an_attack():
 
 def _step(callbacks, seed: int = 0):
     torch.manual_seed(seed)
-    return AdversarialStep(callbacks)(_model(), *_batch())
+    return AdversarialStep(callbacks)(tiny_bn(), *batch_8x8())
 
 
 def test_trades_callback_writes_the_trades_loss_of_the_training_logits():
@@ -251,7 +226,7 @@ def test_label_refiners_replace_the_labels_in_the_trades_ce_term():
 def test_sglr_soft_labels_replace_the_labels_in_the_trades_ce_term_at_no_extra_pass():
     sglr = SGLRLabels(num_examples=8, num_classes=3, start_epoch=0)
     step = AdversarialStep([PGDAttack(steps=10, **TRADES_ATTACK), sglr, TRADESLoss()])
-    loss, ctx = step(_model(), *_batch(), index=torch.arange(8))
+    loss, ctx = step(tiny_bn(), *batch_8x8(), index=torch.arange(8))
     assert not torch.equal(ctx.soft_targets, one_hot(ctx.targets, 3))
     clean, adv = ctx.logits["clean"], ctx.logits["adv"]
     kl = _kl_reference(clean.detach(), adv.detach()).float()
@@ -326,13 +301,13 @@ def _ddp_worker(out: Path) -> None:
             (lambda tensors: contextlib.nullcontext()) if before_fix else preserve
         )
         accelerator = Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=broadcast_buffers)])
-        model = _model()
+        model = tiny_bn()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
         model, optimizer = accelerator.prepare(model, optimizer)
         step = AdversarialStep([PGDAttack(steps=2, **TRADES_ATTACK), TRADESLoss()])
         try:
             for i in range(3):
-                x, y = _batch(seed=10 * i + accelerator.process_index)  # every rank sees other examples
+                x, y = batch_8x8(seed=10 * i + accelerator.process_index)  # every rank sees other examples
                 loss, _ = step(model, x, y)
                 optimizer.zero_grad()
                 accelerator.backward(loss)

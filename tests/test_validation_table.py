@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import load_benchmark
 
-spec = importlib.util.spec_from_file_location("validation_table", REPO / "benchmarks" / "validation_table.py")
-table = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(table)
+table = load_benchmark("validation_table")
 
 
 def _run(folder, recipe, seed, clean, pgd, flags=()):

@@ -11,21 +11,20 @@ from torch import nn
 
 from robustmix import AdversarialCE, AdversarialStep, PGDAttack
 from robustmix.core.context import StepContext
+from robustmix.methods.gairat import GAIRAT_KINDS, GAIRATWeights, gairat_weights
 from robustmix.stages.losses import classification_loss, weighted_mean
 from robustmix.stages.margins import ProbabilityMargin
 from robustmix.stages.weights import (
-    GAIRAT_KINDS,
     MAIL_SCALE,
     AdaLabWeights,
-    GAIRATWeights,
     MAILWeights,
     MarginWeights,
     adalab_importance,
     boundary_importance,
-    gairat_weights,
     mail_weights,
     normalize_weights,
 )
+from tests.toys import SmallMLP
 
 seeds = st.integers(0, 2**16)
 #: Probability margins (and MAIL's PM) live in [-1, 1]; the edges are where predictions are one-hot.
@@ -241,18 +240,6 @@ def test_generic_margin_weights_are_detached_and_multiply_in():
     torch.testing.assert_close(ctx.weights, torch.tensor([2.0, 1.0, 0.0]) * torch.tensor([1.5, 1.0, 0.5]))
 
 
-class TinyNet(nn.Module):
-    num_classes = 3
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
 def test_several_reweighters_compose_to_mean_one_at_pgd_at_cost():
     steps = 3
     step = AdversarialStep(
@@ -266,7 +253,7 @@ def test_several_reweighters_compose_to_mean_one_at_pgd_at_cost():
         ]
     )
     x, y = torch.rand(6, 1, 4, 4), torch.tensor([0, 1, 2, 0, 1, 2])
-    loss, ctx = step(TinyNet(), x, y)
+    loss, ctx = step(SmallMLP(), x, y)
     loss.backward()
     assert ctx.passes() == (steps + 1, steps + 1)
     _assert_normalized(ctx.weights)
