@@ -10,7 +10,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from robustmix.integrations.hf import AdversarialTrainer  # noqa: E402
-from tests._integration import BATCH, EPOCHS, digits, make_step, robustmix_reference, sgd, tiny_model  # noqa: E402
+from tests.integrations import BATCH, EPOCHS, digits, make_step, robustmix_reference, sgd, tiny_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

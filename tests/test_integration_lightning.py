@@ -13,7 +13,7 @@ import torch
 pl = pytest.importorskip("lightning.pytorch")
 
 from robustmix.integrations.lightning import CHECKPOINT_KEY, AdversarialModule  # noqa: E402
-from tests._integration import BATCH, EPOCHS, digits, make_step, robustmix_reference, sgd, tiny_model  # noqa: E402
+from tests.integrations import BATCH, EPOCHS, digits, make_step, robustmix_reference, sgd, tiny_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,7 @@ import torch
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 
-from tests._integration import BATCH, EPOCHS, digits, make_step, tiny_model
+from tests.integrations import BATCH, EPOCHS, digits, make_step, tiny_model
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "examples" / "timm_train.py"
 

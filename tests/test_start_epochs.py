@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from robustmix.cli.recipe import FIRST_DECAY, epoch_or_first_decay, first_decay_epoch, parse_args, start_epoch
+from robustmix.cli.recipe import FIRST_DECAY, epoch_or_first_decay, first_decay_epoch, start_epoch
 from tests.conftest import load_recipe
 
 
@@ -125,13 +125,3 @@ def test_recipes_without_release_settings_refuse_the_paper_preset(name, capsys):
         load_recipe(name).main(["--preset", "cifar10-paper"])
     assert exit_info.value.code == 2
     assert "has no release settings of its own to reproduce; use --preset cifar10-resnet18" in capsys.readouterr().err
-
-
-def test_training_command_of_a_paper_run_reproduces_it():
-    results = load_recipe("results")
-    recipe = load_recipe("pgd_at")
-    args = parse_args(recipe.parser(), ["--preset", "cifar10-paper", "--epochs", "110"], paper=recipe.PAPER)
-    command = results.training_command({"flags": vars(args), "num_processes": 1})
-    assert "--preset cifar10-paper" in command and "--epochs 110" in command  # 110 is the base preset's, not 200
-    args = parse_args(recipe.parser(), ["--preset", "cifar10-paper"], paper=recipe.PAPER)
-    assert "--epochs" not in results.training_command({"flags": vars(args), "num_processes": 1})

@@ -7,10 +7,9 @@ from typing import Any
 
 import pytest
 
-from robustmix.cli.recipe import PRESETS
-from tests.conftest import load_recipe
+from robustmix.cli.recipe import PRESETS, parse_args
+from tests.conftest import load_recipe, training_recipes
 
-RECIPES = ["pgd_at", "fgsm_rs", "trades", "mart", "mail", "awp", "gairat", "sglr", "caat", "bilaw", "adalab"]
 #: A shared flag given explicitly at the digits preset's value (FGSM-RS fills it in itself when not given).
 PRESET_STEP = ["--step-size", str(PRESETS["digits"]["step_size"])]
 
@@ -30,7 +29,7 @@ def _flags(name: str, argv: list[str], monkeypatch: pytest.MonkeyPatch) -> dict[
     return flags
 
 
-@pytest.mark.parametrize("name", RECIPES)
+@pytest.mark.parametrize("name", training_recipes())
 def test_the_rebuilt_command_gives_back_the_same_flags(name, training_command, tmp_path, monkeypatch) -> None:
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     out = ["--output-dir", str(tmp_path / "run")]
@@ -54,6 +53,16 @@ def test_fgsm_rs_keeps_an_explicit_step_size_equal_to_the_preset(training_comman
     flags = _flags("fgsm_rs", ["--output-dir", str(tmp_path / "run"), *PRESET_STEP], monkeypatch)
     assert flags["step_size"] == PRESETS["digits"]["step_size"]
     assert shlex.join(PRESET_STEP) in training_command({"flags": flags, "num_processes": 1})
+
+
+def test_training_command_of_a_paper_run_reproduces_it():
+    results = load_recipe("results")
+    recipe = load_recipe("pgd_at")
+    args = parse_args(recipe.parser(), ["--preset", "cifar10-paper", "--epochs", "110"], paper=recipe.PAPER)
+    command = results.training_command({"flags": vars(args), "num_processes": 1})
+    assert "--preset cifar10-paper" in command and "--epochs 110" in command  # 110 is the base preset's, not 200
+    args = parse_args(recipe.parser(), ["--preset", "cifar10-paper"], paper=recipe.PAPER)
+    assert "--epochs" not in results.training_command({"flags": vars(args), "num_processes": 1})
 
 
 def test_a_run_that_predates_a_recipe_flag_compares_at_its_default(tmp_path, monkeypatch) -> None:

@@ -1,4 +1,4 @@
-"""What the trainer-integration tests share: the steps they train, the data, and a probe callback.
+"""What the trainer-integration tests (``test_integration_*.py``) share: the steps they train, the data, a probe.
 
 The probe makes two trainers comparable step for step: it sorts every batch by dataset index and reseeds the
 global RNG from the batch, so the same examples get the same attack starts whichever loop draws them, and it
