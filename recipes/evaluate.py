@@ -19,15 +19,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from robustmix.evaluation.suite import (
-    DEFAULT_ATTACKS,
-    EVAL_FILE,
-    add_evaluation_flags,
-    check_run,
-    evaluate_run,
-    evaluation_kwargs,
-    split_size,
-)
+from robustmix.cli.evaluate import add_evaluation_flags, evaluation_kwargs
+from robustmix.evaluation.attacks import DEFAULT_ATTACKS
+from robustmix.evaluation.run import EVAL_FILE, check_run, evaluate_run, split_size
 from robustmix.runs.folder import CONFIG_FILE, load_model
 
 #: --quick: two attacks (120 nominal passes per example, attack_cost; the default suite about 3,700) on the

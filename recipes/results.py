@@ -37,10 +37,12 @@ from typing import Any
 
 from accelerate import Accelerator
 
+from robustmix.cli.evaluate import add_evaluation_flags, evaluation_kwargs
 from robustmix.cli.recipe import PAPER_PRESET, PRESETS, base_parser
 from robustmix.evaluation import stats
+from robustmix.evaluation.attacks import ATTACKS
 from robustmix.evaluation.report import plot_clean_vs_robust, results_page, results_statistics
-from robustmix.evaluation.suite import ATTACKS, add_evaluation_flags, check_run, evaluate_run, evaluation_kwargs
+from robustmix.evaluation.run import check_run, evaluate_run
 from robustmix.runs.checkpoint import atomic_write_json, atomic_write_text
 from robustmix.runs.folder import load_config, load_metrics_log, recorded_flags
 from robustmix.training.curves import plot_training_curves

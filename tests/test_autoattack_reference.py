@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from robustmix.data import load_dataset
-from robustmix.evaluation.suite import worst_case
+from robustmix.evaluation.worstcase import worst_case
 from robustmix.runs.folder import load_model
 from tests.conftest import load_recipe
 

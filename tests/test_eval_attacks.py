@@ -19,15 +19,8 @@ from torch import Tensor, nn
 
 from robustmix.attacks.apgd import apgd, apgd_checkpoints, apgd_targeted
 from robustmix.attacks.square import _nonempty_flips, _propose, square_attack, square_p
-from robustmix.evaluation.suite import (
-    ATTACKS,
-    AttackSpec,
-    eps_sweep,
-    pgd_eval,
-    robust_accuracy,
-    sanity_flags,
-    worst_case,
-)
+from robustmix.evaluation.attacks import ATTACKS, AttackSpec, pgd_eval
+from robustmix.evaluation.worstcase import eps_sweep, robust_accuracy, sanity_flags, worst_case
 
 EPS = 0.05
 #: Smaller budgets for tests that check constraints rather than strength.

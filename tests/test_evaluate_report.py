@@ -23,12 +23,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import robustmix
-import robustmix.evaluation.suite as evaluate
+import robustmix.evaluation.run as evaluate
 from robustmix.cli.recipe import base_parser, parse_args
 from robustmix.data import load_dataset
+from robustmix.evaluation.attacks import ATTACKS, with_budget
 from robustmix.evaluation.report import per_example_results
+from robustmix.evaluation.run import evaluate_run
 from robustmix.evaluation.stats import discordant_pairs, mcnemar_exact
-from robustmix.evaluation.suite import evaluate_run, sanity_flags, with_budget
+from robustmix.evaluation.worstcase import sanity_flags
 from robustmix.models import create_model, model_config
 from robustmix.runs.checkpoint import atomic_save_weights, atomic_write_json
 from robustmix.runs.folder import load_model
@@ -226,12 +228,12 @@ def test_cli_rejects_bad_input_before_work(flags, message, run_dir, tmp_path, ca
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"eps": -0.1}, "eps must be a number in"),
+        ({"eps": -0.1}, "eps must be a finite number >= 0"),
         ({"n_examples": 0}, "n_examples must be an integer >= 1"),
         ({"n_examples": 361}, "the test split of digits has 360"),
         ({"attacks": ["pgd20", "fgsm"]}, "unknown evaluation attack 'fgsm'"),
         ({"split": "dev"}, "unknown split"),
-        ({"sweep_eps": [0.1, 1.5]}, "every eps of the sweep must be"),
+        ({"sweep_eps": [0.1, 1.5]}, r"every eps of the sweep is an L-inf radius in pixels in \[0, 1\]"),
     ],
 )
 def test_evaluate_run_rejects_bad_input_before_any_attack(kwargs, message, run_dir, tmp_path, monkeypatch):
@@ -245,7 +247,8 @@ def test_evaluate_run_rejects_bad_input_before_any_attack(kwargs, message, run_d
 #: 13 examples in chunks of 3: the first process takes 3 chunks, the second 2; the last chunk holds 1 example.
 TWO_PROCESS_SCRIPT = """
 import sys
-from robustmix.evaluation.suite import evaluate_run, with_budget
+from robustmix.evaluation.attacks import with_budget
+from robustmix.evaluation.run import evaluate_run
 
 evaluate_run(
     sys.argv[1], output=sys.argv[2], plots=False, progress=False, eps=0.03, n_examples=13, batch_size=3,
@@ -398,7 +401,7 @@ def test_results_full_split_evaluation_and_paired_statistics(run_dir, tmp_path, 
         for seed in (0, 1)
     ]
     for attack in CHEAP[:3]:  # PGD-20 with 5 steps: the whole split in a few seconds
-        monkeypatch.setitem(evaluate.ATTACKS, attack.name, attack)
+        monkeypatch.setitem(ATTACKS, attack.name, attack)
     output = tmp_path / "docs" / "results.md"
     argv = [*map(str, reference + other), "--output", str(output), "--attacks", "pgd20", "cw", "--n-examples", "12"]
     argv += ["--batch-size", "120", "--no-sweep", "--no-progress", "--no-plots", "--full-split-attacks", "pgd20"]
@@ -455,7 +458,7 @@ def test_results_full_split_evaluation_and_paired_statistics(run_dir, tmp_path, 
 
 def test_results_from_archived_runs_without_weights(run_dir, tmp_path, monkeypatch):
     runs = [_copy_run(run_dir, tmp_path / "runs" / f"pgd_at-seed{seed}", seed) for seed in (0, 1)]
-    monkeypatch.setitem(evaluate.ATTACKS, CHEAP[0].name, CHEAP[0])
+    monkeypatch.setitem(ATTACKS, CHEAP[0].name, CHEAP[0])
     flags = ["--attacks", "pgd20", "--n-examples", "12", "--batch-size", "120", "--no-sweep", "--no-progress"]
     flags += ["--no-plots", "--full-split-attacks", "pgd20"]
     page = load_recipe("results").main([*map(str, runs), "--output", str(tmp_path / "a.md"), *flags])
@@ -613,8 +616,8 @@ def test_quick_evaluation_is_a_first_look_beside_the_full_report(run_dir, tmp_pa
     run = _copy_run(run_dir, tmp_path / "run", seed=0)
     full = run / "eval.json"
     full.write_text('{"kept": true}')
-    monkeypatch.setitem(evaluate.ATTACKS, "apgd-ce", with_budget("apgd-ce", steps=3))
-    monkeypatch.setitem(evaluate.ATTACKS, "pgd20", with_budget("pgd20", steps=3))
+    monkeypatch.setitem(ATTACKS, "apgd-ce", with_budget("apgd-ce", steps=3))
+    monkeypatch.setitem(ATTACKS, "pgd20", with_budget("pgd20", steps=3))
     report = load_recipe("evaluate").main(["--run-dir", str(run), "--quick", "--no-progress", "--no-plots"])
     assert [a["name"] for a in report["settings"]["attacks"]] == ["pgd20", "apgd-ce"]
     assert report["settings"]["eps_sweep"]["eps"] == [] and report["results"]["n"] == 360  # digits: all 360 < 500

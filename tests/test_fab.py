@@ -14,7 +14,8 @@ from scipy.optimize import linprog
 from torch import Tensor, nn
 
 from robustmix.attacks.fab import fab_targeted, hyperplane_step_linf
-from robustmix.evaluation.suite import ATTACKS, DEFAULT_ATTACKS, robust_accuracy, with_budget, worst_case
+from robustmix.evaluation.attacks import ATTACKS, DEFAULT_ATTACKS, with_budget
+from robustmix.evaluation.worstcase import robust_accuracy, worst_case
 from tests.test_eval_attacks import EPS, MLP, _assert_in_ball, _synthetic, _tiny_batch, _trained
 
 

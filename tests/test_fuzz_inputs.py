@@ -36,13 +36,15 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 import robustmix.cli.recipe as recipe_module
-import robustmix.evaluation.suite as evaluate
+import robustmix.evaluation.run as evaluate
 from robustmix import AdversarialCE, AdversarialStep, FGSMAttack, PGDAttack
 from robustmix.attacks.pgd import perturb
 from robustmix.core.callbacks import Callback
 from robustmix.core.context import Stage, StepContext
 from robustmix.data import load_dataset
-from robustmix.evaluation.suite import evaluate_run, with_budget, worst_case
+from robustmix.evaluation.attacks import with_budget
+from robustmix.evaluation.run import evaluate_run
+from robustmix.evaluation.worstcase import worst_case
 from robustmix.methods.sglr import SGLRLabels
 from robustmix.models import create_model, model_config
 from robustmix.runs.checkpoint import atomic_save_weights, atomic_write_json

@@ -33,7 +33,7 @@ from torch.optim.lr_scheduler import MultiStepLR
 from robustmix import AdversarialCE, AdversarialStep, FGSMAttack, PGDAttack
 from robustmix.attacks import apgd, fab_targeted, fgsm_rs, perturb, pgd, square_attack
 from robustmix.data import load_dataset
-from robustmix.evaluation.suite import split_size
+from robustmix.evaluation.run import split_size
 from robustmix.methods.caat import ClassWiseBudget
 from robustmix.runs.checkpoint import (
     LATEST,

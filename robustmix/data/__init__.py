@@ -411,6 +411,35 @@ def load_dataset(
     )
 
 
+def load_split(
+    dataset: str,
+    split: str,
+    *,
+    path: str | None = None,
+    val_size: int | None = None,
+    test_size: int | None = None,
+    split_seed: int = 0,
+) -> ImageDataset:
+    """One split of a training run's data, made exactly as the run made it.
+
+    The arguments are what a run records under `data` in its config.json; every split of one run is loaded with
+    the same ones, so its train, validation and test splits never overlap. Columns and the number of classes are
+    the registry's (or inferred, for local data), as in training.
+
+    Args:
+        dataset: Registry name or local dataset path.
+        split: "train", "validation" or "test".
+        path: Local copy of a registry dataset, or None for the Hub (or the embedded `digits`).
+        val_size: Examples held out of the train split for validation; None for the dataset's default.
+        test_size: Examples of the train split held out as the test split, for data without one; else None.
+        split_seed: Seed of the stratified validation hold-out.
+
+    Returns:
+        The split as an `ImageDataset` (see `load_dataset`, which raises the errors).
+    """
+    return load_dataset(dataset, split, path=path, val_size=val_size, test_size=test_size, seed=split_seed)
+
+
 def _split_positions(labels: np.ndarray, split: str, val_size: int, seed: int) -> np.ndarray:
     """Positions of `split` in its source split: all of the test split, else one side of the stratified hold-out."""
     if split == "test":

@@ -1,6 +1,6 @@
 """Reports of robust evaluations: Markdown tables, console text and PNG plots, made from report dicts alone.
 
-A report is what ``robustmix.evaluation.suite.evaluate_run`` returns and writes to ``eval.json``; everything here
+A report is what ``robustmix.evaluation.run.evaluate_run`` returns and writes to ``eval.json``; everything here
 reads only that dict, so the table and plots of any ``eval.json`` can be made again without a model.
 matplotlib is imported inside the plot functions (Agg canvas, no pyplot state): the rest of robustmix never
 needs it.
