@@ -1,14 +1,16 @@
 """Argument checks: each raises a one-line error that names the argument and the value it got, before any work.
 
-robustmix's callbacks, attacks and trainer check their arguments with these, and a callback of your own can too::
+robustmix's callbacks, attacks and trainer check their arguments with these, and a callback of your own can too:
 
-    from robustmix.checks import check_choice, check_int, check_number
+```python
+from robustmix.checks import check_choice, check_int, check_number
 
-    class MyWeights(Callback):
-        def __init__(self, temperature: float = 1.0, burn_in_epochs: int = 0, kind: str = "tanh") -> None:
-            check_number("temperature", temperature, 0, strict=True)
-            check_int("burn_in_epochs", burn_in_epochs, 0)
-            check_choice("kind", kind, ("tanh", "sigmoid"))
+class MyWeights(Callback):
+    def __init__(self, temperature: float = 1.0, burn_in_epochs: int = 0, kind: str = "tanh") -> None:
+        check_number("temperature", temperature, 0, strict=True)
+        check_int("burn_in_epochs", burn_in_epochs, 0)
+        check_choice("kind", kind, ("tanh", "sigmoid"))
+```
 
 ``bool`` is never a number here: ``True`` passed for ``steps`` is a mistake, not 1.
 """

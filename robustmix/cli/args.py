@@ -2,9 +2,11 @@
 
 A recipe's own flags take the same types as the shared ones: ``number`` (``0.1`` or ``8/255``, never NaN),
 ``positive_number``, ``nonnegative_number``, ``positive_int``, ``nonnegative_int``, ``seed_int`` and
-``epoch_or_first_decay``, or ``bounded`` for another lower bound::
+``epoch_or_first_decay``, or ``bounded`` for another lower bound:
 
-    parser.add_argument("--beta", type=nonnegative_number, default=6.0)
+```python
+parser.add_argument("--beta", type=nonnegative_number, default=6.0)
+```
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ from sklearn.model_selection import train_test_split
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from robustmix.checks import check_int
 from robustmix.data.idx import find_idx_files, read_idx_split
 
 SPLITS = ("train", "validation", "test")
@@ -348,8 +349,7 @@ def load_dataset(
         label_column = label_column or spec.label_column
         num_classes = num_classes or spec.num_classes
 
-    if test_size is not None and (isinstance(test_size, bool) or not isinstance(test_size, int) or test_size < 1):
-        raise ValueError(f"test_size must be an integer >= 1 or None, got {test_size!r}")
+    check_int("test_size", test_size, 1, optional=True)
     has_test = not isinstance(source, datasets.Dataset) and "test" in source
     if test_size is not None and has_test:
         raise ValueError(
