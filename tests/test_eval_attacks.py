@@ -18,9 +18,10 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from robustmix.attacks.apgd import apgd, apgd_checkpoints, apgd_targeted
-from robustmix.attacks.square import _nonempty_flips, _propose, square_attack, square_p
+from robustmix.attacks.square import nonempty_flips, square_attack, square_p, square_proposal
 from robustmix.evaluation.attacks import ATTACKS, AttackSpec, pgd_eval
 from robustmix.evaluation.worstcase import eps_sweep, robust_accuracy, sanity_flags, worst_case
+from tests.toys import MLP, assert_in_ball, noisy_batch_3x8x8, prototype_images, trained_mlp
 
 EPS = 0.05
 #: Smaller budgets for tests that check constraints rather than strength.
@@ -33,69 +34,19 @@ CHEAP = {
 }
 
 
-class MLP(nn.Module):
-    def __init__(self, in_features: int = 256, num_classes: int = 10, quantize: bool = False) -> None:
-        super().__init__()
-        self.num_classes = num_classes
-        self.quantize = quantize
-        self.body = nn.Sequential(nn.Flatten(), nn.Linear(in_features, 64), nn.ReLU(), nn.Linear(64, num_classes))
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.quantize:
-            # torch.round has a zero gradient: gradient attacks see a flat loss.
-            x = torch.round(x * 4) / 4
-        return self.body(x)
-
-
-def _synthetic(n: int, seed: int) -> tuple[Tensor, Tensor]:
-    prototypes = torch.rand(10, 1, 4, 4, generator=torch.Generator().manual_seed(123))
-    prototypes = F.interpolate(prototypes, size=16, mode="bilinear", align_corners=False)
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 10, (n,), generator=g)
-    x = (0.25 + 0.5 * prototypes[y] + 0.3 * torch.randn(n, 1, 16, 16, generator=g)).clamp(0, 1)
-    return x, y
-
-
-def _trained(quantize: bool = False) -> MLP:
-    x, y = _synthetic(2000, seed=0)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = MLP(quantize=quantize)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(1)
-    for _ in range(300):
-        idx = torch.randint(0, x.shape[0], (128,), generator=g)
-        loss = F.cross_entropy(model(x[idx]), y[idx])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.zero_grad(set_to_none=True)
-    return model.eval()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tensors here are tiny: intra-op threads only add synchronization, and on a busy 2-core
-    # machine they make this file several times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def test_set() -> tuple[Tensor, Tensor]:
-    return _synthetic(200, seed=1)
+    return prototype_images(200, seed=1)
 
 
 @pytest.fixture(scope="module")
 def model() -> MLP:
-    return _trained()
+    return trained_mlp()
 
 
 @pytest.fixture(scope="module")
 def masked_model() -> MLP:
-    return _trained(quantize=True)
+    return trained_mlp(quantize=True)
 
 
 def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
@@ -106,14 +57,6 @@ def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
 def _cheap(name: str) -> AttackSpec:
     spec = ATTACKS[name]
     return dataclasses.replace(spec, kwargs={**spec.kwargs, **CHEAP.get(name, {})})
-
-
-def _assert_in_ball(x_adv: Tensor, x: Tensor, eps: float, norm: str = "linf") -> None:
-    assert x_adv.shape == x.shape and x_adv.dtype == x.dtype
-    assert x_adv.min() >= 0 and x_adv.max() <= 1
-    delta = (x_adv - x).flatten(1)
-    distance = delta.abs().amax(dim=1) if norm == "linf" else delta.norm(dim=1)
-    assert (distance <= eps * (1 + 1e-5) + 1e-6).all()
 
 
 # --- APGD step-size schedule ---
@@ -205,14 +148,14 @@ def test_apgd_ce_at_least_as_strong_as_pgd20(model, test_set):
 def test_apgd_targeted_attacks_within_the_ball(model, test_set):
     x, y = test_set
     x_adv = apgd_targeted(model, x, y, eps=EPS, steps=30)
-    _assert_in_ball(x_adv, x, EPS)
+    assert_in_ball(x_adv, x, EPS)
     assert _accuracy(model, x_adv, y) < _accuracy(model, x, y) - 0.2
 
 
 def test_apgd_l2_attacks_within_the_ball(model, test_set):
     x, y = test_set
     x_adv = apgd(model, x, y, eps=1.0, steps=30, norm="l2", loss="dlr")
-    _assert_in_ball(x_adv, x, 1.0, norm="l2")
+    assert_in_ball(x_adv, x, 1.0, norm="l2")
     assert _accuracy(model, x_adv, y) < _accuracy(model, x, y) - 0.2
 
 
@@ -220,7 +163,7 @@ def test_apgd_l2_attacks_within_the_ball(model, test_set):
 def test_every_registered_attack_stays_in_the_ball(name, model, test_set):
     x, y = test_set[0][:64], test_set[1][:64]
     x_adv = _cheap(name)(model, x, y, eps=EPS)
-    _assert_in_ball(x_adv, x, EPS)
+    assert_in_ball(x_adv, x, EPS)
     assert _accuracy(model, x_adv, y) < _accuracy(model, x, y)
 
 
@@ -340,7 +283,7 @@ def test_square_needs_no_gradients(model, test_set):
     with pytest.raises(RuntimeError, match="no gradients"):
         pgd_eval(black_box, x, y, eps=EPS, steps=1)
     x_adv = square_attack(black_box, x, y, eps=EPS, queries=500)
-    _assert_in_ball(x_adv, x, EPS)
+    assert_in_ball(x_adv, x, EPS)
     assert _accuracy(model, x_adv, y) < _accuracy(model, x, y) - 0.2
 
 
@@ -365,14 +308,14 @@ def test_square_proposals_always_change_the_image(channels):
     column_signs = torch.randint(0, 2, (64, channels, 1, 6), generator=g) * 2 - 1
     x_best = (x + 0.1 * column_signs).clamp(0, 1)
     for _ in range(50):
-        x_new = _propose(x, x_best, 1, 0.1, g)
+        x_new = square_proposal(x, x_best, 1, 0.1, g)
         assert (x_new != x_best).flatten(1).any(dim=1).all()
         assert ((x_new != x_best).flatten(1).sum(dim=1) <= channels).all()
         x_best = x_new
 
 
 def test_square_flips_a_uniform_non_empty_channel_subset():
-    flips = _nonempty_flips(7000, 3, torch.Generator().manual_seed(0), torch.zeros(()))
+    flips = nonempty_flips(7000, 3, torch.Generator().manual_seed(0), torch.zeros(()))
     patterns = torch.unique((flips.view(-1, 3) < 0).long() @ torch.tensor([1, 2, 4]), return_counts=True)
     assert patterns[0].tolist() == [1, 2, 3, 4, 5, 6, 7]
     assert (abs(patterns[1] - 1000) < 150).all()
@@ -448,7 +391,7 @@ def test_apgd_targeted_needs_four_classes():
         apgd_targeted(MLP(16, num_classes=3), x, torch.zeros(4, dtype=torch.long), eps=0.1, steps=2)
     # With 4 classes there are 3 wrong classes to target.
     x_adv = apgd_targeted(MLP(16, num_classes=4), x, torch.zeros(4, dtype=torch.long), eps=0.1, steps=2)
-    _assert_in_ball(x_adv, x, 0.1)
+    assert_in_ball(x_adv, x, 0.1)
     with pytest.raises(ValueError, match="APGD-T needs at least 4 classes"):
         worst_case(MLP(16, num_classes=3), x, torch.zeros(4, dtype=torch.long), ["pgd20", "apgd-t"], eps=0.1)
 
@@ -476,32 +419,25 @@ def test_bad_input_is_rejected(call, message, model, test_set):
 _TINY = MLP(3 * 8 * 8, num_classes=5).eval()
 
 
-def _tiny_batch(seed: int) -> tuple[Tensor, Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    # Some pixels sit on the box's faces, where projection and clamping interact.
-    x = torch.rand(6, 3, 8, 8, generator=g).mul(1.4).sub(0.2).clamp(0, 1)
-    return x, torch.randint(0, 5, (6,), generator=g)
-
-
 @settings(max_examples=20, deadline=None)
 @given(
     eps=st.floats(0, 0.5), seed=st.integers(0, 2**16), loss=st.sampled_from(["ce", "dlr"]), restarts=st.integers(1, 2)
 )
 def test_apgd_linf_stays_in_the_ball(eps, seed, loss, restarts):
-    x, y = _tiny_batch(seed)
-    _assert_in_ball(apgd(_TINY, x, y, eps=eps, steps=6, loss=loss, restarts=restarts, seed=seed), x, eps)
+    x, y = noisy_batch_3x8x8(seed)
+    assert_in_ball(apgd(_TINY, x, y, eps=eps, steps=6, loss=loss, restarts=restarts, seed=seed), x, eps)
 
 
 @settings(max_examples=20, deadline=None)
 @given(eps=st.floats(0, 3.0), seed=st.integers(0, 2**16))
 def test_apgd_l2_and_targeted_stay_in_the_ball(eps, seed):
-    x, y = _tiny_batch(seed)
-    _assert_in_ball(apgd(_TINY, x, y, eps=eps, steps=6, norm="l2", seed=seed), x, eps, norm="l2")
-    _assert_in_ball(apgd_targeted(_TINY, x, y, eps=eps, steps=4, norm="l2", seed=seed), x, eps, norm="l2")
+    x, y = noisy_batch_3x8x8(seed)
+    assert_in_ball(apgd(_TINY, x, y, eps=eps, steps=6, norm="l2", seed=seed), x, eps, norm="l2")
+    assert_in_ball(apgd_targeted(_TINY, x, y, eps=eps, steps=4, norm="l2", seed=seed), x, eps, norm="l2")
 
 
 @settings(max_examples=20, deadline=None)
 @given(eps=st.floats(0, 0.5), seed=st.integers(0, 2**16), p_init=st.floats(0.05, 1.0))
 def test_square_stays_in_the_ball(eps, seed, p_init):
-    x, y = _tiny_batch(seed)
-    _assert_in_ball(square_attack(_TINY, x, y, eps=eps, queries=30, p_init=p_init, seed=seed), x, eps)
+    x, y = noisy_batch_3x8x8(seed)
+    assert_in_ball(square_attack(_TINY, x, y, eps=eps, queries=30, p_init=p_init, seed=seed), x, eps)

@@ -16,17 +16,18 @@ from torch import Tensor, nn
 from robustmix.attacks.fab import fab_targeted, hyperplane_step_linf
 from robustmix.evaluation.attacks import ATTACKS, DEFAULT_ATTACKS, with_budget
 from robustmix.evaluation.worstcase import robust_accuracy, worst_case
-from tests.test_eval_attacks import EPS, MLP, _assert_in_ball, _synthetic, _tiny_batch, _trained
+from tests.test_eval_attacks import EPS
+from tests.toys import MLP, assert_in_ball, noisy_batch_3x8x8, prototype_images, trained_mlp
 
 
 @pytest.fixture(scope="module")
 def model() -> MLP:
-    return _trained()
+    return trained_mlp()
 
 
 @pytest.fixture(scope="module")
 def test_set() -> tuple[Tensor, Tensor]:
-    return _synthetic(200, seed=1)
+    return prototype_images(200, seed=1)
 
 
 def _predicts(model: nn.Module, x: Tensor) -> Tensor:
@@ -145,7 +146,7 @@ def test_fab_t_is_as_strong_as_apgd_t_on_an_undefended_model(model, test_set):
 def test_fab_t_returns_x_or_a_misclassified_point(model, test_set):
     x, y = test_set
     x_adv = fab_targeted(model, x, y, eps=EPS, steps=20)
-    _assert_in_ball(x_adv, x, EPS)
+    assert_in_ball(x_adv, x, EPS)
     moved = (x_adv != x).flatten(1).any(dim=1)
     wrong_clean = _predicts(model, x) != y
     assert moved.sum() > 50
@@ -173,9 +174,9 @@ def test_more_targets_break_more_examples(model, test_set):
 @settings(max_examples=20, deadline=None)
 @given(eps=st.floats(0, 0.5), seed=st.integers(0, 2**16), targets=st.integers(1, 6))
 def test_fab_t_stays_in_the_ball(eps, seed, targets):
-    x, y = _tiny_batch(seed)
+    x, y = noisy_batch_3x8x8(seed)
     tiny = MLP(3 * 8 * 8, num_classes=5).eval()
-    _assert_in_ball(fab_targeted(tiny, x, y, eps=eps, steps=5, n_target_classes=targets), x, eps)
+    assert_in_ball(fab_targeted(tiny, x, y, eps=eps, steps=5, n_target_classes=targets), x, eps)
 
 
 class _BatchNormNet(nn.Module):

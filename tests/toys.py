@@ -167,3 +167,65 @@ def trained_pattern_net() -> tuple[PatternNet, Tensor, Tensor]:
         optimizer.step()
     model.zero_grad(set_to_none=True)
     return model.train(), x, y
+
+
+class MLP(nn.Module):
+    """A 16x16 grey-image MLP (10 classes by default) for the evaluation attacks; ``quantize`` rounds its input,
+    which zeroes every input gradient (gradient masking that a gradient-free attack must see through)."""
+
+    def __init__(self, in_features: int = 256, num_classes: int = 10, quantize: bool = False) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.quantize = quantize
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(in_features, 64), nn.ReLU(), nn.Linear(64, num_classes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.quantize:
+            # torch.round has a zero gradient: gradient attacks see a flat loss.
+            x = torch.round(x * 4) / 4
+        return self.body(x)
+
+
+def prototype_images(n: int, seed: int) -> tuple[Tensor, Tensor]:
+    """``n`` noisy 1x16x16 images of 10 smooth class prototypes (fixed), labels drawn with ``seed``."""
+    prototypes = torch.rand(10, 1, 4, 4, generator=torch.Generator().manual_seed(123))
+    prototypes = F.interpolate(prototypes, size=16, mode="bilinear", align_corners=False)
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 10, (n,), generator=g)
+    x = (0.25 + 0.5 * prototypes[y] + 0.3 * torch.randn(n, 1, 16, 16, generator=g)).clamp(0, 1)
+    return x, y
+
+
+def trained_mlp(quantize: bool = False) -> MLP:
+    """``MLP`` trained (seeded, 300 Adam steps) on ``prototype_images``: accurate and attackable, in eval mode."""
+    x, y = prototype_images(2000, seed=0)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = MLP(quantize=quantize)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(300):
+        idx = torch.randint(0, x.shape[0], (128,), generator=g)
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.zero_grad(set_to_none=True)
+    return model.eval()
+
+
+def noisy_batch_3x8x8(seed: int) -> tuple[Tensor, Tensor]:
+    """Six 3x8x8 images and labels in [0, 5) from ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    # Some pixels sit on the box's faces, where projection and clamping interact.
+    x = torch.rand(6, 3, 8, 8, generator=g).mul(1.4).sub(0.2).clamp(0, 1)
+    return x, torch.randint(0, 5, (6,), generator=g)
+
+
+def assert_in_ball(x_adv: Tensor, x: Tensor, eps: float, norm: str = "linf") -> None:
+    """``x_adv`` has ``x``'s shape and dtype, pixels in [0, 1], and lies in ``B(x, eps)`` (L-inf or L2)."""
+    assert x_adv.shape == x.shape and x_adv.dtype == x.dtype
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    delta = (x_adv - x).flatten(1)
+    distance = delta.abs().amax(dim=1) if norm == "linf" else delta.norm(dim=1)
+    assert (distance <= eps * (1 + 1e-5) + 1e-6).all()

@@ -97,7 +97,7 @@ def square_attack(
             for i in range(block_start, min(block_start + _BLOCK, queries)):
                 p = square_p(i, queries, p_init, rescale_schedule)
                 side = min(max(round(math.sqrt(p * height * width)), 1), height, width)
-                x_new = _propose(x_a, x_best_a, side, eps, generator)
+                x_new = square_proposal(x_a, x_best_a, side, eps, generator)
                 margin_new = _margin(model, x_new, y_a)
                 # Misclassified images (margin <= 0) stay where they are.
                 accept = (margin_a > 0) & (margin_new < margin_a)
@@ -120,7 +120,7 @@ def _random_signs(shape: tuple[int, ...], generator: torch.Generator, like: Tens
     return (2 * signs - 1).to(like.dtype)
 
 
-def _propose(x: Tensor, x_best: Tensor, side: int, eps: float, generator: torch.Generator) -> Tensor:
+def square_proposal(x: Tensor, x_best: Tensor, side: int, eps: float, generator: torch.Generator) -> Tensor:
     """``x_best`` with one random ``side x side`` window per image set to ``x +- eps`` (a sign per channel)."""
     batch, channels, height, width = x.shape
     top = torch.randint(0, height - side + 1, (batch, 1, 1, 1), generator=generator, device=x.device)
@@ -134,11 +134,11 @@ def _propose(x: Tensor, x_best: Tensor, side: int, eps: float, generator: torch.
     # signs until they differ; flipping a uniformly random non-empty subset of the channels draws
     # from the same distribution in one pass (the unchanged sign vector is the only rejected one).
     unchanged = (x_new == x_best).flatten(1).all(dim=1)
-    signs = torch.where(unchanged[:, None, None, None], signs * _nonempty_flips(batch, channels, generator, x), signs)
+    signs = torch.where(unchanged[:, None, None, None], signs * nonempty_flips(batch, channels, generator, x), signs)
     return torch.where(window, (x + eps * signs).clamp(0.0, 1.0), x_best)
 
 
-def _nonempty_flips(batch: int, channels: int, generator: torch.Generator, like: Tensor) -> Tensor:
+def nonempty_flips(batch: int, channels: int, generator: torch.Generator, like: Tensor) -> Tensor:
     """``[B, C, 1, 1]`` of -1 (flip) / +1, the flipped set uniform over the non-empty subsets of channels."""
     # The bits of an integer uniform in [1, 2^C) mark a uniformly random non-empty subset.
     subset = torch.randint(1, 2**channels, (batch, 1), generator=generator, device=like.device)
