@@ -35,7 +35,8 @@ from robustmix.cli.recipe import RecipeInfo, base_parser, parse_args, run_recipe
 from robustmix.core.callbacks import Callback
 from robustmix.core.modes import model_mode
 from robustmix.models import unwrap_model
-from robustmix.training.trainer import Trainer, mix_seed
+from robustmix.training.sampling import mix_seed
+from robustmix.training.trainer import Trainer
 
 NAME = "fgsm_rs"
 #: --preset cifar10-paper: Wong et al.'s release (locuslab/fast_adversarial, CIFAR10/train_fgsm.py): 15 epochs of

@@ -35,7 +35,8 @@ from robustmix.stages.margins import (
 )
 from robustmix.stages.weights import AdaLabWeights, MAILWeights, MarginWeights, normalize_weights
 from robustmix.training.distributed import sync_buffers
-from robustmix.training.trainer import NonFiniteError, NonFiniteLossError, Trainer
+from robustmix.training.nonfinite import NonFiniteError, NonFiniteLossError
+from robustmix.training.trainer import Trainer
 
 __all__ = [
     "AWP",

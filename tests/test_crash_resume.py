@@ -43,7 +43,7 @@ from robustmix.runs.checkpoint import (
     resolve_checkpoint,
 )
 from robustmix.runs.folder import BEST_DIR, METRICS_FILE, MODEL_FILE, load_metrics_log
-from robustmix.training.trainer import WALL_CLOCK_KEYS
+from robustmix.training.metrics import WALL_CLOCK_KEYS
 from tests.conftest import quick_flags
 
 REPO = Path(__file__).resolve().parents[1]

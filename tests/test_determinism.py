@@ -7,7 +7,7 @@ import pytest
 from safetensors.torch import load_file
 
 from robustmix.runs.folder import MODEL_FILE
-from robustmix.training.trainer import WALL_CLOCK_KEYS
+from robustmix.training.metrics import WALL_CLOCK_KEYS
 from tests.conftest import load_recipe, quick_flags
 
 #: Flags that switch each method's own machinery (and its randomness) on within a few steps.

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from robustmix.data import load_dataset
 from robustmix.models import unwrap_model
 from robustmix.runs.folder import EMA_MODEL_FILE, MODEL_FILE, load_metrics_log, load_model
-from robustmix.training.trainer import WALL_CLOCK_KEYS
+from robustmix.training.metrics import WALL_CLOCK_KEYS
 from tests.conftest import crash_then_resume, load_recipe, quick_flags
 from tests.test_trainer import make_trainer, subset
 

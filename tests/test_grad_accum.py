@@ -12,7 +12,9 @@ from robustmix import AdversarialCE, AdversarialStep, Callback, PGDAttack
 from robustmix.data import load_dataset
 from robustmix.models import unwrap_model
 from robustmix.runs.folder import load_metrics_log
-from robustmix.training.trainer import WALL_CLOCK_KEYS, EpochBatches, Trainer, batches_per_epoch
+from robustmix.training.metrics import WALL_CLOCK_KEYS
+from robustmix.training.sampling import EpochBatches, batches_per_epoch
+from robustmix.training.trainer import Trainer
 from tests.conftest import crash_then_resume, load_recipe, quick_flags
 from tests.test_trainer import EPS, subset
 

@@ -20,7 +20,8 @@ from robustmix.data import DATASETS, load_dataset
 from robustmix.models import create_model
 from robustmix.runs.folder import MODEL_FILE, load_metrics_log
 from robustmix.stages.weights import MAILWeights
-from robustmix.training.trainer import WALL_CLOCK_KEYS, Trainer
+from robustmix.training.metrics import WALL_CLOCK_KEYS
+from robustmix.training.trainer import Trainer
 from tests.conftest import crash_then_resume, load_recipe, quick_flags
 
 

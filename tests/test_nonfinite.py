@@ -17,7 +17,7 @@ from robustmix import AdversarialCE, Callback, NonFiniteError, NonFiniteLossErro
 from robustmix.data import ImageDataset, load_dataset
 from robustmix.runs.checkpoint import list_checkpoints, read_checkpoint, resolve_checkpoint
 from robustmix.runs.folder import METRICS_FILE, MODEL_FILE, load_metrics_log
-from robustmix.training.trainer import WALL_CLOCK_KEYS
+from robustmix.training.metrics import WALL_CLOCK_KEYS
 from tests.conftest import launch_two_processes, load_recipe, quick_flags
 from tests.test_trainer import EPS, make_model, make_trainer, subset, weights
 

@@ -16,7 +16,7 @@ import robustmix
 from robustmix.cli.recipe import PRESETS, base_parser, parse_args
 from robustmix.data import load_dataset
 from robustmix.runs.folder import load_metrics_log, load_model
-from robustmix.training.trainer import WALL_CLOCK_KEYS
+from robustmix.training.metrics import WALL_CLOCK_KEYS
 from tests.conftest import crash_then_resume, launch_two_processes, load_recipe, quick_flags
 
 REPO = Path(__file__).resolve().parents[1]

@@ -19,7 +19,10 @@ from robustmix.data import DATASETS, ImageDataset, load_dataset
 from robustmix.models import create_model, unwrap_model
 from robustmix.runs.folder import BEST_DIR, METRICS_FILE, MODEL_FILE, load_metrics_log
 from robustmix.stages.losses import classification_loss
-from robustmix.training.trainer import WALL_CLOCK_KEYS, EpochBatches, Trainer, batches_per_epoch, training_forwards
+from robustmix.training.accelerator import training_forwards
+from robustmix.training.metrics import WALL_CLOCK_KEYS
+from robustmix.training.sampling import EpochBatches, batches_per_epoch
+from robustmix.training.trainer import Trainer
 from tests.conftest import launch_two_processes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -210,7 +213,7 @@ def test_train_accuracy_uses_clean_logits_the_step_has(digits):
     # Two training forwards before one backward: DDP must not broadcast BatchNorm buffers in between.
     assert trainer.accelerator.ddp_handler.broadcast_buffers is False
     trainer.fit()
-    assert trainer._window_passes == []  # logged at the end
+    assert trainer._window.empty  # logged at the end
     assert training_forwards(AdversarialStep([PGDAttack(EPS, EPS, 1), AdversarialCE()])) == {"adv"}
 
 
@@ -451,8 +454,8 @@ def test_two_processes_train_resume_and_agree(tmp_path):
 
 def test_only_host_datasets_are_pinned():
     """A dataset already on the accelerator (--data-on-device) cannot be pinned; the loader must not try."""
-    from robustmix.training.trainer import _on_host
+    from robustmix.training.sampling import on_host
 
     data = load_dataset("digits", "validation")
-    assert _on_host(data) and _on_host(list(range(3)))
-    assert not _on_host(types.SimpleNamespace(images=torch.zeros(2, 1, 4, 4, device="meta")))
+    assert on_host(data) and on_host(list(range(3)))
+    assert not on_host(types.SimpleNamespace(images=torch.zeros(2, 1, 4, 4, device="meta")))

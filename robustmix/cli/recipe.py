@@ -85,7 +85,9 @@ from robustmix.runs.folder import (
     replacing_run,
 )
 from robustmix.training.console import copy_console
-from robustmix.training.trainer import NONFINITE_POLICIES, Trainer, batches_per_epoch
+from robustmix.training.nonfinite import NONFINITE_POLICIES
+from robustmix.training.sampling import plan_steps
+from robustmix.training.trainer import Trainer
 
 #: Seed of the validation hold-out: the same train/validation split for every run seed, so runs differ
 #: only in their training randomness.
@@ -744,8 +746,9 @@ def _run_recipe(
     if args.data_on_device:
         train, val, meta = (None if data is None else data.to(state.device) for data in (train, val, meta))
 
-    steps_per_epoch = batches_per_epoch(len(train), args.batch_size, state.num_processes, args.grad_accum)
-    total_steps = min(args.max_steps or math.inf, args.epochs * steps_per_epoch)
+    steps_per_epoch, total_steps = plan_steps(
+        len(train), args.batch_size, state.num_processes, args.grad_accum, args.epochs, args.max_steps
+    )
     info = RecipeInfo(
         train.num_classes, train, val, args.epochs, steps_per_epoch, total_steps, state.num_processes, meta
     )

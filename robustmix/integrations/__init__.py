@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from robustmix.attacks import pgd
 from robustmix.core.step import AdversarialStep
-from robustmix.training.trainer import _attack_eps as attack_eps
+from robustmix.training.trainer import attack_eps
 
 __all__ = ["attack_eps", "check_mixed_precision", "monitor_logits", "robustmix_batch"]
 

@@ -53,8 +53,9 @@ from robustmix.core.step import AdversarialStep
 from robustmix.integrations import attack_eps, check_mixed_precision, monitor_logits, robustmix_batch
 from robustmix.models import unwrap_model
 from robustmix.runs.checkpoint import CALLBACK_TENSORS, CALLBACK_VALUES, join_state, split_state
+from robustmix.training.accelerator import training_forwards
 from robustmix.training.distributed import sync_buffers
-from robustmix.training.trainer import mix_seed, training_forwards
+from robustmix.training.sampling import mix_seed
 
 
 def robust_accuracy(prediction: EvalPrediction) -> dict[str, float]:

@@ -45,7 +45,7 @@ from torch.optim import Optimizer
 from robustmix.core.step import AdversarialStep
 from robustmix.integrations import attack_eps, check_mixed_precision, monitor_logits, robustmix_batch
 from robustmix.training.distributed import sync_buffers
-from robustmix.training.trainer import mix_seed
+from robustmix.training.sampling import mix_seed
 
 #: Key of the callbacks' state in Lightning's checkpoint dict.
 CHECKPOINT_KEY = "robustmix_callbacks"

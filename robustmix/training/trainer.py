@@ -7,207 +7,135 @@ One loop serves every recipe, on CPU, one GPU or many (``accelerate launch``), i
     trainer.fit()                       # or trainer.fit(resume="latest") after an interruption
     test_metrics = trainer.evaluate(test_data)
 
-Data order is the trainer's own: every epoch is a permutation seeded by ``(seed, epoch)``, cut into global
-batches of ``batch_size * num_processes`` examples, each process taking its slice. A checkpoint records the
-epoch and the number of batches done in it, so a resumed run sees exactly the batches it has not seen.
+Data order is the trainer's own (``robustmix.training.sampling``): every epoch is a permutation seeded by
+``(seed, epoch)``, cut into global batches of ``batch_size * num_processes`` examples, each process taking its
+slice. A checkpoint records the epoch and the number of batches done in it, so a resumed run sees exactly the
+batches it has not seen (``robustmix.training.checkpointing``).
 
 A NaN or inf loss or gradient stops the run with ``NonFiniteLossError`` (``nonfinite="raise"``, the default)
-or skips the step and counts it (``nonfinite="skip"``); see ``Trainer``. It never reaches a checkpoint.
+or skips the step and counts it (``nonfinite="skip"``); see ``Trainer`` and ``robustmix.training.nonfinite``. It
+never reaches a checkpoint.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
-import warnings
-from collections.abc import Iterator, Sized
+from collections.abc import Sized
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
-from accelerate.utils import GradientAccumulationPlugin, set_seed
+from accelerate.utils import set_seed
 from timm.utils import ModelEmaV3
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from robustmix.attacks import pgd
 from robustmix.attacks.pgd import check_eps
+from robustmix.checks import check_choice, check_int
 from robustmix.core.modes import model_mode
 from robustmix.core.step import MIXED_PRECISION, AdversarialStep
 from robustmix.core.validation import check_trainer_arguments
 from robustmix.data import augment_cifar, make_dataloader
 from robustmix.models import unwrap_model
-from robustmix.runs.checkpoint import (
-    CheckpointError,
-    atomic_save_weights,
-    atomic_write_json,
-    atomic_write_text,
-    drop_checkpoints_after,
-    list_checkpoints,
-    open_checkpoint,
-    restore_checkpoint,
-    save_checkpoint,
-)
-from robustmix.runs.folder import (
-    BEST_DIR,
-    CHECKPOINTS_DIR,
-    EMA_MODEL_FILE,
-    METRICS_FILE,
-    METRICS_LOG,
-    MODEL_FILE,
-    drop_results_after,
+from robustmix.runs.checkpoint import atomic_save_weights, atomic_write_json, open_checkpoint, restore_checkpoint
+from robustmix.runs.folder import BEST_DIR, EMA_MODEL_FILE, METRICS_FILE, METRICS_LOG, MODEL_FILE
+from robustmix.training.accelerator import trainer_accelerator
+from robustmix.training.checkpointing import Checkpoints
+from robustmix.training.distributed import sync_buffers
+from robustmix.training.metrics import MetricsLog, TrainWindow, batch_totals
+from robustmix.training.nonfinite import NONFINITE_POLICIES, NonFiniteGuard, refuse_nonfinite_weights
+from robustmix.training.sampling import (
+    AUGMENT_STREAM,
+    EVAL_STREAM,
+    EpochBatches,
+    mix_seed,
+    plan_steps,
+    training_loader,
+    warn_if_last_batch_dropped,
 )
 
-# Independent random streams derived from the run seed.
-_ORDER_STREAM, _AUGMENT_STREAM, _EVAL_STREAM = 0, 1, 2
 
-#: What the trainer does with a step whose loss or gradients are NaN or inf (see ``Trainer``).
-NONFINITE_POLICIES = ("raise", "skip")
-#: Dataset indices shown per process in a non-finite report (the exception keeps them all).
-_SHOWN_INDICES = 64
+def attack_eps(step: AdversarialStep) -> float:
+    """The scalar eps of the step's attack callback (the first callback that writes ``x_adv`` and has a number
+    ``eps``): the default budget of the evaluation attack, here and in the integrations.
 
-
-class NonFiniteError(RuntimeError):
-    """Training met NaN or inf where it needs finite values (the model's weights, a callback's state)."""
-
-
-class NonFiniteLossError(NonFiniteError):
-    """A training step's loss or gradients are NaN or inf; raised before the optimizer step.
-
-    Attributes:
-        step: The step's 0-based global step (``ctx.step``; the checkpoint before it is ``step_<step>``).
-        epoch: Its 0-based epoch.
-        batch_in_epoch: Its 0-based position in the epoch.
-        indices: Dataset indices of the global batch, one list per process (empty lists when the batches
-            carry no ``"index"``).
-        nonfinite_loss: Processes whose loss was non-finite.
-        nonfinite_gradients: Whether the (all-reduced) gradients were non-finite.
+    Raises:
+        ValueError: The step has no such attack; pass the evaluation budget explicitly.
     """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        step: int,
-        epoch: int,
-        batch_in_epoch: int,
-        indices: list[list[int]],
-        nonfinite_loss: list[int],
-        nonfinite_gradients: bool,
-    ) -> None:
-        super().__init__(message)
-        self.step, self.epoch, self.batch_in_epoch = step, epoch, batch_in_epoch
-        self.indices, self.nonfinite_loss, self.nonfinite_gradients = indices, nonfinite_loss, nonfinite_gradients
+    for callback in step.staged:
+        eps = getattr(callback, "eps", None)
+        if "x_adv" in callback.writes and isinstance(eps, (int, float)):
+            return float(eps)
+    raise ValueError("the step has no attack with a scalar eps; pass eval_eps= to the Trainer")
 
 
-def mix_seed(*values: int) -> int:
-    """A 63-bit seed mixed from non-negative integers (run seed, stream, epoch, rank...), stable across runs."""
-    return int(np.random.SeedSequence(list(values)).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+def _check_settings(
+    model: nn.Module,
+    step: AdversarialStep,
+    train_data: Dataset,
+    *,
+    epochs: int,
+    max_steps: int | None,
+    batch_size: int,
+    grad_clip: float | None,
+    eval_every: int | None,
+    eval_steps: int,
+    checkpoint_every: int | None,
+    checkpoint_every_steps: int | None,
+    keep_checkpoints: int | None,
+    seed: int,
+    num_workers: int,
+    log_every: int,
+    nonfinite: str,
+    ema_decay: float | None,
+    grad_accum: int,
+) -> None:
+    """The checks of ``Trainer``'s settings (see its arguments), before any work."""
+    for name, value, minimum in (
+        ("epochs", epochs, 1), ("batch_size", batch_size, 1), ("eval_steps", eval_steps, 0),
+        ("seed", seed, 0), ("num_workers", num_workers, 0), ("log_every", log_every, 1),
+        ("grad_accum", grad_accum, 1),
+    ):  # fmt: skip
+        check_int(name, value, minimum)
+    for name, value in (
+        ("max_steps", max_steps), ("eval_every", eval_every), ("checkpoint_every", checkpoint_every),
+        ("checkpoint_every_steps", checkpoint_every_steps), ("keep_checkpoints", keep_checkpoints),
+    ):  # fmt: skip
+        check_int(name, value, 1, optional=True)
+    unfit = [type(c).__name__ for c in step.callbacks if not c.accumulates]
+    if grad_accum > 1 and unfit:
+        raise ValueError(
+            f"grad_accum must be 1 with {', '.join(unfit)}: they act on the weights once per optimizer step, "
+            "with its whole batch, and gradient accumulation splits the batch"
+        )
+    check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
+    if ema_decay is not None and not (0 < ema_decay < 1):
+        raise ValueError(f"ema_decay must be in (0, 1), got {ema_decay}")
+    if grad_clip is not None and not (0 < grad_clip < math.inf):
+        raise ValueError(f"grad_clip must be a positive number, got {grad_clip}")
+    if not isinstance(train_data, Sized) or len(train_data) == 0:
+        raise ValueError("train_data must be a non-empty map-style dataset")
+    if batch_size == 1 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise ValueError("batch_size 1 cannot train a model with BatchNorm (it normalizes over the batch)")
 
 
-def batches_per_epoch(num_examples: int, batch_size: int, num_processes: int = 1, micro_batches: int = 1) -> int:
-    """Optimizer steps in one epoch of ``EpochBatches``.
-
-    Args:
-        num_examples: Training examples.
-        batch_size: Examples per process per micro-batch (per step when not accumulating gradients).
-        num_processes: Data-parallel processes.
-        micro_batches: Micro-batches per optimizer step (gradient accumulation).
-    """
-    full, rest = divmod(num_examples, batch_size * num_processes * micro_batches)
-    return full + (rest >= _smallest_batch(batch_size) * num_processes * micro_batches)
-
-
-def _smallest_batch(batch_size: int) -> int:
-    """Examples per process of the smallest last batch an epoch keeps: two, as BatchNorm in train mode cannot
-    normalize a single example (one value per channel after global pooling), unless every batch holds one."""
-    return min(2, batch_size)
-
-
-class EpochBatches(Sampler[list[int]]):
-    """Batches of dataset positions for one process, resumable in the middle of an epoch.
-
-    Every epoch draws a permutation seeded by ``(seed, epoch)``, identical on every process, and cuts it
-    into global batches of ``batch_size * num_processes`` positions; the process takes its
-    ``batch_size`` slice. The last, smaller global batch is split evenly (at most ``num_processes - 1``
-    examples of it are left out), so every process runs the same number of steps on equal batch sizes.
-    A last batch that would give each process a single example is left out altogether (unless
-    ``batch_size`` is 1): BatchNorm in train mode cannot normalize one example; ``Trainer`` warns when
-    that happens. With ``micro_batches`` (gradient accumulation) every batch holds ``batch_size *
-    micro_batches`` positions per process (the examples of one step without accumulation at that batch
-    size), and the smallest last batch kept is ``micro_batches`` times larger.
-
-    Args:
-        num_examples: Size of the dataset.
-        batch_size: Examples per process per batch.
-        num_processes: Data-parallel processes.
-        process_index: This process's rank.
-        seed: Run seed (non-negative).
-        micro_batches: Micro-batches of ``batch_size`` per batch.
-    """
-
-    def __init__(
-        self,
-        num_examples: int,
-        batch_size: int,
-        *,
-        num_processes: int,
-        process_index: int,
-        seed: int,
-        micro_batches: int = 1,
-    ):
-        self.num_examples, self.batch_size, self.micro_batches = num_examples, batch_size, micro_batches
-        self.num_processes, self.process_index, self.seed = num_processes, process_index, seed
-        self.epoch = self.start = 0
-
-    def set_position(self, epoch: int, start: int) -> None:
-        """Iterate over ``epoch`` from its batch number ``start`` on."""
-        self.epoch, self.start = epoch, start
-
-    def __iter__(self) -> Iterator[list[int]]:
-        generator = torch.Generator().manual_seed(mix_seed(self.seed, _ORDER_STREAM, self.epoch))
-        order = torch.randperm(self.num_examples, generator=generator)
-        global_size = self.batch_size * self.num_processes * self.micro_batches
-        for first in range(self.start * global_size, self.num_examples, global_size):
-            chunk = order[first : first + global_size]
-            per_process = len(chunk) // self.num_processes
-            if per_process < _smallest_batch(self.batch_size) * self.micro_batches:
-                return
-            rank = self.process_index
-            yield chunk[rank * per_process : (rank + 1) * per_process].tolist()
-
-    def __len__(self) -> int:
-        total = batches_per_epoch(self.num_examples, self.batch_size, self.num_processes, self.micro_batches)
-        return total - self.start
-
-
-def training_forwards(step: AdversarialStep) -> set[str]:
-    """Inputs whose training-mode logits the step's callbacks read (``"adv"``, ``"clean"``...)."""
-    fields = (f for c in step.staged for f in (*c.reads, *c.optional_reads))
-    return {f.removeprefix("logits_") for f in fields if f.startswith("logits_")}
-
-
-#: Entries of a checkpoint's trainer_state.json that a resume reads.
-_RESUMED_STATE = frozenset(
-    {"epoch", "batch_in_epoch", "global_step", "best", "val_metrics", "last_eval_step", "elapsed_s", "num_processes",
-     "batch_size", "num_train_examples", "seed", "total_steps"}
-)  # fmt: skip
-#: Keys of metrics.jsonl rows that measure wall-clock time: the only values that differ between a run and the same
-#: run interrupted and resumed.
-WALL_CLOCK_KEYS = frozenset({"elapsed_s", "epoch_time_s", "images_per_s"})
-#: Keys of a training row in metrics.jsonl that callbacks' ``ctx.extras`` may not take.
-_TRAIN_ROW_KEYS = frozenset(
-    {"step", "epoch", "loss", "lr", "train_adv_acc", "train_clean_acc", "forwards_per_step", "backwards_per_step",
-     "nonfinite_skipped", "elapsed_s"}
-)  # fmt: skip
+def _mixed_precision(mixed_precision: str | None, accelerator: Accelerator | None, step: AdversarialStep) -> str:
+    """The precision the trainer runs: given, else the accelerator's, else the step's; it must be the step's."""
+    mixed_precision = mixed_precision or (accelerator.mixed_precision if accelerator else step.mixed_precision)
+    check_choice("mixed_precision", mixed_precision, MIXED_PRECISION)
+    if step.mixed_precision != mixed_precision:
+        raise ValueError(
+            f"the step was built with mixed_precision={step.mixed_precision!r} but the trainer runs "
+            f"{mixed_precision!r}; pass the same value to both"
+        )
+    return mixed_precision
 
 
 class Trainer:
@@ -360,79 +288,22 @@ class Trainer:
         check_trainer_arguments(
             model, step, optimizer, train_data, val_data, output_dir=output_dir, eval_eps=eval_eps, grad_clip=grad_clip
         )
-        for name, value, minimum in (
-            ("epochs", epochs, 1), ("batch_size", batch_size, 1), ("eval_steps", eval_steps, 0),
-            ("seed", seed, 0), ("num_workers", num_workers, 0), ("log_every", log_every, 1),
-            ("grad_accum", grad_accum, 1),
-        ):  # fmt: skip
-            _check_int(name, value, minimum)
-        for name, value in (
-            ("max_steps", max_steps), ("eval_every", eval_every), ("checkpoint_every", checkpoint_every),
-            ("checkpoint_every_steps", checkpoint_every_steps), ("keep_checkpoints", keep_checkpoints),
-        ):  # fmt: skip
-            if value is not None:
-                _check_int(name, value, 1)
-        unfit = [type(c).__name__ for c in step.callbacks if not c.accumulates]
-        if grad_accum > 1 and unfit:
-            raise ValueError(
-                f"grad_accum must be 1 with {', '.join(unfit)}: they act on the weights once per optimizer step, "
-                "with its whole batch, and gradient accumulation splits the batch"
-            )
-        if nonfinite not in NONFINITE_POLICIES:
-            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
-        if ema_decay is not None and not (0 < ema_decay < 1):
-            raise ValueError(f"ema_decay must be in (0, 1), got {ema_decay}")
-        if grad_clip is not None and not (0 < grad_clip < math.inf):
-            raise ValueError(f"grad_clip must be a positive number, got {grad_clip}")
-        if not isinstance(train_data, Sized) or len(train_data) == 0:
-            raise ValueError("train_data must be a non-empty map-style dataset")
-        if batch_size == 1 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-            raise ValueError("batch_size 1 cannot train a model with BatchNorm (it normalizes over the batch)")
-        mixed_precision = mixed_precision or (accelerator.mixed_precision if accelerator else step.mixed_precision)
-        if mixed_precision not in MIXED_PRECISION:
-            raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got {mixed_precision!r}")
-        if step.mixed_precision != mixed_precision:
-            raise ValueError(
-                f"the step was built with mixed_precision={step.mixed_precision!r} but the trainer runs "
-                f"{mixed_precision!r}; pass the same value to both"
-            )
-        self.eval_eps = _attack_eps(step) if eval_eps is None else eval_eps
+        _check_settings(
+            model, step, train_data, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_clip=grad_clip,
+            eval_every=eval_every, eval_steps=eval_steps, checkpoint_every=checkpoint_every,
+            checkpoint_every_steps=checkpoint_every_steps, keep_checkpoints=keep_checkpoints, seed=seed,
+            num_workers=num_workers, log_every=log_every, nonfinite=nonfinite, ema_decay=ema_decay,
+            grad_accum=grad_accum,
+        )  # fmt: skip
+        mixed_precision = _mixed_precision(mixed_precision, accelerator, step)
+        self.eval_eps = attack_eps(step) if eval_eps is None else eval_eps
         check_eps(self.eval_eps, name="eval_eps")
 
-        several_forwards = len(training_forwards(step)) > 1
         self.output_dir = Path(output_dir) if output_dir is not None else None
-        if accelerator is None:
-            accelerator = Accelerator(
-                mixed_precision=mixed_precision,
-                kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)] if several_forwards else [],
-                log_with=log_with,
-                # The trainer's own loader is not Accelerate's: micro-batches alone decide when gradients sync.
-                gradient_accumulation_plugin=GradientAccumulationPlugin(
-                    num_steps=grad_accum, sync_with_dataloader=False
-                ),
-                project_dir=self.output_dir,
-            )
-        elif accelerator.gradient_accumulation_steps != grad_accum:
-            raise ValueError(
-                f"the accelerator accumulates {accelerator.gradient_accumulation_steps} micro-batches, not grad_accum "
-                f"{grad_accum}"
-            )
-        elif accelerator.mixed_precision != mixed_precision:
-            raise ValueError(f"the accelerator runs {accelerator.mixed_precision!r}, not {mixed_precision!r}")
-        elif several_forwards and accelerator.num_processes > 1:
-            handler = accelerator.ddp_handler
-            if handler is None or handler.broadcast_buffers:
-                raise ValueError(
-                    f"the step runs training forwards of {sorted(training_forwards(step))} before one backward; "
-                    "under DDP create the Accelerator with DistributedDataParallelKwargs(broadcast_buffers=False)"
-                )
-        launched = int(os.environ.get("WORLD_SIZE", "1"))
-        if launched != accelerator.num_processes:
-            raise RuntimeError(
-                f"{launched} processes were launched (WORLD_SIZE) but Accelerate runs {accelerator.num_processes}: "
-                "they would train independently into one folder. On CPUs launch with ACCELERATE_USE_CPU=1"
-            )
-        self.accelerator = accelerator
+        self.accelerator = accelerator = trainer_accelerator(
+            accelerator, step, mixed_precision=mixed_precision, grad_accum=grad_accum, log_with=log_with,
+            project_dir=self.output_dir,
+        )  # fmt: skip
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.scheduler = scheduler
         #: The moving average of the weights (``ema.module``: a copy of the model), or ``None``.
@@ -445,39 +316,33 @@ class Trainer:
         self.checkpoint_every, self.checkpoint_every_steps = checkpoint_every, checkpoint_every_steps
         self.keep_checkpoints, self.seed, self.augment = keep_checkpoints, seed, augment
         self.num_workers, self.log_every, self.progress = num_workers, log_every, progress
-        self.nonfinite = nonfinite
-        # Under fp16 the GradScaler owns inf/NaN gradients (they are expected while it calibrates its scale).
-        self._check_gradients = mixed_precision != "fp16"
-        self._buffer_copy: list[Tensor] | None = None  # the model's buffers before the step ("skip")
+        self.nonfinite, self.grad_accum = nonfinite, grad_accum
 
-        self.grad_accum = grad_accum
-        slices = accelerator.num_processes * grad_accum  # micro-batches of a step, over all processes
-        self.steps_per_epoch = batches_per_epoch(len(train_data), batch_size, accelerator.num_processes, grad_accum)
+        # Data order: the step plan, the batches of every epoch, the loader.
+        self.steps_per_epoch, total_steps = plan_steps(
+            len(train_data), batch_size, accelerator.num_processes, grad_accum, epochs, max_steps
+        )
         if self.steps_per_epoch == 0:
             raise ValueError(f"train_data has {len(train_data)} examples, too few for one batch on every process")
-        rest = len(train_data) % (batch_size * slices)
-        if batch_size > 1 and slices <= rest < 2 * slices and accelerator.is_main_process:
-            warnings.warn(
-                f"train_data has {len(train_data)} examples: the last batch of every epoch would hold one example "
-                f"per process (and micro-batch), which BatchNorm cannot train on; it is left out ({rest} examples "
-                "of each epoch)",
-                UserWarning, stacklevel=2,
-            )  # fmt: skip
-        planned = epochs * self.steps_per_epoch
+        if accelerator.is_main_process:
+            warn_if_last_batch_dropped(len(train_data), batch_size, accelerator.num_processes * grad_accum)
         #: Optimizer steps this fit will run in all: define the lr schedule with this number.
-        self.total_steps = planned if max_steps is None else min(max_steps, planned)
+        self.total_steps = total_steps
         self._batches = EpochBatches(
             len(train_data), batch_size, num_processes=accelerator.num_processes,
             process_index=accelerator.process_index, seed=seed, micro_batches=grad_accum,
         )  # fmt: skip
-        # The loader's own generator keeps DataLoader iteration from drawing on the global RNG, which
-        # the attacks use: the global stream must not depend on where a run was resumed.
-        self._loader = DataLoader(
-            train_data, batch_sampler=self._batches, num_workers=num_workers, persistent_workers=num_workers > 0,
-            pin_memory=accelerator.device.type == "cuda" and _on_host(train_data),
-            generator=torch.Generator().manual_seed(seed),
-        )  # fmt: skip
+        self._loader = training_loader(
+            train_data, self._batches, num_workers=num_workers, device=accelerator.device, seed=seed
+        )
         self._eval_loaders: dict[tuple[int, int], DataLoader] = {}
+
+        # The objects that own the other concerns of a fit.
+        # Under fp16 the GradScaler owns inf/NaN gradients (they are expected while it calibrates its scale).
+        self._guard = NonFiniteGuard(nonfinite, accelerator, check_gradients=mixed_precision != "fp16")
+        self._checkpoints = Checkpoints(self.output_dir, checkpoint_every, checkpoint_every_steps, keep_checkpoints)
+        self._metrics = MetricsLog(accelerator, self.output_dir / METRICS_LOG if self.output_dir is not None else None)
+        self._window = TrainWindow(accelerator.device)
 
         #: Position: the epoch being trained and the batches of it done; the optimizer steps done.
         self.epoch = self.batch_in_epoch = self.global_step = 0
@@ -487,20 +352,21 @@ class Trainer:
         #: Whether the last optimizer step was skipped: by the fp16 GradScaler (inf/NaN gradients) or by
         #: ``nonfinite="skip"``.
         self.step_was_skipped = False
-        #: Steps skipped by ``nonfinite="skip"`` so far in this run (checkpointed).
-        self.nonfinite_skipped = 0
-        self._log_rows = 0  # rows this run wrote to metrics.jsonl (checkpointed: a resume truncates to it)
         #: Why a callback ended the fit early (``stop``); ``None`` while it runs to its planned end.
         self.stop_reason: str | None = None
-        self._elapsed_before = 0.0
-        self._last_saved_step: int | None = None
         self._last_eval_step: int | None = None
 
     # ------------------------------------------------------------------ public API
 
     @property
     def checkpoints_dir(self) -> Path | None:
-        return self.output_dir / CHECKPOINTS_DIR if self.output_dir is not None else None
+        """The run's ``checkpoints/`` folder; ``None`` without ``output_dir``."""
+        return self._checkpoints.directory
+
+    @property
+    def nonfinite_skipped(self) -> int:
+        """Steps skipped by ``nonfinite="skip"`` so far in this run (checkpointed)."""
+        return self._guard.skipped
 
     @property
     def eval_attack(self) -> dict[str, Any]:
@@ -543,7 +409,10 @@ class Trainer:
                 raise ValueError("resume='latest' needs an output_dir")
             checkpoint, contents = open_checkpoint(resume, self.checkpoints_dir or ".")
         else:
-            self._check_fresh_output_dir()
+            self._checkpoints.check_fresh()
+            # The global RNGs that attacks and dropout draw from, offset by the process index. Whoever built the model
+            # has drawn from them since seeding it (a recipe seeds them before building it): the fit starts from
+            # the seed, whatever ran before.
             set_seed(self.seed, device_specific=True)
         if self.output_dir is not None and self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -555,16 +424,13 @@ class Trainer:
         self.step.fire("on_fit_start", self)
         if checkpoint is not None:
             self._restore(checkpoint, contents)
-        elif self.output_dir is not None and self.accelerator.is_main_process:
-            atomic_write_text(self.output_dir / METRICS_LOG, "")
+        elif self.accelerator.is_main_process:
+            self._metrics.clear()
         if self.accelerator.log_with and not self.accelerator.trackers:
             self.accelerator.init_trackers("robustmix")
 
-        self._start_time = time.perf_counter()
-        self._window = torch.zeros(6, device=self.accelerator.device, dtype=torch.float64)
-        self._window_passes: list[tuple[float, float]] = []
-        # Callbacks' ctx.extras, per name: [sum over the window's steps (device tensor), number of steps].
-        self._window_extras: dict[str, list] = {}
+        self._metrics.start_clock()
+        self._window = TrainWindow(self.accelerator.device)  # a fit that raised may have left steps in the last one
         self._bar = tqdm(
             total=self.total_steps, initial=self.global_step, desc=f"epoch {self.epoch}", dynamic_ncols=True,
             disable=not (self.progress and self.accelerator.is_main_process),
@@ -602,7 +468,7 @@ class Trainer:
         self._sync_buffers()
         model = self.ema.module if ema else unwrap_model(self.model)
         device, rank = self.accelerator.device, self.accelerator.process_index
-        generator = torch.Generator(device).manual_seed(mix_seed(self.seed, _EVAL_STREAM, rank))
+        generator = torch.Generator(device).manual_seed(mix_seed(self.seed, EVAL_STREAM, rank))
         # Attacks need autograd: inference mode is switched off here (tensors made inside are then ordinary
         # tensors), and no_grad covers the clean forwards; the attack enables gradients for itself.
         with torch.inference_mode(False), torch.no_grad(), model_mode(model, "eval"):
@@ -651,6 +517,9 @@ class Trainer:
             raise ValueError(f"the trainer writes {sorted(taken)} itself: rename them")
         self._log(values)
 
+    def _log(self, values: dict[str, Any]) -> None:
+        self._metrics.write(self.global_step, self.epoch, values)
+
     # ------------------------------------------------------------------ training
 
     def _run_epoch(self) -> None:
@@ -669,7 +538,7 @@ class Trainer:
             if self.global_step % self.log_every == 0:
                 self._log_train()
             # A step checkpoint due at the epoch's last batch waits for the epoch's end (evaluation, hooks).
-            if self._step_checkpoint_due() and self.batch_in_epoch < self.steps_per_epoch:
+            if self._checkpoints.due_at_step(self.global_step) and self.batch_in_epoch < self.steps_per_epoch:
                 self._save_checkpoint()
             if self.global_step >= self.total_steps or self.stop_reason is not None:
                 break
@@ -679,11 +548,10 @@ class Trainer:
         batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
         if self.augment:
             generator = torch.Generator(device).manual_seed(
-                mix_seed(self.seed, _AUGMENT_STREAM, self.global_step, self.accelerator.process_index)
+                mix_seed(self.seed, AUGMENT_STREAM, self.global_step, self.accelerator.process_index)
             )
             batch["image"] = augment_cifar(batch["image"], generator)
-        if self.nonfinite == "skip":
-            self._copy_buffers()
+        self._guard.before_step(self.model)
         self.step.fire("on_batch_start", self, batch)
         self.model.train()
         # The step's batch in grad_accum micro-batches (one when not accumulating): each runs the callbacks
@@ -691,7 +559,7 @@ class Trainer:
         micro_batches = [
             dict(zip(batch, parts)) for parts in zip(*(v.tensor_split(self.grad_accum) for v in batch.values()))
         ]
-        window = torch.zeros_like(self._window)
+        totals = torch.zeros_like(self._window.totals)
         losses, contexts = [], []
         for i, micro in enumerate(micro_batches):
             with self.accelerator.accumulate(self.model):
@@ -704,27 +572,20 @@ class Trainer:
                 # Accelerate divides by grad_accum: weighted so, the gradient is the step batch's mean.
                 share = len(micro["label"]) * self.grad_accum / len(batch["label"])
                 self.accelerator.backward(loss if self.grad_accum == 1 else loss * share)
-            # Training accuracies come from logits the step computed anyway: no extra forward.
-            targets = micro["label"]
-            adv, clean = ctx.logits.get("adv"), ctx.logits.get("clean", ctx.eval_logits.get("clean"))
-            b = float(len(targets))
-            window += torch.stack([
-                loss.detach().double() * b, torch.tensor(b, device=targets.device, dtype=torch.float64),
-                *_correct(adv, targets), *_correct(clean, targets),
-            ])  # fmt: skip
+            totals += batch_totals(loss, ctx, micro["label"])
             losses.append(loss.detach())
             contexts.append(ctx)
         # NaN and inf survive the sum: one loss to check and report for the step.
         loss = losses[0] if self.grad_accum == 1 else torch.stack(losses).sum()
         self.step.fire("on_before_optimizer_step", self, self.optimizer)
         self._lr = self.optimizer.param_groups[0]["lr"]
-        local_flags = self._nonfinite_flags(loss)
+        local_flags = self._guard.flags(loss, self.model)
         flags = self.accelerator.reduce(local_flags, "sum") if self.accelerator.num_processes > 1 else local_flags
         if any(flags.tolist()):  # the one host read of the check
             self._reject_step(batch, loss, local_flags, flags)
         else:
             for ctx in contexts:
-                self._add_extras(ctx.extras)
+                self._window.add_extras(ctx.extras)
             if self.grad_clip is not None:
                 self.accelerator.clip_grad_norm_(self.model.parameters(), self.grad_clip)
             self.optimizer.step()
@@ -732,79 +593,22 @@ class Trainer:
             self.step.fire("on_after_optimizer_step", self, self.optimizer)
             if self.ema is not None:
                 self.ema.update(unwrap_model(self.model))
-            self._window += window
+            self._window.totals += totals
         if self.scheduler is not None:
             self.scheduler.step()
-        self._window_passes.extend(ctx.passes() for ctx in contexts)
-
-    def _nonfinite_flags(self, loss: Tensor) -> Tensor:
-        """``[loss is NaN/inf, gradients are NaN/inf]`` of this process's step, as floats on the device.
-
-        The loss and the L2 norm of every gradient (one fused ``_foreach_norm``, as gradient clipping
-        computes it; NaN and inf propagate into it) go through one ``isfinite``; no host read. A norm that
-        overflows float32 (a tensor's gradient norm past ~1e19) counts as non-finite too. (The max-abs norm
-        cannot overflow but is ~6x slower on CPUs.)
-        """
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None] if self._check_gradients else []
-        norms = torch._foreach_norm(grads) if grads else []
-        bad = ~torch.isfinite(torch.stack([loss.detach().float().reshape(()), *norms]))
-        return torch.stack([bad[0], bad[1:].any()]).float()
-
-    def _copy_buffers(self) -> None:
-        buffers = list(unwrap_model(self.model).buffers())
-        if self._buffer_copy is None:
-            self._buffer_copy = [b.detach().clone() for b in buffers]
-        elif buffers:
-            torch._foreach_copy_(self._buffer_copy, buffers)
+        self._window.add_passes(contexts)
 
     def _reject_step(self, batch: dict[str, Tensor], loss: Tensor, local_flags: Tensor, flags: Tensor) -> None:
         """Drop a step whose loss or gradients are NaN/inf: no update; then raise, or count and warn."""
         self.optimizer.zero_grad(set_to_none=True)
-        if self.nonfinite == "skip" and self._buffer_copy:
-            with torch.no_grad():
-                torch._foreach_copy_(list(unwrap_model(self.model).buffers()), self._buffer_copy)
+        self._guard.restore_buffers(self.model)
         self.step_was_skipped = True
         self.step.fire("on_after_optimizer_step", self, self.optimizer)  # e.g. AWP takes its perturbation off
-
-        # All processes are here together (the flags were reduced): gather what the report needs.
-        index = batch.get("index")
-        per_process = [torch.cat([local_flags, loss.detach().float().reshape(1)])]
-        indices = [index.long()] if index is not None else []
-        if self.accelerator.num_processes > 1:
-            per_process = list(self.accelerator.gather(per_process[0]).view(-1, 3))
-            if index is not None:  # every process has a batch of the same size (EpochBatches)
-                indices = list(self.accelerator.gather(indices[0]).view(self.accelerator.num_processes, -1))
-        indices_lists = [i.tolist() for i in indices] or [[] for _ in per_process]
-        bad_loss = [rank for rank, row in enumerate(per_process) if row[0] > 0]
-        bad_gradients = bool(flags[1] > 0)
-        what = " and ".join((["loss"] if bad_loss else []) + (["gradients"] if bad_gradients else []))
-        losses = ", ".join(f"process {rank}: {per_process[rank][2].item():g}" for rank in bad_loss)
-        shown = bad_loss or range(len(indices_lists))
-        listed = (
-            "; ".join(f"process {rank}: {_abbreviate(indices_lists[rank])}" for rank in shown)
-            if index is not None
-            else "the batches carry no 'index' column"
-        )
-        where = (
-            f"non-finite {what} at step {self.global_step} (0-based; epoch {self.epoch}, batch "
-            f"{self.batch_in_epoch} of {self.steps_per_epoch} in the epoch)"
-            + (f"; loss {losses}" if bad_loss else "")
-            + f"; dataset indices of the batch: {listed}"
-        )
-        if self.nonfinite == "skip":
-            self.nonfinite_skipped += 1
-            if self.accelerator.is_main_process:
-                warnings.warn(
-                    f"{where}. The step was skipped (skipped so far: {self.nonfinite_skipped})",
-                    RuntimeWarning, stacklevel=2,
-                )  # fmt: skip
-            return
-        last = f" (last checkpoint: step_{self._last_saved_step})" if self._last_saved_step is not None else ""
-        raise NonFiniteLossError(
-            f"{where}. The optimizer step was not taken and nothing was saved after it{last}. "
-            "To skip such steps and count them instead, pass nonfinite='skip' (recipes: --on-nonfinite skip)",
-            step=self.global_step, epoch=self.epoch, batch_in_epoch=self.batch_in_epoch,
-            indices=indices_lists, nonfinite_loss=bad_loss, nonfinite_gradients=bad_gradients,
+        # All processes are here together (the flags were reduced): the report gathers what it needs.
+        self._guard.report(
+            batch, loss, local_flags, flags, step=self.global_step, epoch=self.epoch,
+            batch_in_epoch=self.batch_in_epoch, steps_per_epoch=self.steps_per_epoch,
+            last_checkpoint=self._checkpoints.last_saved_step,
         )  # fmt: skip
 
     def _end_epoch(self) -> None:
@@ -818,15 +622,14 @@ class Trainer:
         self.step.fire("on_epoch_end", self, self.epoch)
         self.epoch += 1
         self.batch_in_epoch = 0
-        by_epoch = self.checkpoint_every is not None and self.epoch % self.checkpoint_every == 0
-        if by_epoch or self._step_checkpoint_due():
+        if self._checkpoints.due_at_epoch_end(self.epoch, self.global_step):
             self._save_checkpoint()
 
     def _finish(self) -> dict[str, Any]:
         self._log_train()
         if self.val_data is not None and self._last_eval_step != self.global_step:
             self._validate()
-        if self._checkpointing and self._last_saved_step != self.global_step:
+        if self._checkpoints.enabled and self._checkpoints.last_saved_step != self.global_step:
             self._save_checkpoint()
         self._sync_buffers()
         if self.output_dir is not None:
@@ -843,6 +646,13 @@ class Trainer:
             "step": self.global_step, "epoch": self.epoch, "val": self.val_metrics, "best": self._best_record(),
             "nonfinite_skipped": self.nonfinite_skipped, "stop_reason": self.stop_reason,
         }  # fmt: skip
+
+    def _sync_buffers(self) -> None:
+        """Average the BatchNorm statistics of the model and of its moving average across processes."""
+        sync_buffers(self.model, *([self.ema.module] if self.ema is not None else []))
+
+    def _refuse_nonfinite_weights(self, what: str, callback_state: dict[str, Any] | None = None) -> None:
+        refuse_nonfinite_weights(self.model, self.accelerator, what, self.global_step, callback_state)
 
     # ------------------------------------------------------------------ evaluation and metrics
 
@@ -887,87 +697,27 @@ class Trainer:
             return {}
         return {**self.best, "selected_on": "validation", "attack": self.eval_attack}
 
-    def _add_extras(self, extras: dict[str, Tensor | float]) -> None:
-        """Add a step's ``ctx.extras`` (scalars) to the window; device tensors stay there, no host read."""
-        for name, value in extras.items():
-            if name in _TRAIN_ROW_KEYS:
-                raise ValueError(f"ctx.extras[{name!r}] would overwrite the trainer's own {name!r}: rename it")
-            if isinstance(value, Tensor):
-                if value.numel() != 1:
-                    shape = list(value.shape)
-                    raise ValueError(
-                        f"ctx.extras[{name!r}] must be a scalar to be logged, got a tensor of shape {shape}"
-                    )
-                value = value.detach().reshape(()).to(self.accelerator.device, torch.float64)
-            elif isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"ctx.extras[{name!r}] must be a number or a one-element tensor, got {value!r}")
-            entry = self._window_extras.setdefault(
-                name, [torch.zeros((), device=self.accelerator.device, dtype=torch.float64), 0]
-            )
-            entry[0] = entry[0] + value
-            entry[1] += 1
-
     def _log_train(self) -> None:
         """Log the training window (reduced over processes) and reset it; a no-op when it is empty."""
-        if not self._window_passes:
+        if self._window.empty:
             return
-        loss_sum, n, adv_ok, adv_n, clean_ok, clean_n = self.accelerator.reduce(self._window, "sum").tolist()
-        forwards, backwards = np.mean(self._window_passes, axis=0).tolist()
-        row: dict[str, float] = {"loss": loss_sum / n} if n else {}  # no loss when every step was skipped
-        row["lr"] = self._lr
-        if adv_n:
-            row["train_adv_acc"] = adv_ok / adv_n
-        if clean_n:
-            row["train_clean_acc"] = clean_ok / clean_n
-        row |= {"forwards_per_step": forwards, "backwards_per_step": backwards}
-        if self.nonfinite == "skip":
-            row["nonfinite_skipped"] = self.nonfinite_skipped
-        if self._window_extras:
-            # Every process runs the same callbacks, so the names agree; mean over steps and processes.
-            names = sorted(self._window_extras)
-            sums = self.accelerator.reduce(torch.stack([self._window_extras[k][0] for k in names]), "sum").tolist()
-            for name, total in zip(names, sums, strict=True):
-                row[name] = total / (self._window_extras[name][1] * self.accelerator.num_processes)
-            self._window_extras.clear()
-        self._window.zero_()
-        self._window_passes.clear()
+        skipped = self.nonfinite_skipped if self.nonfinite == "skip" else None
+        row = self._window.pop_row(self.accelerator, self._lr, skipped)
         self._log(row)
         shown = ("loss", "train_adv_acc", "train_clean_acc")
         self._bar.set_postfix({k.removeprefix("train_"): f"{v:.3g}" for k, v in row.items() if k in shown})
 
-    def _log(self, values: dict[str, float]) -> None:
-        elapsed = self._elapsed_before + time.perf_counter() - self._start_time
-        row = {"step": self.global_step, "epoch": self.epoch, **values, "elapsed_s": round(elapsed, 3)}
-        if self.accelerator.log_with:
-            self.accelerator.log(values, step=self.global_step)
-        if self.output_dir is not None and self.accelerator.is_main_process:
-            with open(self.output_dir / METRICS_LOG, "a") as log:
-                log.write(json.dumps(row) + "\n")
-        self._log_rows += 1
-
     # ------------------------------------------------------------------ checkpoints
 
-    @property
-    def _checkpointing(self) -> bool:
-        return self.output_dir is not None and (
-            self.checkpoint_every is not None or self.checkpoint_every_steps is not None
-        )
-
-    def _step_checkpoint_due(self) -> bool:
-        every = self.checkpoint_every_steps
-        return every is not None and self.global_step % every == 0
-
-    def _check_fresh_output_dir(self) -> None:
-        if self.output_dir is None:
-            return
-        if list_checkpoints(self.checkpoints_dir) or (self.output_dir / MODEL_FILE).exists():
-            raise ValueError(
-                f"{self.output_dir} already holds a run (checkpoints or {MODEL_FILE}); resume it with "
-                "resume='latest', or train into an empty folder"
-            )
+    def _run_identity(self) -> dict[str, Any]:
+        """What a checkpoint must share with the run that resumes it: the data order and lr schedule span it."""
+        return {
+            "num_processes": self.accelerator.num_processes, "batch_size": self.batch_size,
+            "num_train_examples": len(self.train_data), "seed": self.seed, "total_steps": self.total_steps,
+        }  # fmt: skip
 
     def _save_checkpoint(self) -> None:
-        if not self._checkpointing or self._last_saved_step == self.global_step:
+        if not self._checkpoints.enabled or self._checkpoints.last_saved_step == self.global_step:
             return
         directory = self.checkpoints_dir / f"step_{self.global_step}"
         # Callbacks gather or sync their state here, before it is read.
@@ -979,167 +729,36 @@ class Trainer:
         state = {
             "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "global_step": self.global_step,
             "best": self.best, "val_metrics": self.val_metrics, "last_eval_step": self._last_eval_step,
-            "elapsed_s": self._elapsed_before + time.perf_counter() - self._start_time,
-            "num_processes": self.accelerator.num_processes, "batch_size": self.batch_size,
-            "num_train_examples": len(self.train_data), "seed": self.seed, "total_steps": self.total_steps,
-            "nonfinite_skipped": self.nonfinite_skipped, "log_rows": self._log_rows, "stop_reason": self.stop_reason,
+            "elapsed_s": self._metrics.elapsed(), **self._run_identity(),
+            "nonfinite_skipped": self.nonfinite_skipped, "log_rows": self._metrics.rows,
+            "stop_reason": self.stop_reason,
         }  # fmt: skip
-        save_checkpoint(
-            self.accelerator, self.checkpoints_dir, self.global_step, model=self.model, optimizer=self.optimizer,
-            scheduler=self.scheduler, trainer_state=state, callback_state=callback_state, keep=self.keep_checkpoints,
-            ema=None if self.ema is None else self.ema.module,
+        self._checkpoints.save(
+            self.accelerator, self.global_step, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+            ema=None if self.ema is None else self.ema.module, trainer_state=state, callback_state=callback_state,
         )  # fmt: skip
-        self._last_saved_step = self.global_step
 
     def _restore(self, checkpoint: Path, contents: dict[str, Any]) -> None:
         """Continue from ``open_checkpoint``'s ``contents``: every check first, then the states."""
         state = contents["trainer_state"]
-        missing = sorted(_RESUMED_STATE - state.keys())
-        if missing:
-            raise CheckpointError(f"{checkpoint / 'trainer_state.json'} lacks {', '.join(missing)}")
-        here = {
-            "num_processes": self.accelerator.num_processes, "batch_size": self.batch_size,
-            "num_train_examples": len(self.train_data), "seed": self.seed, "total_steps": self.total_steps,
-        }  # fmt: skip
-        differ = {k: (state[k], v) for k, v in here.items() if state[k] != v}
-        if differ:
-            detail = ", ".join(f"{k} {saved} (checkpoint) vs {now} (now)" for k, (saved, now) in differ.items())
-            raise CheckpointError(f"cannot resume {checkpoint} exactly: {detail}")
-        try:
-            self.step.load_state_dict(contents["callback_state"])
-        except (ValueError, KeyError, TypeError, RuntimeError) as err:  # callbacks raise what their state gives
-            raise CheckpointError(
-                f"the callbacks' state in {checkpoint} does not load into this run's: {err}"
-            ) from err
+        self._checkpoints.check_resumable(checkpoint, state, self._run_identity())
+        self._checkpoints.load_callback_state(self.step, checkpoint, contents["callback_state"])
         restore_checkpoint(
             self.accelerator, contents, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
             ema=None if self.ema is None else self.ema.module,
         )  # fmt: skip
         self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
-        self.global_step = self._last_saved_step = state["global_step"]
+        self.global_step = self._checkpoints.last_saved_step = state["global_step"]
         self.best, self.val_metrics = state["best"], state["val_metrics"]
         self._last_eval_step = state["last_eval_step"]
-        self._elapsed_before = state["elapsed_s"]
-        self.nonfinite_skipped = state.get("nonfinite_skipped", 0)
+        self._metrics.elapsed_before = state["elapsed_s"]
+        self._guard.skipped = state.get("nonfinite_skipped", 0)
         self.stop_reason = state.get("stop_reason")  # absent in checkpoints written before early stopping
         rows = state.get("log_rows")  # absent in checkpoints written before the trainer counted its rows
-        self._log_rows = rows or 0
+        self._metrics.rows = rows or 0
         self._lr = self.optimizer.param_groups[0]["lr"]
         if self.output_dir is not None and self.accelerator.is_main_process:
-            drop_checkpoints_after(self.checkpoints_dir, checkpoint)
-            if checkpoint.resolve().parent == self.checkpoints_dir.resolve():
-                finished = self.stop_reason is not None or self.global_step >= self.total_steps
-                dropped = drop_results_after(self.output_dir, self.global_step, finished=finished)
-                if dropped:
-                    print(f"resuming from {checkpoint.name}: deleted the {', '.join(dropped)} of the run it replaces")
-            self._log_rows = _truncate_log(self.output_dir / METRICS_LOG, self.global_step, rows)
+            finished = self.stop_reason is not None or self.global_step >= self.total_steps
+            self._checkpoints.drop_after(checkpoint, self.global_step, finished=finished)
+            self._metrics.truncate(self.global_step, rows)
         self.accelerator.wait_for_everyone()
-
-    def _refuse_nonfinite_weights(self, what: str, callback_state: dict[str, Any] | None = None) -> None:
-        """Raise ``NonFiniteError`` before ``what`` is written from NaN/inf weights or NaN callback state.
-
-        One reduction over the model's floating-point tensors (they are the same on every process); the
-        callback state (``None``: not checked) is checked for NaN only (inf may be a legitimate value), and
-        that decision is reduced across processes.
-        """
-        tensors = {k: t for k, t in unwrap_model(self.model).state_dict().items() if t.is_floating_point()}
-        bad_weights: list[str] = []
-        if tensors:
-            norms = torch.stack([n.float() for n in torch._foreach_norm(list(tensors.values()), math.inf)])
-            if not bool(torch.isfinite(norms).all()):
-                bad_weights = [k for k, n in zip(tensors, norms.tolist()) if not math.isfinite(n)]
-        bad_state: list[str] = []
-        if callback_state is not None:
-            bad_state = [k for k, t in _tensors(callback_state) if t.is_floating_point() and bool(t.isnan().any())]
-            if self.accelerator.num_processes > 1:
-                flag = torch.tensor([float(bool(bad_state))], device=self.accelerator.device)
-                if self.accelerator.reduce(flag, "sum").item() and not bad_state:
-                    bad_state = ["(on another process)"]
-        if bad_weights or bad_state:
-            parts = [f"the model's {', '.join(bad_weights[:8])} hold NaN or inf"] if bad_weights else []
-            parts += [f"callback state {', '.join(bad_state[:8])} holds NaN"] if bad_state else []
-            raise NonFiniteError(f"refusing to write {what} at step {self.global_step}: {'; '.join(parts)}")
-
-    def _sync_buffers(self) -> None:
-        """Average floating-point buffers (BatchNorm statistics, of the model and of its moving average) across
-        processes; a no-op on one process."""
-        if self.accelerator.num_processes == 1:
-            return
-        modules = [unwrap_model(self.model), *([self.ema.module] if self.ema is not None else [])]
-        buffers = [b for module in modules for b in module.buffers() if b.is_floating_point()]
-        if not buffers:
-            return
-        flat = self.accelerator.reduce(torch.cat([b.detach().reshape(-1).float() for b in buffers]), "mean")
-        for buffer, values in zip(buffers, flat.split([b.numel() for b in buffers])):
-            buffer.copy_(values.view_as(buffer))
-
-
-def _abbreviate(values: list[int]) -> str:
-    if len(values) <= _SHOWN_INDICES:
-        return str(values)
-    return f"{str(values[:_SHOWN_INDICES])[:-1]}, ... ({len(values)} in all)]"
-
-
-def _on_host(data: Dataset) -> bool:
-    """Whether a dataset's tensors live in host memory (only those can be pinned); other datasets count as host."""
-    images = getattr(data, "images", None)
-    return not isinstance(images, Tensor) or images.device.type == "cpu"
-
-
-def _correct(logits: Tensor | None, targets: Tensor) -> tuple[Tensor, Tensor]:
-    """(correct predictions, examples) as float64 scalars; zeros when the step has no such logits."""
-    zero = torch.zeros((), dtype=torch.float64, device=targets.device)
-    if logits is None:
-        return zero, zero
-    return (logits.detach().argmax(dim=1) == targets).sum().double(), zero + len(targets)
-
-
-def _truncate_log(path: Path, step: int, rows: int | None = None) -> int:
-    """Keep the rows of ``metrics.jsonl`` written before the checkpoint: later ones belong to the run replaced.
-
-    Args:
-        path: The log.
-        step: The checkpoint's step: rows of later steps go (when ``rows`` is not known).
-        rows: Rows the run had written when it saved the checkpoint: exactly those are kept (rows of the
-            checkpoint's own step written after it, such as a final validation, go too).
-
-    Returns:
-        The number of rows kept.
-    """
-    if not path.is_file():
-        return 0
-    kept = []
-    for line in path.read_text().splitlines():
-        if rows is not None and len(kept) == rows:
-            break
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by a crash
-            continue
-        if rows is not None or row.get("step", math.inf) <= step:
-            kept.append(line + "\n")
-    atomic_write_text(path, "".join(kept))
-    return len(kept)
-
-
-def _tensors(state: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Tensor]]:
-    """``(key path, tensor)`` of every tensor in a nested callback state."""
-    for key, value in state.items():
-        if isinstance(value, Tensor):
-            yield f"{prefix}{key}", value
-        elif isinstance(value, dict):
-            yield from _tensors(value, f"{prefix}{key}/")
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _attack_eps(step: AdversarialStep) -> float:
-    """The scalar eps of the step's attack callback, the default budget of the evaluation attack."""
-    for callback in step.staged:
-        eps = getattr(callback, "eps", None)
-        if "x_adv" in callback.writes and isinstance(eps, (int, float)):
-            return float(eps)
-    raise ValueError("the step has no attack with a scalar eps; pass eval_eps= to the Trainer")
