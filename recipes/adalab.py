@@ -45,17 +45,8 @@ import argparse
 from typing import Any
 
 from robustmix import AdversarialCE, PGDAttack
-from robustmix.cli.args import bounded
-from robustmix.cli.recipe import (
-    RecipeInfo,
-    base_parser,
-    nonnegative_int,
-    nonnegative_number,
-    number,
-    parse_args,
-    positive_number,
-    run_recipe,
-)
+from robustmix.cli.args import bounded, nonnegative_int, nonnegative_number, number, positive_number
+from robustmix.cli.recipe import RecipeInfo, base_parser, parse_args, run_recipe
 from robustmix.core.callbacks import Callback
 from robustmix.stages.anti import AdversarysAdversary
 from robustmix.stages.labels import TARGETS, AdaLabLabels

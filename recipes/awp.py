@@ -22,15 +22,9 @@ import argparse
 from typing import Any
 
 from robustmix import AdversarialCE, PGDAttack
-from robustmix.cli.recipe import (
-    PAPER_PRESET,
-    RecipeInfo,
-    base_parser,
-    nonnegative_int,
-    nonnegative_number,
-    parse_args,
-    run_recipe,
-)
+from robustmix.cli.args import nonnegative_int, nonnegative_number
+from robustmix.cli.presets import PAPER_PRESET
+from robustmix.cli.recipe import RecipeInfo, base_parser, parse_args, run_recipe
 from robustmix.core.callbacks import Callback
 from robustmix.methods.awp import AWP
 from robustmix.stages.losses import TRADESLoss

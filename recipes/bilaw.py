@@ -21,7 +21,8 @@ import argparse
 from typing import Any
 
 from robustmix import AdversarialCE, MultiClassMargin, PGDAttack
-from robustmix.cli.recipe import RecipeInfo, base_parser, number, parse_args, positive_int, run_recipe
+from robustmix.cli.args import number, positive_int
+from robustmix.cli.recipe import RecipeInfo, base_parser, parse_args, run_recipe
 from robustmix.core.callbacks import Callback
 from robustmix.methods.bilaw import BiLAWWeights
 from robustmix.methods.meta import MetaBatches

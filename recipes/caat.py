@@ -33,16 +33,8 @@ import argparse
 from typing import Any
 
 from robustmix import AntiAdversary, PGDAttack
-from robustmix.cli.recipe import (
-    RecipeInfo,
-    base_parser,
-    load_split,
-    nonnegative_number,
-    number,
-    parse_args,
-    positive_int,
-    run_recipe,
-)
+from robustmix.cli.args import nonnegative_number, number, positive_int
+from robustmix.cli.recipe import RecipeInfo, base_parser, load_split, parse_args, run_recipe
 from robustmix.core.callbacks import Callback
 from robustmix.methods.caat import META_INITS, META_OBJECTIVES, CAATLoss, CAATMetaNet, ClassWiseBudget, ReMarginBudget
 from robustmix.methods.meta import MetaBatches

@@ -21,15 +21,9 @@ import math
 from typing import Any
 
 from robustmix import AdversarialCE, PGDAttack
-from robustmix.cli.recipe import (
-    RecipeInfo,
-    base_parser,
-    epoch_or_first_decay,
-    number,
-    parse_args,
-    run_recipe,
-    start_epoch,
-)
+from robustmix.cli.args import epoch_or_first_decay, number
+from robustmix.cli.optim import start_epoch
+from robustmix.cli.recipe import RecipeInfo, base_parser, parse_args, run_recipe
 from robustmix.core.callbacks import Callback
 from robustmix.methods.gairat import GAIRAT_KINDS, LAMBDA_SCHEDULES, ScheduledGAIRATWeights
 

@@ -24,16 +24,9 @@ import argparse
 from typing import Any
 
 from robustmix import AdversarialCE, MAILWeights, PGDAttack, ProbabilityMargin
-from robustmix.cli.recipe import (
-    RecipeInfo,
-    base_parser,
-    epoch_or_first_decay,
-    nonnegative_number,
-    number,
-    parse_args,
-    run_recipe,
-    start_epoch,
-)
+from robustmix.cli.args import epoch_or_first_decay, nonnegative_number, number
+from robustmix.cli.optim import start_epoch
+from robustmix.cli.recipe import RecipeInfo, base_parser, parse_args, run_recipe
 from robustmix.core.callbacks import Callback
 from robustmix.stages.losses import MARTLoss, TRADESLoss
 

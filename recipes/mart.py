@@ -19,7 +19,8 @@ import argparse
 from typing import Any
 
 from robustmix import PGDAttack
-from robustmix.cli.recipe import RecipeInfo, base_parser, nonnegative_number, parse_args, run_recipe
+from robustmix.cli.args import nonnegative_number
+from robustmix.cli.recipe import RecipeInfo, base_parser, parse_args, run_recipe
 from robustmix.core.callbacks import Callback
 from robustmix.stages.losses import MARTLoss
 

@@ -21,7 +21,8 @@ import argparse
 from typing import Any
 
 from robustmix import AdversarialCE, PGDAttack
-from robustmix.cli.recipe import RecipeInfo, base_parser, nonnegative_int, number, parse_args, run_recipe
+from robustmix.cli.args import nonnegative_int, number
+from robustmix.cli.recipe import RecipeInfo, base_parser, parse_args, run_recipe
 from robustmix.core.callbacks import Callback
 from robustmix.methods.sglr import SGLRLabels
 

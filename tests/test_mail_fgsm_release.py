@@ -14,7 +14,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim.lr_scheduler import CyclicLR
 
 from robustmix import AdversarialCE, AdversarialStep, Callback, PGDAttack
-from robustmix.cli.recipe import PRESETS, build_scheduler, triangular
+from robustmix.cli.optim import build_scheduler, triangular
+from robustmix.cli.presets import PRESETS
 from robustmix.core.context import StepContext
 from robustmix.data import DATASETS, load_dataset
 from robustmix.models import create_model

@@ -12,7 +12,7 @@ import lightning.pytorch as pl
 import torch
 
 from robustmix import AdaLabLabels, AdaLabWeights, AdversarialCE, AdversarialStep, PGDAttack, ProbabilityMargin
-from robustmix.cli.recipe import warmup_cosine
+from robustmix.cli.optim import warmup_cosine
 from robustmix.data import load_dataset
 from robustmix.integrations.lightning import AdversarialModule
 from robustmix.models import create_model

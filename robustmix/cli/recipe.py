@@ -1,4 +1,5 @@
-"""What every recipe shares: the command line, the presets, and the path from flags to a finished run.
+"""What every recipe shares: its command line (the shared flags, their parsing and checks) and the path from flags
+to a finished run.
 
 A recipe is a short script: its own flags (if any), the callbacks of its method, and one call:
 
@@ -13,11 +14,14 @@ A recipe is a short script: its own flags (if any), the callbacks of its method,
 ``Trainer``, evaluates the final (and best) weights on the test split and writes
 the run folder described in ``robustmix.runs.folder``.
 
-A recipe's own flags take the same argparse types as the shared ones, so a bad value is a one-line error
-before any work: ``number`` (``0.1`` or ``8/255``, never NaN), ``positive_number``, ``nonnegative_number``,
-``positive_int`` and ``nonnegative_int``:
+A recipe's own flags take the same argparse types as the shared ones (``robustmix.cli.args``), so a bad value is
+a one-line error before any work: ``number`` (``0.1`` or ``8/255``, never NaN), ``positive_number``,
+``nonnegative_number``, ``positive_int`` and ``nonnegative_int``:
 
     parser.add_argument("--beta", type=nonnegative_number, default=6.0)
+
+The presets are ``robustmix.cli.presets``'s, the optimizer and lr schedule ``robustmix.cli.optim``'s, and
+``--config`` files ``robustmix.cli.config``'s.
 """
 
 from __future__ import annotations
@@ -25,10 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
-import functools
 import hashlib
-import json
-import math
 import os
 import re
 import sys
@@ -39,24 +40,16 @@ from typing import Any
 
 import timm
 import torch
-import yaml
 from accelerate import PartialState
 from accelerate.tracking import get_available_trackers
 from accelerate.utils import LoggerType, parse_flag_from_env, set_seed
 from safetensors.torch import load_file
-from torch.optim import SGD, AdamW, Optimizer
-from torch.optim.lr_scheduler import LambdaLR, LRScheduler, MultiStepLR
 
 import robustmix
-from robustmix.cli.args import (
-    FIRST_DECAY,
-    MAX_SEED,
-    nonnegative_int,
-    nonnegative_number,
-    positive_int,
-    positive_number,
-    seed_int,
-)
+from robustmix.cli.args import MAX_SEED, nonnegative_int, nonnegative_number, positive_int, positive_number, seed_int
+from robustmix.cli.config import check_resumed_flags, config_file_values
+from robustmix.cli.optim import OPTIMIZERS, SCHEDULES, build_optimizer, build_scheduler
+from robustmix.cli.presets import PAPER_PRESET, PRESETS, fill_unset, preset_help, preset_values
 from robustmix.core.callbacks import Callback
 from robustmix.core.modes import BN_MODES
 from robustmix.core.step import MIXED_PRECISION, AdversarialStep
@@ -75,13 +68,10 @@ from robustmix.runs.folder import (
     METRICS_LOG,
     MODEL_FILE,
     RunFolderInUse,
-    flag_differences,
     load_config,
     load_metrics_log,
     load_model,
     locked_run_folder,
-    read_json,
-    recorded_flags,
     replacing_run,
 )
 from robustmix.training.console import copy_console
@@ -93,87 +83,6 @@ from robustmix.training.trainer import Trainer
 #: only in their training randomness.
 SPLIT_SEED = 0
 
-#: Flag values each preset sets; flags given on the command line override them.
-PRESETS: dict[str, dict[str, Any]] = {
-    # The default: a run on the embedded digits (1-channel 32x32) on a 2-core CPU in minutes.
-    # eps 0.1 is a third of MNIST's customary 0.3: upsampled 8x8 digits are blurrier and much smaller
-    # (1,257 training images), and 0.1 keeps PGD-20 accuracy well above chance in a short run.
-    "digits": {
-        "dataset": "digits",
-        "model": "test_resnet",
-        "cifar_stem": False,
-        "eps": 0.1,
-        "step_size": 0.04,
-        "attack_steps": 5,
-        "optimizer": "sgd",
-        "lr": 0.1,
-        "momentum": 0.9,
-        "weight_decay": 5e-4,
-        "batch_size": 128,
-        "epochs": 10,
-        "schedule": "warmup-cosine",
-        "milestones": [],
-        "augment": False,
-        # Intra-op CPU threads. Convolutions this small gain little from a second thread, and where the cores
-        # are shared two threads spin-wait: measured 2:52 (1 thread) vs 13:33 (2 threads) for the default run
-        # on a busy 2-core machine.
-        "threads": 1,
-        "train_size": None,
-        "eval_every": 1,
-    },
-    # The benchmark with statistical power: Fashion-MNIST (28x28 grey, 10,000 test images), eps 0.1 L-inf (the
-    # budget of Fashion-MNIST AT papers), PGD-5 at eps/4, the digits model and optimizer; the training budget
-    # fits one PGD-AT run (training, validation and test evaluation) in 15 minutes on one CPU core.
-    "fashion-mnist": {
-        "dataset": "fashion-mnist",
-        "model": "test_resnet",
-        "cifar_stem": False,
-        "eps": 0.1,
-        "step_size": 0.025,
-        "attack_steps": 5,
-        "optimizer": "sgd",
-        "lr": 0.1,
-        "momentum": 0.9,
-        "weight_decay": 5e-4,
-        "batch_size": 128,
-        "epochs": 6,
-        "schedule": "warmup-cosine",
-        "milestones": [],
-        "augment": False,
-        "threads": 1,
-        "train_size": None,
-        # Validating 5,000 images with PGD-20 costs about a third of an epoch: only after the last step.
-        "eval_every": 6,
-    },
-    # The standard CIFAR-10 protocol (Bag of Tricks schedule): ResNet-18 with a CIFAR stem, eps 8/255,
-    # step 2/255, 10 steps, SGD 0.1 momentum 0.9 wd 5e-4, batch 128, 110 epochs, lr x0.1 at 100 and 105.
-    "cifar10-resnet18": {
-        "dataset": "cifar10",
-        "model": "resnet18",
-        "cifar_stem": True,
-        "eps": 8 / 255,
-        "step_size": 2 / 255,
-        "attack_steps": 10,
-        "optimizer": "sgd",
-        "lr": 0.1,
-        "momentum": 0.9,
-        "weight_decay": 5e-4,
-        "batch_size": 128,
-        "epochs": 110,
-        "schedule": "multistep",
-        "milestones": [100, 105],
-        "augment": True,
-        "threads": 0,
-        "train_size": None,
-        "eval_every": 1,
-    },
-}
-#: The CIFAR-10 preset that each recipe overrides with its release's own training settings (the recipe
-#: module's ``PAPER``, passed to ``parse_args``); ResNet-18 with a CIFAR stem stays the model.
-PAPER_PRESET = "cifar10-paper"
-PRESETS[PAPER_PRESET] = dict(PRESETS["cifar10-resnet18"])
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("warmup-cosine", "multistep", "constant", "cyclic")
 #: Accelerate's trackers, for --log-with.
 TRACKERS = tuple(t.value for t in LoggerType if t != LoggerType.ALL)
 #: Files of a run folder that ``--overwrite`` removes before a fresh start.
@@ -216,37 +125,6 @@ BuildCallbacks = Callable[[argparse.Namespace, RecipeInfo], Sequence[Callback]]
 # ---------------------------------------------------------------------- command line
 
 
-def first_decay_epoch(args: argparse.Namespace) -> int | None:
-    """The epoch of the lr schedule's first drop: the first ``--milestones`` epoch under ``multistep``; ``None``
-    for schedules without a drop (warm-up + cosine, constant, cyclic)."""
-    return min(args.milestones) if args.schedule == "multistep" and args.milestones else None
-
-
-def start_epoch(args: argparse.Namespace, value: int | str | None, fallback: int, *, after_decay: int = 0) -> int:
-    """The epoch a method switches on at (GAIRAT's and MAIL's burn-in), as its release ties it to the lr schedule.
-
-    ``value`` is the flag: an epoch, or ``first-decay`` (the epoch of the lr's first drop). Not given, it is
-    the first drop plus ``after_decay`` under a schedule that has a drop (GAIRAT's release switches on at its
-    first drop, MAIL's one epoch after it), else ``fallback`` (the release's share of the epochs).
-
-    Raises:
-        ValueError: ``first-decay`` under a schedule without a drop, or an epoch that leaves no epoch of the
-            method out of ``--epochs``; recipes check this in ``main`` and turn it into a one-line error.
-    """
-    decay = first_decay_epoch(args)
-    if value == FIRST_DECAY:
-        if decay is None:
-            raise ValueError(f"{FIRST_DECAY} needs --schedule multistep with --milestones (the lr's first drop)")
-        epoch = decay
-    elif value is None:
-        epoch = fallback if decay is None else decay + after_decay
-    else:
-        epoch = value
-    if epoch >= args.epochs:
-        raise ValueError(f"epoch {epoch} leaves no epoch of the method out of --epochs {args.epochs}")
-    return epoch
-
-
 def base_parser(name: str, description: str | None = None) -> argparse.ArgumentParser:
     """The flags every recipe shares, in ``--help`` groups; add the method's own flags to it, then ``parse_args``.
 
@@ -270,12 +148,7 @@ def base_parser(name: str, description: str | None = None) -> argparse.ArgumentP
     def add(group: str, *flags: str, help: str | None = None, **kwargs: Any) -> None:
         key = kwargs.get("dest") or flags[0].lstrip("-").replace("-", "_")
         if key in PRESETS["digits"]:
-            help = f"{help}; " if help else ""
-            help += "presets: " + ", ".join(
-                f"{preset} {_preset_value(values[key])}"
-                for preset, values in PRESETS.items()
-                if preset != PAPER_PRESET
-            )
+            help = (f"{help}; " if help else "") + preset_help(key)
         groups[group].add_argument(*flags, help=help, **kwargs)
 
     add(
@@ -410,19 +283,6 @@ def base_parser(name: str, description: str | None = None) -> argparse.ArgumentP
     return parser
 
 
-def _preset_value(value: Any) -> str:
-    """A preset's value as --help shows it: 8/255 as 0.03137, lists spaced, unset as 'all' or 'none'."""
-    if value is None:
-        return "all"
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, list):
-        return " ".join(map(str, value)) or "none"
-    return str(value)
-
-
 def parse_args(
     parser: argparse.ArgumentParser,
     argv: Sequence[str] | None = None,
@@ -452,25 +312,12 @@ def parse_args(
     if args.config is not None:
         # The file's values stand in for the parser's defaults: the command line still wins over them.
         args = parser.parse_args(argv, argparse.Namespace(**config_file_values(parser, args.config)))
-    unset = {key for key, value in vars(args).items() if value is None}
-    preset = PRESETS[args.preset]
-    if args.preset == PAPER_PRESET:
-        if paper is None:
-            parser.error(
-                f"--preset {PAPER_PRESET}: {parser.prog} has no release settings of its own to reproduce; "
-                "use --preset cifar10-resnet18"
-            )
-        preset = {**preset, **paper}
-    for key, value in preset.items():
-        if key in unset:
-            setattr(args, key, value)
-    if "step_size" in unset and "eps" not in unset and preset["eps"] > 0:
-        # A preset's step is a fraction of its eps (digits 0.4, CIFAR-10 0.25): keep the fraction when only eps
-        # changes, so --eps 8/255 never leaves a step larger than the new eps.
-        args.step_size = preset["step_size"] * args.eps / preset["eps"]
-    for key, value in (recipe_defaults or {}).items():
-        if key in unset:
-            setattr(args, key, value(args) if callable(value) else value)
+    if args.preset == PAPER_PRESET and paper is None:
+        parser.error(
+            f"--preset {PAPER_PRESET}: {parser.prog} has no release settings of its own to reproduce; "
+            "use --preset cifar10-resnet18"
+        )
+    fill_unset(args, preset_values(args.preset, paper), recipe_defaults)
     if args.attack_bn_mode is None:
         args.attack_bn_mode = "eval"
 
@@ -537,7 +384,7 @@ def parse_args(
                 f"--resume {args.resume} is not a checkpoint of the run in --output-dir {output}; to start from "
                 "another run's final weights use --init-from"
             )
-        _check_resumed_flags(parser, args, recipe_defaults or {})
+        check_resumed_flags(parser, args, recipe_defaults or {})
     elif not args.overwrite and (list_checkpoints(output / CHECKPOINTS_DIR) or (output / MODEL_FILE).exists()):
         parser.error(f"{output} already holds a run: --resume latest continues it, --overwrite replaces it")
     if args.init_from is not None:
@@ -551,116 +398,6 @@ def parse_args(
         if source.resolve() == output.resolve():
             parser.error(f"--init-from {source} is this run's own --output-dir")
     return args
-
-
-#: Flags a ``--config`` file may not set: they say what to do with an existing run folder, a decision of the
-#: command line. A run's config.json records them (and its ``output_dir``): those entries are not taken.
-_COMMAND_LINE_ONLY = ("resume", "overwrite", "config")
-
-
-def config_file_values(parser: argparse.ArgumentParser, path: str | Path) -> dict[str, Any]:
-    """The flag values of a ``--config`` file, each checked and converted as its flag would be on the command line.
-
-    The file holds a JSON object (YAML for ``.yaml`` / ``.yml``) of flag names (``step_size`` or ``step-size``)
-    to values, ``null`` meaning not set; or it is a run's ``config.json``, whose recorded ``flags`` are taken
-    except ``output_dir``, ``resume``, ``overwrite`` and ``config``: the new run gets its own folder.
-
-    Exits:
-        With status 2 and a one-line message (``parser.error``) naming the file: unreadable, not an object,
-        unknown flag names (all of them), a value its flag refuses, a run of another recipe, or ``resume``,
-        ``overwrite`` or ``config`` set in a file that is not a run's config.json.
-    """
-    path = Path(path)
-    where = f"--config {path}"
-    try:
-        text = path.read_text()
-        data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
-    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as err:
-        parser.error(f"{where}: cannot be read: {' '.join(str(err).split())}")
-    if not isinstance(data, dict):
-        parser.error(f"{where}: expected an object of flag values, got {type(data).__name__}")
-    recipe = parser.get_default("recipe")
-    if isinstance(data.get("flags"), dict) and "recipe" in data:  # a run folder's config.json
-        if data["recipe"] != recipe:
-            parser.error(
-                f"{where} is the config.json of a {data['recipe']} run; this is {recipe}.py: "
-                f"run recipes/{data['recipe']}.py --config {path}"
-            )
-        skipped = ("output_dir", "recipe", *_COMMAND_LINE_ONLY)
-        data = {key: value for key, value in recorded_flags(data).items() if key not in skipped}
-    actions = {action.dest: action for action in parser._actions if action.dest != "help"}
-    values = {str(key).replace("-", "_"): value for key, value in data.items()}
-    unknown = sorted(key for key in values if key not in actions)
-    if unknown:
-        parser.error(f"{where}: unknown flags {', '.join(unknown)} (not flags of {recipe}.py)")
-    refused = [key for key in _COMMAND_LINE_ONLY if key in values]
-    if refused:
-        parser.error(f"{where}: {', '.join(refused)} can only be given on the command line")
-    return {key: _config_value(parser, actions[key], value, where) for key, value in values.items()}
-
-
-def _config_value(parser: argparse.ArgumentParser, action: argparse.Action, value: Any, where: str) -> Any:
-    """A file's ``value`` for ``action``'s flag, through the flag's type and choices (numbers go through their
-    text, so ``8/255`` and YAML's ``1e-3``, read as text, parse as on the command line)."""
-    flag = action.option_strings[0]
-    if value is None:
-        return None
-    if action.nargs == 0:  # switches: store_true, --x/--no-x
-        if not isinstance(value, bool):
-            parser.error(f"{where}: {flag} takes true or false, got {json.dumps(value)}")
-        return value
-    listed = action.nargs in ("*", "+")
-    if listed != isinstance(value, list) or (action.nargs == "+" and not value):
-        expected = "a list" if listed else "a single value"
-        parser.error(f"{where}: {flag} takes {expected}, got {json.dumps(value)}")
-    items = value if listed else [value]
-    converted = []
-    for item in items:
-        if isinstance(item, (dict, list, bool)) and action.type is not None:
-            parser.error(f"{where}: {flag}: invalid value {json.dumps(item)}")
-        try:
-            item = action.type(str(item)) if action.type is not None else item
-        except (argparse.ArgumentTypeError, ValueError) as err:
-            parser.error(f"{where}: {flag}: {err}")
-        if not isinstance(item, str) and action.type is None:
-            parser.error(f"{where}: {flag} takes text, got {json.dumps(item)}")
-        if action.choices is not None and item not in action.choices:
-            parser.error(f"{where}: {flag}: {item!r} is not one of {', '.join(map(str, action.choices))}")
-        converted.append(item)
-    return converted if listed else converted[0]
-
-
-def _check_resumed_flags(
-    parser: argparse.ArgumentParser, args: argparse.Namespace, recipe_defaults: dict[str, Any]
-) -> None:
-    """Exit (``parser.error``) unless every flag that decides what the run computes is the one its config.json
-    recorded (``robustmix.runs.folder.flag_differences``): a resumed run continues one computation."""
-    output = Path(args.output_dir)
-
-    def default(name: str) -> Any:  # the value a run that predates the flag ran with
-        value = parser.get_default(name)
-        if value is None:
-            value = PRESETS.get(args.preset, {}).get(name)
-        if value is None and name in recipe_defaults:
-            value = recipe_defaults[name](args) if callable(recipe_defaults[name]) else recipe_defaults[name]
-        return value
-
-    try:
-        differences = flag_differences(read_json(output / CONFIG_FILE), vars(args), default)
-    except (FileNotFoundError, ValueError) as err:
-        parser.error(f"--resume: the flags of the run in {output} cannot be checked: {err}")
-    if differences:
-        listed = "; ".join(
-            f"--{name.replace('_', '-')} {json.dumps(saved)} there, {json.dumps(now)} here"
-            for name, saved, now in differences
-        )
-        planned = {"epochs", "max_steps"} & {name for name, _, _ in differences}
-        why = " (the lr schedule spans the planned steps: training further is a new run)" if planned else ""
-        parser.error(
-            f"--resume: the run in {output} was started with other flags: {listed}{why}. A resumed run continues "
-            f"the same computation: start a new run with another --output-dir, or one that starts from this "
-            f"run's final weights with --init-from {output}"
-        )
 
 
 # ---------------------------------------------------------------------- the shared fit path
@@ -910,51 +647,6 @@ def channel_stats(data: ImageDataset) -> tuple[list[float], list[float]]:
     mean = total / count
     std = (squares / count - mean.square()).clamp_min(1e-12).sqrt()
     return mean.tolist(), std.tolist()
-
-
-def build_optimizer(args: argparse.Namespace, model: torch.nn.Module) -> Optimizer:
-    """SGD (with ``--momentum``) or AdamW at ``--lr`` with ``--weight-decay`` on every parameter."""
-    if args.optimizer == "sgd":
-        return SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    return AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-
-
-def warmup_cosine(step: int, total_steps: int, warmup: float = 0.25, start: float = 1 / 25) -> float:
-    """lr multiplier at optimizer step ``step`` (0-based) of ``total_steps``.
-
-    Rises linearly from ``start`` to 1 over the first ``warmup`` fraction of the steps (at least one step),
-    then falls along half a cosine towards 0, reached just after the last step: the lr shape of one-cycle
-    training (Smith 2018), well defined for any number of steps.
-    """
-    warm = max(1, round(warmup * total_steps))
-    if step < warm:
-        return start + (1 - start) * step / warm
-    progress = min(1.0, (step - warm) / max(1, total_steps - warm))
-    return 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def triangular(step: int, total_steps: int) -> float:
-    """lr multiplier at optimizer step ``step`` (0-based) of ``total_steps``: ``1 - |2 step / total_steps - 1|``.
-
-    0 at the first step, 1 at the middle of the run, back towards 0 at its end: the cyclic schedule of fast
-    adversarial training (Wong et al. 2020), whose code steps torch's ``CyclicLR`` from 0 to the peak and back
-    with ``total_steps / 2`` steps each way, once per optimizer step.
-    """
-    return max(0.0, 1 - abs(2 * step / total_steps - 1))
-
-
-def build_scheduler(
-    args: argparse.Namespace, optimizer: Optimizer, steps_per_epoch: int, total_steps: int
-) -> LRScheduler | None:
-    """The ``--schedule`` in optimizer steps: warm-up then cosine over ``total_steps``, the ``triangular`` cycle
-    over ``total_steps`` (``cyclic``), or x0.1 at milestones."""
-    if args.schedule == "warmup-cosine":
-        return LambdaLR(optimizer, functools.partial(warmup_cosine, total_steps=total_steps))
-    if args.schedule == "cyclic":
-        return LambdaLR(optimizer, functools.partial(triangular, total_steps=total_steps))
-    if args.schedule == "multistep":
-        return MultiStepLR(optimizer, milestones=[m * steps_per_epoch for m in args.milestones], gamma=0.1)
-    return None
 
 
 def _run_config(
