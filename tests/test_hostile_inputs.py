@@ -53,7 +53,8 @@ from robustmix.runs.folder import (
 )
 from robustmix.runs.safestate import decode_state, encode_state, load_state, save_state
 from robustmix.stages.anti import AntiAdversary, anti_adversary
-from robustmix.training.trainer import EpochBatches, Trainer, batches_per_epoch
+from robustmix.training.sampling import EpochBatches, batches_per_epoch
+from robustmix.training.trainer import Trainer
 from tests.conftest import crash_at, load_recipe, quick_flags
 from tests.test_trainer import digits, make_model, make_trainer, weights  # noqa: F401  (digits is a fixture)
 

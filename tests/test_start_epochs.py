@@ -6,7 +6,8 @@ import argparse
 
 import pytest
 
-from robustmix.cli.recipe import FIRST_DECAY, epoch_or_first_decay, first_decay_epoch, start_epoch
+from robustmix.cli.args import FIRST_DECAY, epoch_or_first_decay
+from robustmix.cli.optim import first_decay_epoch, start_epoch
 from tests.conftest import load_recipe
 
 
