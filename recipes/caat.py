@@ -34,7 +34,7 @@ from typing import Any
 
 from robustmix import AntiAdversary, PGDAttack
 from robustmix.cli.args import nonnegative_number, number, positive_int
-from robustmix.cli.recipe import RecipeInfo, base_parser, load_split, parse_args, run_recipe
+from robustmix.cli.recipe import RecipeInfo, base_parser, parse_args, run_recipe, split_from_flags
 from robustmix.core.callbacks import Callback
 from robustmix.methods.caat import META_INITS, META_OBJECTIVES, CAATLoss, CAATMetaNet, ClassWiseBudget, ReMarginBudget
 from robustmix.methods.meta import MetaBatches
@@ -107,7 +107,7 @@ def parser() -> argparse.ArgumentParser:
 
 def default_meta_size(args: argparse.Namespace) -> int:
     """``META_FRACTION`` of the training split (``--train-size``, else the whole split, loaded to count it)."""
-    train_size = args.train_size or len(load_split(args, "train"))
+    train_size = args.train_size or len(split_from_flags(args, "train"))
     return max(1, round(META_FRACTION * train_size))
 
 

@@ -26,7 +26,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from robustmix.cli.recipe import PRESETS, nonnegative_int, positive_int
+from robustmix.cli.args import nonnegative_int, positive_int
+from robustmix.cli.presets import PRESETS
 from robustmix.runs.checkpoint import list_checkpoints
 from robustmix.runs.folder import CHECKPOINTS_DIR, CONFIG_FILE, METRICS_FILE, METRICS_LOG
 

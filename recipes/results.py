@@ -38,7 +38,8 @@ from typing import Any
 from accelerate import Accelerator
 
 from robustmix.cli.evaluate import add_evaluation_flags, evaluation_kwargs
-from robustmix.cli.recipe import PAPER_PRESET, PRESETS, base_parser
+from robustmix.cli.presets import PAPER_PRESET, PRESETS
+from robustmix.cli.recipe import base_parser
 from robustmix.evaluation import stats
 from robustmix.evaluation.attacks import ATTACKS
 from robustmix.evaluation.report import plot_clean_vs_robust, results_page, results_statistics

@@ -1,7 +1,5 @@
 """robustmix: composable adversarial training for any timm model."""
 
-__version__ = "0.1.0"
-
 from robustmix.attacks import FGSMAttack, PGDAttack, fgsm_rs, perturb, pgd
 from robustmix.core.callbacks import Callback, CompositionError
 from robustmix.core.context import Stage, StepContext
@@ -37,6 +35,7 @@ from robustmix.stages.weights import AdaLabWeights, MAILWeights, MarginWeights, 
 from robustmix.training.distributed import sync_buffers
 from robustmix.training.nonfinite import NonFiniteError, NonFiniteLossError
 from robustmix.training.trainer import Trainer
+from robustmix.version import __version__
 
 __all__ = [
     "AWP",

@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from robustmix.cli.recipe import PRESETS, base_parser, parse_args
+from robustmix.cli.presets import PRESETS
+from robustmix.cli.recipe import base_parser, parse_args
 from robustmix.runs.folder import load_config
 from tests.conftest import load_recipe, quick_flags
 

@@ -104,7 +104,7 @@ def test_every_returns_section_is_one_value():
 
 
 def test_quickstart_states_the_digits_preset_as_the_code_has_it():
-    from robustmix.cli.recipe import PRESETS
+    from robustmix.cli.presets import PRESETS
 
     text = (DOCS / "quickstart.md").read_text()
     digits = PRESETS["digits"]

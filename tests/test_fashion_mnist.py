@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from robustmix import data as data_module
-from robustmix.cli.recipe import PRESETS, base_parser, parse_args
+from robustmix.cli.presets import PRESETS
+from robustmix.cli.recipe import base_parser, parse_args
 from robustmix.data import DEBIAN_FASHION_MNIST, get_split, load_dataset
 from robustmix.data.idx import IDX_FILES, read_idx, read_idx_split
 from tests.conftest import REPO, crash_then_resume, launch_two_processes, load_recipe

@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 import robustmix
-from robustmix.cli.recipe import PRESETS, base_parser, parse_args
+from robustmix.cli.presets import PRESETS
+from robustmix.cli.recipe import base_parser, parse_args
 from robustmix.data import load_dataset
 from robustmix.runs.folder import load_metrics_log, load_model
 from robustmix.training.metrics import WALL_CLOCK_KEYS

@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from robustmix.cli.recipe import PRESETS, parse_args
+from robustmix.cli.presets import PRESETS
+from robustmix.cli.recipe import parse_args
 from tests.conftest import load_recipe, training_recipes
 
 #: A shared flag given explicitly at the digits preset's value (FGSM-RS fills it in itself when not given).

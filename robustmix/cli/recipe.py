@@ -45,7 +45,6 @@ from accelerate.tracking import get_available_trackers
 from accelerate.utils import LoggerType, parse_flag_from_env, set_seed
 from safetensors.torch import load_file
 
-import robustmix
 from robustmix.cli.args import MAX_SEED, nonnegative_int, nonnegative_number, positive_int, positive_number, seed_int
 from robustmix.cli.config import check_resumed_flags, config_file_values
 from robustmix.cli.optim import OPTIMIZERS, SCHEDULES, build_optimizer, build_scheduler
@@ -53,7 +52,7 @@ from robustmix.cli.presets import PAPER_PRESET, PRESETS, fill_unset, preset_help
 from robustmix.core.callbacks import Callback
 from robustmix.core.modes import BN_MODES
 from robustmix.core.step import MIXED_PRECISION, AdversarialStep
-from robustmix.data import DATASETS, ImageDataset, check_disjoint, load_dataset
+from robustmix.data import DATASETS, ImageDataset, check_disjoint, load_split
 from robustmix.models import create_model, model_config, unwrap_model
 from robustmix.runs.checkpoint import CheckpointError, atomic_write_json, list_checkpoints, resolve_checkpoint
 from robustmix.runs.environment import device_name, versions
@@ -78,6 +77,7 @@ from robustmix.training.console import copy_console
 from robustmix.training.nonfinite import NONFINITE_POLICIES
 from robustmix.training.sampling import plan_steps
 from robustmix.training.trainer import Trainer
+from robustmix.version import __version__
 
 #: Seed of the validation hold-out: the same train/validation split for every run seed, so runs differ
 #: only in their training randomness.
@@ -437,7 +437,7 @@ def _run_recipe(
     with _flag_errors(args, state, "--dataset", "--data-path"), state.main_process_first():
         # One process downloads and caches, the others read the cache. The test split is loaded and checked
         # now too: a test split that cannot be evaluated must stop the run before training, not after it.
-        train, val, test = (load_split(args, split) for split in ("train", "validation", "test"))
+        train, val, test = (split_from_flags(args, split) for split in ("train", "validation", "test"))
         _check_same_images(train, test)
         check_disjoint(test, train, val)
     meta = unused = None
@@ -626,11 +626,12 @@ def _subset(train: ImageDataset, size: int) -> tuple[ImageDataset, ImageDataset]
     return train.hold_out(size, "train", seed=SPLIT_SEED)
 
 
-def load_split(args: argparse.Namespace, split: str) -> ImageDataset:
-    """One split of the data the flags name (``--dataset``, ``--data-path``, ``--val-size``, ``--test-from-train``)."""
-    return load_dataset(
+def split_from_flags(args: argparse.Namespace, split: str) -> ImageDataset:
+    """One split of the data the flags name (``--dataset``, ``--data-path``, ``--val-size``, ``--test-from-train``),
+    made as ``robustmix.data.load_split`` makes a recorded run's split."""
+    return load_split(
         args.dataset, split, path=args.data_path, val_size=args.val_size, test_size=args.test_from_train,
-        seed=SPLIT_SEED,
+        split_seed=SPLIT_SEED,
     )  # fmt: skip
 
 
@@ -660,7 +661,7 @@ def _run_config(
 ) -> dict[str, Any]:
     return {
         "recipe": args.recipe,
-        "robustmix_version": robustmix.__version__,
+        "robustmix_version": __version__,
         "model": model_config(model),
         "data": {
             "dataset": args.dataset,

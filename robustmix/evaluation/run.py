@@ -25,7 +25,6 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 from tqdm.auto import tqdm
 
-import robustmix
 from robustmix.attacks.pgd import check_eps
 from robustmix.checks import check_choice, check_int, check_number, is_integer, is_number
 from robustmix.core.step import MIXED_PRECISION
@@ -44,6 +43,7 @@ from robustmix.evaluation.worstcase import combination_name, sanity_flags, worst
 from robustmix.runs.checkpoint import atomic_write_json, atomic_write_text, file_sha256
 from robustmix.runs.environment import device_name, versions
 from robustmix.runs.folder import CONFIG_FILE, WEIGHTS, load_config, load_model, missing_weights, read_json
+from robustmix.version import __version__
 
 #: The default eps sweep in multiples of the evaluation eps (capped at 1). At 4x and 8x a working attack
 #: breaks (nearly) every image, which ``sanity_flags`` checks.
@@ -373,7 +373,7 @@ def _current_report(path: Path, settings: dict[str, Any], weights_sha256: str) -
         isinstance(stored, dict)
         and stored.get("settings") == json.loads(json.dumps(settings))
         and stored.get("run", {}).get("weights_sha256") == weights_sha256
-        and stored.get("environment", {}).get("robustmix") == robustmix.__version__
+        and stored.get("environment", {}).get("robustmix") == __version__
     )
     return stored if current else None
 
@@ -384,8 +384,8 @@ def _stored_report(path: Path, settings: dict[str, Any], run_dir: Path) -> dict[
     if not isinstance(stored, dict) or stored.get("settings") != json.loads(json.dumps(settings)):
         raise ValueError(f"{path} was made with other evaluation settings than the ones asked for")
     version = stored.get("environment", {}).get("robustmix")
-    if version != robustmix.__version__:
-        raise ValueError(f"{path} was made by robustmix {version}, not {robustmix.__version__}")
+    if version != __version__:
+        raise ValueError(f"{path} was made by robustmix {version}, not {__version__}")
     stored["run"]["run_dir"] = str(run_dir)
     return stored
 
@@ -479,7 +479,7 @@ def _margin_histograms(records: list[dict[str, Any]], bins: int = 40) -> dict[st
 def _environment(accelerator: Accelerator, elapsed_s: float) -> dict[str, Any]:
     device = accelerator.device
     return {
-        "robustmix": robustmix.__version__,
+        "robustmix": __version__,
         **versions(),
         "device": device_name(device),
         "num_processes": accelerator.num_processes,

@@ -52,9 +52,9 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-import robustmix
 from robustmix.models import unwrap_model
 from robustmix.runs.safestate import load_state, save_state, state_files
+from robustmix.version import __version__
 
 MODEL = "model.safetensors"
 EMA_MODEL = "model_ema.safetensors"
@@ -270,7 +270,7 @@ def save_checkpoint(
         (tmp / CALLBACK_VALUES).write_text(json.dumps(values, indent=2))
         (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
         files = {file.name: file_sha256(file) for file in sorted(tmp.iterdir())}
-        manifest = {"format": FORMAT, "version": VERSION, "robustmix_version": robustmix.__version__, "files": files}
+        manifest = {"format": FORMAT, "version": VERSION, "robustmix_version": __version__, "files": files}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         _fsync_tree(tmp)
         os.replace(tmp, final)

@@ -15,6 +15,7 @@ import torch
 from accelerate import Accelerator
 from torch import Tensor
 
+from robustmix.checks import is_number
 from robustmix.core.context import StepContext
 from robustmix.runs.checkpoint import atomic_write_text
 
@@ -85,7 +86,7 @@ class TrainWindow:
                         f"ctx.extras[{name!r}] must be a scalar to be logged, got a tensor of shape {shape}"
                     )
                 value = value.detach().reshape(()).to(self.device, torch.float64)
-            elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            elif not is_number(value):
                 raise TypeError(f"ctx.extras[{name!r}] must be a number or a one-element tensor, got {value!r}")
             entry = self._extras.setdefault(name, [torch.zeros((), device=self.device, dtype=torch.float64), 0])
             entry[0] = entry[0] + value

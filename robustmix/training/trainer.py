@@ -41,12 +41,12 @@ from robustmix.attacks.pgd import check_eps
 from robustmix.checks import check_choice, check_int
 from robustmix.core.modes import model_mode
 from robustmix.core.step import MIXED_PRECISION, AdversarialStep
-from robustmix.core.validation import check_trainer_arguments
 from robustmix.data import augment_cifar, make_dataloader
 from robustmix.models import unwrap_model
 from robustmix.runs.checkpoint import atomic_save_weights, atomic_write_json, open_checkpoint, restore_checkpoint
 from robustmix.runs.folder import BEST_DIR, EMA_MODEL_FILE, METRICS_FILE, METRICS_LOG, MODEL_FILE
 from robustmix.training.accelerator import trainer_accelerator
+from robustmix.training.arguments import check_trainer_arguments
 from robustmix.training.checkpointing import Checkpoints
 from robustmix.training.distributed import sync_buffers
 from robustmix.training.metrics import MetricsLog, TrainWindow, batch_totals
