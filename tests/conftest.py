@@ -21,7 +21,8 @@ import PIL.Image
 import pytest
 import torch
 
-from robustmix.data import load_dataset
+from robustmix.data import ImageDataset, load_dataset
+from tests.trainers import subset
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -129,3 +130,9 @@ def crash_at(monkeypatch, step: int) -> None:
         real(self, batch)
 
     monkeypatch.setattr(Trainer, "_train_step", train_step)
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[ImageDataset, ImageDataset]:
+    """40 training and 12 validation digits: three steps of 16 (the last one 8) per epoch."""
+    return subset(load_dataset("digits", "train"), 40), subset(load_dataset("digits", "validation"), 12)

@@ -314,7 +314,7 @@ def test_a_deletion_cut_short_leaves_no_partial_checkpoint(tmp_path, monkeypatch
 def test_rows_logged_after_the_last_checkpoint_are_not_repeated(tmp_path):
     """Killed after the final validation (logged after the last checkpoint), the resumed run logs it once."""
     from robustmix.data import load_dataset
-    from tests.test_trainer import make_trainer, subset
+    from tests.trainers import make_trainer, subset
 
     digits = subset(load_dataset("digits", "train"), 40), subset(load_dataset("digits", "validation"), 12)
     # max_steps 4 stops in epoch 1; the step checkpoint at 4 is written before _finish validates.

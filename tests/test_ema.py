@@ -13,7 +13,7 @@ from robustmix.models import unwrap_model
 from robustmix.runs.folder import EMA_MODEL_FILE, MODEL_FILE, load_metrics_log, load_model
 from robustmix.training.metrics import WALL_CLOCK_KEYS
 from tests.conftest import crash_then_resume, load_recipe, quick_flags
-from tests.test_trainer import make_trainer, subset
+from tests.trainers import make_trainer, subset
 
 
 @pytest.fixture(scope="module")

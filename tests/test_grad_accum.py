@@ -16,7 +16,7 @@ from robustmix.training.metrics import WALL_CLOCK_KEYS
 from robustmix.training.sampling import EpochBatches, batches_per_epoch
 from robustmix.training.trainer import Trainer
 from tests.conftest import crash_then_resume, load_recipe, quick_flags
-from tests.test_trainer import EPS, subset
+from tests.trainers import EPS, subset
 
 
 @pytest.fixture(scope="module")

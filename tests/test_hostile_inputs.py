@@ -56,7 +56,7 @@ from robustmix.stages.anti import AntiAdversary, anti_adversary
 from robustmix.training.sampling import EpochBatches, batches_per_epoch
 from robustmix.training.trainer import Trainer
 from tests.conftest import crash_at, load_recipe, quick_flags
-from tests.test_trainer import digits, make_model, make_trainer, weights  # noqa: F401  (digits is a fixture)
+from tests.trainers import make_model, make_trainer, weights
 
 
 class _Planted:
@@ -82,7 +82,7 @@ def flip_byte(file: Path) -> None:
 
 
 @pytest.fixture
-def run(digits, tmp_path):  # noqa: F811
+def run(digits, tmp_path):
     """A finished 4-step run with a checkpoint after every step and a multistep lr schedule (a Counter)."""
     scheduler = lambda opt: MultiStepLR(opt, milestones=[2, 3])  # noqa: E731
     trainer = make_trainer(
@@ -109,7 +109,7 @@ def test_a_checkpoint_is_safetensors_and_json_only(run):
     assert saved["scheduler"]["last_epoch"] == 4 and saved["trainer_state"]["global_step"] == 4
 
 
-def test_resuming_never_opens_a_planted_pickle(run, digits, tmp_path):  # noqa: F811
+def test_resuming_never_opens_a_planted_pickle(run, digits, tmp_path):
     folder, scheduler, _ = run
     marker = tmp_path / "code-ran"
     latest = resolve_checkpoint("latest", folder / "checkpoints")
@@ -192,7 +192,7 @@ def _rehash(checkpoint: Path) -> None:
 # ---------------------------------------------------------------------- falling back to an intact checkpoint
 
 
-def test_a_damaged_latest_falls_back_loudly_and_the_run_stays_exact(run, digits, tmp_path, monkeypatch):  # noqa: F811
+def test_a_damaged_latest_falls_back_loudly_and_the_run_stays_exact(run, digits, tmp_path, monkeypatch):
     _, scheduler, expected = run
     crashed = tmp_path / "crashed"
     options = {"max_steps": 4, "checkpoint_every_steps": 1, "keep_checkpoints": 2, "output_dir": crashed}
@@ -459,7 +459,7 @@ def test_a_resume_from_an_older_checkpoint_deletes_the_abandoned_results(tiny, t
     assert {name: (folder / name).read_bytes() for name in straight} == straight
 
 
-def test_resuming_the_latest_checkpoint_of_an_interrupted_run_deletes_nothing(digits, tmp_path, monkeypatch):  # noqa: F811
+def test_resuming_the_latest_checkpoint_of_an_interrupted_run_deletes_nothing(digits, tmp_path, monkeypatch):
     options = {"max_steps": 6, "checkpoint_every_steps": 1, "keep_checkpoints": None, "eval_steps": 1}
     straight = make_trainer(digits, output_dir=tmp_path / "straight", **options)
     straight.fit()
@@ -479,7 +479,7 @@ def test_resuming_the_latest_checkpoint_of_an_interrupted_run_deletes_nothing(di
     assert tree(folder / "best") == tree(tmp_path / "straight" / "best")
 
 
-def test_a_best_from_before_the_checkpoint_stays_and_the_final_files_go(digits, tmp_path, monkeypatch):  # noqa: F811
+def test_a_best_from_before_the_checkpoint_stays_and_the_final_files_go(digits, tmp_path, monkeypatch):
     folder = tmp_path / "run"
     options = {"max_steps": 6, "checkpoint_every_steps": 1, "keep_checkpoints": None, "output_dir": folder}
     rising_scores(monkeypatch, lambda trainer: 0.5 if trainer.global_step == 3 else 0.1)  # best: step 3
@@ -528,7 +528,7 @@ def test_no_epoch_ends_with_a_batch_of_one_example(n, batch, world):
     assert len(seen) == len(set(seen)) >= n - (2 * world - 1 if batch > 1 else world - 1)
 
 
-def test_a_dataset_that_leaves_one_example_trains_and_warns(digits):  # noqa: F811
+def test_a_dataset_that_leaves_one_example_trains_and_warns(digits):
     train, val = digits
     train = dataclasses.replace(train, images=train.images[:33], labels=train.labels[:33], index=train.index[:33])
     with pytest.warns(UserWarning, match=r"33 examples: the last batch .* one example per process.*left out \(1 "):
@@ -537,7 +537,7 @@ def test_a_dataset_that_leaves_one_example_trains_and_warns(digits):  # noqa: F8
     assert trainer.fit()["step"] == 4
 
 
-def test_a_step_on_one_example_refuses_before_batchnorm_moves(digits):  # noqa: F811
+def test_a_step_on_one_example_refuses_before_batchnorm_moves(digits):
     model = make_model().train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     step = AdversarialStep([PGDAttack(0.1, 0.05, 2), AdversarialCE()])
@@ -549,7 +549,7 @@ def test_a_step_on_one_example_refuses_before_batchnorm_moves(digits):  # noqa: 
     assert torch.isfinite(loss)
 
 
-def test_batch_size_one_with_batchnorm_is_refused_by_the_trainer(digits):  # noqa: F811
+def test_batch_size_one_with_batchnorm_is_refused_by_the_trainer(digits):
     with pytest.raises(ValueError, match="batch_size 1 cannot train a model with BatchNorm"):
         make_trainer(digits, batch_size=1)
 
@@ -579,7 +579,7 @@ def _budget_calls(splits) -> dict:
 
 
 @pytest.mark.parametrize("name", list(_budget_calls(None)))
-def test_an_linf_budget_above_one_is_refused_with_the_command_line_hint(name, digits):  # noqa: F811
+def test_an_linf_budget_above_one_is_refused_with_the_command_line_hint(name, digits):
     call = _budget_calls(digits)[name]
     hint = r"in pixels in \[0, 1\](, got 8(\.0)?; for 8/255 write 8/255)?"
     with pytest.raises(ValueError, match=hint):

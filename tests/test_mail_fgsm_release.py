@@ -17,13 +17,13 @@ from robustmix import AdversarialCE, AdversarialStep, Callback, PGDAttack
 from robustmix.cli.optim import build_scheduler, triangular
 from robustmix.cli.presets import PRESETS
 from robustmix.core.context import StepContext
-from robustmix.data import DATASETS, load_dataset
-from robustmix.models import create_model
+from robustmix.data import load_dataset
 from robustmix.runs.folder import MODEL_FILE, load_metrics_log
 from robustmix.stages.weights import MAILWeights
 from robustmix.training.metrics import WALL_CLOCK_KEYS
 from robustmix.training.trainer import Trainer
 from tests.conftest import crash_then_resume, load_recipe, quick_flags
+from tests.trainers import make_model
 
 
 def _parsed(name: str, argv: list[str], monkeypatch, tmp_path) -> tuple[argparse.Namespace, list[Callback]]:
@@ -31,12 +31,6 @@ def _parsed(name: str, argv: list[str], monkeypatch, tmp_path) -> tuple[argparse
     recipe = load_recipe(name)
     monkeypatch.setattr(recipe, "run_recipe", lambda args, build: (args, build(args, None)))
     return recipe.main([*argv, "--output-dir", str(tmp_path / "run")])
-
-
-def _model(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    spec = DATASETS["digits"]
-    return create_model("test_resnet", 10, in_chans=1, mean=spec.mean, std=spec.std)
 
 
 def _batch(seed: int = 1, size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,7 +63,7 @@ def test_mail_burn_in_is_the_released_share(monkeypatch, tmp_path, epochs, burn_
 
 def _released_mail_at_loss(step: AdversarialStep) -> tuple[torch.Tensor, StepContext, torch.Tensor]:
     torch.manual_seed(0)
-    loss, ctx = step(_model(), *_batch(), epoch=9)
+    loss, ctx = step(make_model(), *_batch(), epoch=9)
     probs = ctx.logits["adv"].detach().softmax(dim=1)
     p_true = probs.gather(1, ctx.targets[:, None]).squeeze(1)
     p_other = probs.scatter(1, ctx.targets[:, None], 0.0).amax(dim=1)
@@ -181,7 +175,7 @@ def test_fgsm_rs_shared_protocol_trains_like_the_other_recipes(monkeypatch, tmp_
 @pytest.mark.parametrize(("protocol", "attack_in_train_mode"), [("wong", True), ("shared", False)])
 def test_fgsm_rs_attack_batchnorm_mode(monkeypatch, tmp_path, protocol, attack_in_train_mode):
     _, callbacks = _parsed("fgsm_rs", ["--protocol", protocol], monkeypatch, tmp_path)
-    model = _model()
+    model = make_model()
     bn = next(m for m in model.modules() if isinstance(m, _BatchNorm))
     modes = []
     bn.register_forward_pre_hook(lambda module, args: modes.append(module.training))
@@ -326,7 +320,7 @@ class _StopAt(Callback):
 
 
 def _trainer(digits_data, callbacks, **kwargs) -> Trainer:
-    model = _model()
+    model = make_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     step = AdversarialStep([PGDAttack(0.1, 0.05, 1), AdversarialCE(), *callbacks])
     train, val = digits_data

@@ -19,7 +19,7 @@ from robustmix.runs.checkpoint import list_checkpoints, read_checkpoint, resolve
 from robustmix.runs.folder import METRICS_FILE, MODEL_FILE, load_metrics_log
 from robustmix.training.metrics import WALL_CLOCK_KEYS
 from tests.conftest import launch_two_processes, load_recipe, quick_flags
-from tests.test_trainer import EPS, make_model, make_trainer, subset, weights
+from tests.trainers import EPS, make_model, make_trainer, subset, weights
 
 # 40 training examples in batches of 16 (make_trainer): 3 steps per epoch. Step 4 is epoch 1, batch 1.
 BAD_STEP = 4

@@ -16,7 +16,7 @@ from robustmix.runs.folder import CURVES_FILE, LOG_FILE, load_metrics_log
 from robustmix.training.console import copy_console
 from robustmix.training.curves import curve, plot_training_curves
 from tests.conftest import crash_then_resume, load_recipe, quick_flags
-from tests.test_trainer import make_trainer, subset
+from tests.trainers import make_trainer, subset
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 #: File name endings of pickles and of torch.save; none may be in a run folder.

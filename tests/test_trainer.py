@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import textwrap
 import types
@@ -15,8 +14,8 @@ from safetensors.torch import load_file
 from torch.optim.lr_scheduler import MultiStepLR, OneCycleLR
 
 from robustmix import AdversarialCE, AdversarialStep, Callback, PGDAttack, Stage
-from robustmix.data import DATASETS, ImageDataset, load_dataset
-from robustmix.models import create_model, unwrap_model
+from robustmix.data import load_dataset
+from robustmix.models import unwrap_model
 from robustmix.runs.folder import BEST_DIR, METRICS_FILE, MODEL_FILE, load_metrics_log
 from robustmix.stages.losses import classification_loss
 from robustmix.training.accelerator import training_forwards
@@ -24,40 +23,9 @@ from robustmix.training.metrics import WALL_CLOCK_KEYS
 from robustmix.training.sampling import EpochBatches, batches_per_epoch
 from robustmix.training.trainer import Trainer
 from tests.conftest import launch_two_processes
+from tests.trainers import EPS, make_model, make_trainer, weights
 
 REPO = Path(__file__).resolve().parents[1]
-EPS = 0.1
-
-
-def subset(data: ImageDataset, n: int) -> ImageDataset:
-    return dataclasses.replace(data, images=data.images[:n], labels=data.labels[:n], index=data.index[:n])
-
-
-@pytest.fixture(scope="module")
-def digits() -> tuple[ImageDataset, ImageDataset]:
-    """40 training and 12 validation digits: three steps of 16 (the last one 8) per epoch."""
-    return subset(load_dataset("digits", "train"), 40), subset(load_dataset("digits", "validation"), 12)
-
-
-def make_model(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    spec = DATASETS["digits"]
-    return create_model("test_resnet", 10, in_chans=1, mean=spec.mean, std=spec.std)
-
-
-def make_trainer(digits, *, callbacks=None, model=None, scheduler=None, lr=0.05, **kwargs) -> Trainer:
-    model = model if model is not None else make_model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-    if scheduler is not None:
-        scheduler = scheduler(optimizer)
-    step = AdversarialStep(callbacks or [PGDAttack(EPS, EPS / 2, 1), AdversarialCE()])
-    train, val = digits
-    options = {"val_data": val, "epochs": 2, "batch_size": 16, "eval_steps": 2, "progress": False, "log_every": 1}
-    return Trainer(model, step, optimizer, train, scheduler=scheduler, **(options | kwargs))
-
-
-def weights(trainer: Trainer) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in unwrap_model(trainer.model).state_dict().items()}
 
 
 class Recorder(Callback):
