@@ -7,7 +7,9 @@ Reads each run folder's metrics.json (the last validation: clean and PGD accurac
 validation split, never the test split) and metrics.jsonl (passes per step after any burn-in: the last logged
 row), and prints one row per run: its row name in results.py's table (the recipe and its own non-default
 flags), seed, validation clean and PGD accuracy with 95% binomial half-widths, the difference to the
-``--reference`` row of the same seed, and the passes per step. Works on archived runs (no weights needed).
+``--reference`` row of the same seed, and the passes per step. Then, for every reading paired with the reference
+on one seed or more, the mean difference over those seeds with its 95% Student-t interval over seeds (none from
+one seed). Works on archived runs (no weights needed).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import importlib.util
 import math
 from pathlib import Path
 
+from robustmix.evaluation.stats import mean_interval
 from robustmix.runs.folder import load_metrics_log, read_json
 
 RESULTS = Path(__file__).resolve().parents[1] / "recipes" / "results.py"
@@ -74,9 +77,30 @@ def main(argv: list[str] | None = None) -> str:
             f"| `{name}` | {seed} | {100 * clean:.2f} ± {half_width(clean, n):.2f} | {100 * pgd:.2f} ± "
             f"{half_width(pgd, n):.2f} | {diff[0]} | {diff[1]} | {passes} |"
         )
+    lines += ["", *_over_seeds(rows, reference, args.reference)]
     table = "\n".join(lines)
     print(table)
     return table
+
+
+def _over_seeds(rows: list[tuple], reference: dict[int, tuple[float, float]], name: str) -> list[str]:
+    """Per reading, the mean paired difference to the reference over its seeds, with a t interval over seeds."""
+    paired: dict[str, list[tuple[int, float, float]]] = {}
+    for reading, seed, clean, pgd, _, _ in rows:
+        if reading != name and seed in reference:
+            paired.setdefault(reading, []).append((seed, clean - reference[seed][0], pgd - reference[seed][1]))
+    lines = [
+        f"| reading | seeds | clean vs {name} (mean, 95% interval over seeds) | PGD-20 vs {name} |",
+        "| --- | --- | ---: | ---: |",
+    ]
+    for reading, diffs in sorted(paired.items(), key=lambda item: -sum(d[2] for d in item[1]) / len(item[1])):
+        cells = []
+        for column in (1, 2):
+            mean, low, high = mean_interval([100 * d[column] for d in diffs])
+            cells.append(f"{mean:+.2f}" + ("" if low is None else f" [{low:+.2f}, {high:+.2f}]"))
+        seeds = ", ".join(str(d[0]) for d in sorted(diffs))
+        lines.append(f"| `{reading}` | {seeds} | {cells[0]} | {cells[1]} |")
+    return lines if paired else []
 
 
 if __name__ == "__main__":

@@ -50,3 +50,17 @@ def test_test_split_reads_the_runs_final_test_evaluation(tmp_path):
     lines = table.main([*runs, "--split", "test"]).splitlines()
     assert lines[0].startswith("| reading | seed | test clean | test PGD-20 |")
     assert lines[2] == "| `mart` | 0 | 84.00 ± 0.72 | 78.00 ± 0.81 | -1.00 | +2.00 | 8 / 7 |"
+
+
+def test_readings_are_summarised_over_seeds_with_a_t_interval(tmp_path):
+    runs = [
+        _run(tmp_path / "p0", "pgd_at", 0, 0.86, 0.78),
+        _run(tmp_path / "p1", "pgd_at", 1, 0.85, 0.77),
+        _run(tmp_path / "a0", "adalab", 0, 0.87, 0.77),
+        _run(tmp_path / "a1", "adalab", 1, 0.85, 0.78),
+        _run(tmp_path / "m0", "adalab", 2, 0.80, 0.70, ["--weighting", "mail"]),  # no pgd_at of seed 2: unpaired
+    ]
+    summary = table.main(runs).split("\n\n")[1].splitlines()
+    assert summary[0].startswith("| reading | seeds | clean vs pgd_at (mean, 95% interval over seeds)")
+    # differences +1.0 and 0.0 (clean), -1.0 and +1.0 (PGD-20): t(0.975, 1) = 12.706, s / sqrt(2) = 0.5 and 1.0
+    assert summary[2:] == ["| `adalab` | 0, 1 | +0.50 [-5.85, +6.85] | +0.00 [-12.71, +12.71] |"]
