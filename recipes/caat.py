@@ -111,6 +111,11 @@ def default_meta_size(args: argparse.Namespace) -> int:
     return max(1, round(META_FRACTION * train_size))
 
 
+#: Flags whose default the recipe derives from the others when not given: a run that recorded the derived value ran
+#: with the default (results.py names its row without the flag).
+DERIVED_FLAGS = {"meta_size": default_meta_size}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = parser()
     args = parse_args(p, argv, recipe_defaults=DEFAULTS)

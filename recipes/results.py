@@ -332,9 +332,12 @@ def row_name(config: dict[str, Any]) -> str:
     parser = _recipe_parser(recipe)
     shared = vars(base_parser(recipe).parse_args([]))
     words = [recipe]
+    derived = getattr(_recipe_module(recipe), "DERIVED_FLAGS", {})
     for action in parser._actions:
         name = action.dest
         if name in shared or name == "help" or name not in flags or flags[name] == action.default:
+            continue
+        if action.default is None and name in derived and flags[name] == derived[name](argparse.Namespace(**flags)):
             continue
         value = flags[name]
         if isinstance(value, bool):

@@ -627,3 +627,13 @@ def test_quick_evaluation_is_a_first_look_beside_the_full_report(run_dir, tmp_pa
         ["--run-dir", str(run), "--quick", "--n-examples", "6", "--attacks", "pgd20", "--no-progress", "--no-plots"]
     )
     assert report["results"]["n"] == 6 and report["results"]["attacks"] == ["pgd20"]
+
+
+def test_a_derived_default_recorded_by_the_run_names_nothing():
+    """CAAT records the meta-set size it derived (6% of the training split): that run ran with the default."""
+    results = load_recipe("results")
+    parser = results._recipe_parser("caat")
+    derived = {"flags": vars(parser.parse_args(["--train-size", "1000", "--meta-size", "60"]))}
+    chosen = {"flags": vars(parser.parse_args(["--train-size", "1000", "--meta-size", "59"]))}
+    assert results.row_name(derived) == "caat"
+    assert results.row_name(chosen) == "caat --meta-size 59"
