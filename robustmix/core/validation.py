@@ -120,11 +120,8 @@ def check_model_input(model: nn.Module, inputs: Tensor, num_classes: int | None 
 def check_step_position(**values: Any) -> None:
     """``epoch`` and ``step`` (integers >= 0) and ``total_epochs`` / ``total_steps`` (None or integers >= 1)."""
     for name, value in values.items():
-        minimum = 1 if name.startswith("total_") else 0
-        if value is None and minimum == 1:
-            continue
-        if not is_integer(value) or value < minimum:
-            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        total = name.startswith("total_")
+        check_int(name, value, 1 if total else 0, optional=total)
 
 
 def _check_pixel_dtype(inputs: object) -> None:
