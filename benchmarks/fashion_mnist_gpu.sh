@@ -16,7 +16,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export OUT=${OUT:-benchmarks/out} DATA=${DATA:-data/fashion-mnist} ARCHIVE=${ARCHIVE:-benchmarks/runs/fashion-mnist}
 export RUNS=${RUNS:-runs/fashion-mnist} EXTRA=${EXTRA:-} N_EXAMPLES=${N_EXAMPLES:-2000} FULL_SPLIT=${FULL_SPLIT:-1}
-export ATTACKS=${ATTACKS:-pgd20 cw apgd-ce apgd-t fab-t square} DEADLINE=${DEADLINE:-480}
+export ATTACKS=${ATTACKS:-pgd20 cw apgd-ce apgd-t square} DEADLINE=${DEADLINE:-480}
 export START=$(date +%s) PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 read -r -a recipes <<< "${RECIPES:-pgd_at fgsm_rs trades mart mail awp gairat sglr caat bilaw adalab}"
 read -r -a seeds <<< "${SEEDS:-0 1 2}"
