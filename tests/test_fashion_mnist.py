@@ -15,8 +15,9 @@ from safetensors.torch import load_file
 from robustmix import data as data_module
 from robustmix.cli.presets import PRESETS
 from robustmix.cli.recipe import base_parser, parse_args
-from robustmix.data import DEBIAN_FASHION_MNIST, get_split, load_dataset
+from robustmix.data import DEBIAN_FASHION_MNIST, get_split, load_dataset, load_split
 from robustmix.data.idx import IDX_FILES, read_idx, read_idx_split
+from robustmix.evaluation.run import split_size
 from tests.conftest import REPO, crash_then_resume, launch_two_processes, load_recipe
 
 REAL = Path(DEBIAN_FASHION_MNIST)
@@ -227,6 +228,13 @@ def test_recipe_trains_on_a_fixed_subset_and_records_it(fashion_folder, tmp_path
     assert (config["data"]["train_size"], config["data"]["val_size"]) == (30, 10)
     assert config["data"]["image_shape"] == [1, 28, 28]
     assert metrics["test"]["n"] == 20 and metrics["attack"]["eps"] == 0.1
+    # The train split of the run folder is the subset it trained on, not the whole training split.
+    assert split_size(tmp_path / "run", "train") == 30
+    recorded = load_split(
+        "fashion-mnist", "train", path=str(fashion_folder), val_size=10, split_seed=0, train_size=30
+    ).index.tolist()
+    whole = load_split("fashion-mnist", "train", path=str(fashion_folder), val_size=10, split_seed=0)
+    assert len(whole) == 50 and set(recorded) < set(whole.index.tolist())
 
 
 def test_train_size_subset_is_stratified_and_meta_comes_from_the_rest(fashion_folder, tmp_path, monkeypatch):

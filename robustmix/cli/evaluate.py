@@ -34,7 +34,10 @@ def add_evaluation_flags(parser: argparse.ArgumentParser) -> None:
     )
     add("--eps", type=_eps_flag, help="L-inf radius in pixels in [0, 1], e.g. 8/255 (default: the run's)")
     add("--n-examples", type=positive_int, help="evaluate the first N examples of the split (default: all)")
-    add("--split", choices=SPLITS, default="test", help="data split, made as in training (default: test)")
+    add(
+        "--split", choices=SPLITS, default="test",
+        help="data split, made as in training: train is the subset a --train-size run trained on (default: test)",
+    )  # fmt: skip
     add(
         "--weights", choices=tuple(WEIGHTS), default="final",
         help="final weights, the best checkpoint, or the moving average of a run trained with --ema",

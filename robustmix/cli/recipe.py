@@ -52,7 +52,7 @@ from robustmix.cli.presets import PAPER_PRESET, PRESETS, fill_unset, preset_help
 from robustmix.core.callbacks import Callback
 from robustmix.core.modes import BN_MODES
 from robustmix.core.step import MIXED_PRECISION, AdversarialStep
-from robustmix.data import DATASETS, ImageDataset, check_disjoint, load_split
+from robustmix.data import DATASETS, ImageDataset, check_disjoint, load_split, training_subset
 from robustmix.models import create_model, model_config, unwrap_model
 from robustmix.runs.checkpoint import CheckpointError, atomic_write_json, list_checkpoints, resolve_checkpoint
 from robustmix.runs.environment import device_name, versions
@@ -443,7 +443,7 @@ def _run_recipe(
     meta = unused = None
     if args.train_size is not None:
         with _flag_errors(args, state, "--train-size"):
-            unused, train = _subset(train, args.train_size)
+            unused, train = training_subset(train, args.train_size, seed=SPLIT_SEED)
     if meta_size:
         # Outside a training subset the meta set comes from the examples no run trains on, so a meta-learning
         # recipe trains on as many examples as the others.
@@ -617,13 +617,6 @@ def _check_same_images(train: ImageDataset, test: ImageDataset) -> None:
             f"split {train.num_classes}-class images of shape {list(train.image_shape)}: a model trained on one "
             "cannot be tested on the other"
         )
-
-
-def _subset(train: ImageDataset, size: int) -> tuple[ImageDataset, ImageDataset]:
-    """(the other examples, a stratified subset of ``size``) of the training split, seeded with ``SPLIT_SEED``."""
-    if size >= len(train):
-        raise ValueError(f"train_size must be < {len(train)}, the training split's size, got {size}")
-    return train.hold_out(size, "train", seed=SPLIT_SEED)
 
 
 def split_from_flags(args: argparse.Namespace, split: str) -> ImageDataset:

@@ -419,6 +419,7 @@ def load_split(
     val_size: int | None = None,
     test_size: int | None = None,
     split_seed: int = 0,
+    train_size: int | None = None,
 ) -> ImageDataset:
     """One split of a training run's data, made exactly as the run made it.
 
@@ -432,12 +433,30 @@ def load_split(
         path: Local copy of a registry dataset, or None for the Hub (or the embedded `digits`).
         val_size: Examples held out of the train split for validation; None for the dataset's default.
         test_size: Examples of the train split held out as the test split, for data without one; else None.
-        split_seed: Seed of the stratified validation hold-out.
+        split_seed: Seed of the stratified validation hold-out (and of the training subset).
+        train_size: The run trained on a stratified subset of this many examples of its train split
+            (``--train-size``): the train split is that subset; None for the whole split. The other splits are
+            the same either way.
 
     Returns:
         The split as an `ImageDataset` (see `load_dataset`, which raises the errors).
+
+    Raises:
+        ValueError: ``train_size`` is not smaller than the train split.
     """
-    return load_dataset(dataset, split, path=path, val_size=val_size, test_size=test_size, seed=split_seed)
+    data = load_dataset(dataset, split, path=path, val_size=val_size, test_size=test_size, seed=split_seed)
+    if split == "train" and train_size is not None:
+        data = training_subset(data, train_size, seed=split_seed)[1]
+    return data
+
+
+def training_subset(train: ImageDataset, size: int, *, seed: int) -> tuple[ImageDataset, ImageDataset]:
+    """(the other examples, a stratified subset of ``size``) of a training split, seeded with ``seed``: what a run
+    with ``--train-size`` trains on, and what ``load_split`` gives back for it."""
+    check_int("train_size", size, 1)
+    if size >= len(train):
+        raise ValueError(f"train_size must be < {len(train)}, the training split's size, got {size}")
+    return train.hold_out(size, "train", seed=seed)
 
 
 def _split_positions(labels: np.ndarray, split: str, val_size: int, seed: int) -> np.ndarray:

@@ -354,12 +354,12 @@ def _check_run_settings(
 
 
 def _run_split(config: dict[str, Any], split: str) -> ImageDataset:
-    """The ``split`` of the data a run's config.json records (``val_size`` and ``test_size`` are absent in older
-    runs)."""
+    """The ``split`` of the data a run's config.json records: for ``train``, the subset a ``--train-size`` run
+    trained on (``val_size``, ``test_size`` and ``train_size`` are absent in older runs)."""
     data = config["data"]
     return load_split(
         data["dataset"], split, path=data["path"], val_size=data.get("val_size"), test_size=data.get("test_size"),
-        split_seed=data["split_seed"],
+        split_seed=data["split_seed"], train_size=data.get("train_size"),
     )  # fmt: skip
 
 
