@@ -1,34 +1,49 @@
 #!/usr/bin/env bash
-# ADA-Lab's readings on the fashion-mnist preset, one seed each, for selection on the validation split.
+# ADA-Lab's readings on the fashion-mnist preset, for selection on the validation split.
 # Resumable: finished runs are skipped, interrupted ones continue (recipes/compare.py). Two queues, one core each.
-#   bash benchmarks/fashion_mnist_adalab.sh [SEED]
+#   bash benchmarks/fashion_mnist_adalab.sh [SEED]     # the screening: every reading on one seed (default 0)
+#   bash benchmarks/fashion_mnist_adalab.sh finalists  # PGD-AT, the default and the two runners-up on seeds 1, 2
+# The screening ran every reading on the first reading's other settings, its weight curve included
+# (--weighting adalab, the default then), so each reading below names it; the folder names are the archive's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seed=${1:-0}
+first=(--weighting adalab)
 recover=(--aa-until-recovered --aa-steps 5 --aa-step-size 0.025)
 run() {  # run SUFFIX FLAGS...: adalab with FLAGS as runs/fashion-mnist/adalab-SUFFIX-seedS
     local suffix=$1; shift
-    python recipes/compare.py --preset fashion-mnist --recipes adalab --seeds "$seed" --jobs 1 \
+    python recipes/compare.py --preset fashion-mnist --recipes adalab --seeds "${seeds[@]}" --jobs 1 \
         --variant "$suffix" --archive benchmarks/runs/fashion-mnist -- "$@"
 }
-queue_a() {  # in order of priority: an interrupted session leaves the most informative runs done
-    python recipes/compare.py --preset fashion-mnist --recipes pgd_at adalab --seeds "$seed" --jobs 1 \
+defaults() {  # PGD-AT and ADA-Lab's defaults (MAIL-shaped weights) as runs/fashion-mnist/{pgd_at,adalab}-seedS
+    python recipes/compare.py --preset fashion-mnist --recipes pgd_at adalab --seeds "${seeds[@]}" --jobs 1 \
         --archive benchmarks/runs/fashion-mnist
-    run recover "${recover[@]}"
-    run keep-true --target keep-true
-    run source-adv --target-source adv
-    run trades --base trades
-    run margin-recovery "${recover[@]}" --margin aa-steps
+}
+queue_a() {  # in order of priority: an interrupted session leaves the most informative runs done
+    defaults
+    run recover "${first[@]}" "${recover[@]}"
+    run keep-true "${first[@]}" --target keep-true
+    run source-adv "${first[@]}" --target-source adv
+    run trades "${first[@]}" --base trades
+    run margin-recovery "${first[@]}" "${recover[@]}" --margin aa-steps
 }
 queue_b() {
-    run weights-mail --weighting mail
-    run floor --target floor
-    run direction --target direction
+    run weights-adalab "${first[@]}"
+    run floor "${first[@]}" --target floor
+    run direction "${first[@]}" --target direction
     run weights-none --weighting none
-    run source-clean --target-source clean
-    run recover-noproj "${recover[@]}" --no-aa-project
-    run margin-clean --margin-at clean
+    run source-clean "${first[@]}" --target-source clean
+    run recover-noproj "${first[@]}" "${recover[@]}" --no-aa-project
+    run margin-clean "${first[@]}" --margin-at clean
 }
-queue_a > runs/fashion_mnist_adalab_a.log 2>&1 &
-queue_b > runs/fashion_mnist_adalab_b.log 2>&1 &
+if [[ $seed == finalists ]]; then
+    seeds=(1 2)
+    defaults > runs/fashion_mnist_adalab_a.log 2>&1 &
+    { run weights-adalab "${first[@]}"; run keep-true "${first[@]}" --target keep-true; } \
+        > runs/fashion_mnist_adalab_b.log 2>&1 &
+else
+    seeds=("$seed")
+    queue_a > runs/fashion_mnist_adalab_a.log 2>&1 &
+    queue_b > runs/fashion_mnist_adalab_b.log 2>&1 &
+fi
 wait

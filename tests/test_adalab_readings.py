@@ -399,13 +399,13 @@ def test_recovering_descent_reads_nothing_back_per_step():
 K, K_AA = 6, 3
 #: (row of the readings table in docs/methods/adalab.md, the recipe's flags for it)
 READINGS = [
-    ("first reading (the defaults)", []),
+    ("first reading", ["--weighting", "adalab"]),
     ("recovering descent", ["--aa-until-recovered"]),
     ("unprojected descent", ["--no-aa-project"]),
     ("floor target", ["--target", "floor"]),
     ("keep-true target", ["--target", "keep-true"]),
     ("direction target", ["--target", "direction"]),
-    ("MAIL weights", ["--weighting", "mail"]),
+    ("MAIL weights (the default)", []),
     ("no weights", ["--weighting", "none"]),
     ("margin at x", ["--margin-at", "clean"]),
     ("kappa margin", ["--margin", "kappa"]),
@@ -474,15 +474,19 @@ def test_inputs_read_by_several_callbacks_cost_one_forward(tmp_path, monkeypatch
 # ---------------------------------------------------------------------- the recipe's flags
 
 
-def test_the_first_reading_is_the_default(tmp_path, monkeypatch):
+def test_the_chosen_reading_is_the_default(tmp_path, monkeypatch):
     args, _ = _recipe_args([], tmp_path, monkeypatch)
     assert (args.target, args.target_source, args.weighting, args.margin, args.margin_at) == (
-        "interpolate", "aa", "adalab", "probability", "adv",
+        "interpolate", "aa", "mail", "probability", "adv",
     )  # fmt: skip
     assert (args.aa_steps, args.aa_step_size, args.aa_until_recovered, args.aa_project) == (1, None, False, True)
     assert (args.base, args.beta, args.logit_scale) == ("at", None, None)
     trades, _ = _recipe_args(["--base", "trades"], tmp_path, monkeypatch)
     assert trades.beta == 6.0
+    assert args.importance_c is None  # c belongs to --weighting adalab, the first reading's curve
+    first, _ = _recipe_args(["--weighting", "adalab"], tmp_path, monkeypatch)
+    sharper, _ = _recipe_args(["--weighting", "adalab", "--importance-c", "8"], tmp_path, monkeypatch)
+    assert (first.importance_c, sharper.importance_c) == (5.0, 8.0)
 
 
 def test_help_lists_the_readings_flags_with_their_defaults(capsys):
@@ -495,7 +499,8 @@ def test_help_lists_the_readings_flags_with_their_defaults(capsys):
         "--logit-scale": "(default: raw logit margin)",
         "--target": "(default: interpolate)",
         "--target-source": "(default: aa)",
-        "--weighting": "(default: adalab)",
+        "--weighting": "(default: mail)",
+        "--importance-c": "(default: 5)",
         "--base": "(default: at)",
         "--beta": "(default: 6)",
     }
@@ -523,6 +528,7 @@ def test_help_lists_the_readings_flags_with_their_defaults(capsys):
         (["--margin", "logit", "--logit-scale", "0"], "--logit-scale"),
         (["--target", "direction", "--target-source", "adv"], "is the one-hot label"),
         (["--beta", "6"], "--beta applies to --base trades"),
+        (["--importance-c", "3"], "--importance-c applies to --weighting adalab, not --weighting mail"),
         (["--target", "nontrue"], "--target"),
         (["--weighting", "label"], "--weighting"),
     ],

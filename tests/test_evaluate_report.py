@@ -545,6 +545,18 @@ def test_readings_of_one_recipe_get_rows_of_their_own():
     assert results.row_name(shared) == "adalab"
 
 
+def test_runs_from_before_a_default_changed_keep_their_reading():
+    # Until --weighting mail became ADA-Lab's default, every run recorded its weighting and c = 5 (used or not).
+    results = load_recipe("results")
+    parser = results._recipe_parser("adalab")
+    first = {"flags": {**vars(parser.parse_args(["--weighting", "adalab"])), "importance_c": 5.0}}
+    mail = {"flags": {**vars(parser.parse_args(["--weighting", "mail"])), "importance_c": 5.0}}
+    sharper = {"flags": {**vars(parser.parse_args(["--weighting", "adalab"])), "importance_c": 8.0}}
+    assert results.row_name(first) == "adalab --weighting adalab"
+    assert results.row_name(mail) == "adalab"
+    assert results.row_name(sharper) == "adalab --weighting adalab --importance-c 8.0"
+
+
 def test_an_attack_bn_mode_other_than_the_releases_names_the_row():
     results = load_recipe("results")
 

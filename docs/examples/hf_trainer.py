@@ -8,7 +8,7 @@ import argparse
 
 from transformers import TrainingArguments
 
-from robustmix import AdaLabLabels, AdaLabWeights, AdversarialCE, AdversarialStep, PGDAttack, ProbabilityMargin
+from robustmix import AdaLabLabels, AdversarialCE, AdversarialStep, MAILWeights, PGDAttack, ProbabilityMargin
 from robustmix.data import load_dataset
 from robustmix.integrations.hf import AdversarialTrainer
 from robustmix.models import create_model
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         AdversarysAdversary(1, eps / 2, burn_in_epochs=burn_in),         # x_aa: one descent step from x_adv
         ProbabilityMargin("adv"),                                        # margin of x_adv
         AdaLabLabels(0.5, 1.0, burn_in_epochs=burn_in),                  # soft label towards p(x_aa)
-        AdaLabWeights(5.0, burn_in_epochs=burn_in),                      # low margin, more weight
+        MAILWeights(burn_in_epochs=burn_in),                             # low margin, more weight (about 5:1)
         AdversarialCE(),
     ])  # fmt: skip
     training_args = TrainingArguments(

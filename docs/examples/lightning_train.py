@@ -11,7 +11,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-from robustmix import AdaLabLabels, AdaLabWeights, AdversarialCE, AdversarialStep, PGDAttack, ProbabilityMargin
+from robustmix import AdaLabLabels, AdversarialCE, AdversarialStep, MAILWeights, PGDAttack, ProbabilityMargin
 from robustmix.cli.optim import warmup_cosine
 from robustmix.data import load_dataset
 from robustmix.integrations.lightning import AdversarialModule
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> AdversarialModule:
         AdversarysAdversary(1, eps / 2, burn_in_epochs=burn_in),         # x_aa: one descent step from x_adv
         ProbabilityMargin("adv"),                                        # margin of x_adv
         AdaLabLabels(0.5, 1.0, burn_in_epochs=burn_in),                  # soft label towards p(x_aa)
-        AdaLabWeights(5.0, burn_in_epochs=burn_in),                      # low margin, more weight
+        MAILWeights(burn_in_epochs=burn_in),                             # low margin, more weight (about 5:1)
         AdversarialCE(),
     ])  # fmt: skip
     model = create_model(args.model, num_classes=10, in_chans=1, mean=(0.5,), std=(0.5,))

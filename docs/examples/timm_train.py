@@ -15,7 +15,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import AverageMeter, ModelEmaV3
 
-from robustmix import AdaLabLabels, AdaLabWeights, AdversarialCE, AdversarialStep, PGDAttack, ProbabilityMargin
+from robustmix import AdaLabLabels, AdversarialCE, AdversarialStep, MAILWeights, PGDAttack, ProbabilityMargin
 from robustmix.data import load_dataset
 from robustmix.models import create_model  # robustmix: normalization inside the model
 from robustmix.stages.anti import AdversarysAdversary  # robustmix
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
         AdversarysAdversary(1, eps / 2, burn_in_epochs=burn_in),
         ProbabilityMargin("adv"),
         AdaLabLabels(0.5, 1.0, burn_in_epochs=burn_in),
-        AdaLabWeights(5.0, burn_in_epochs=burn_in),
+        MAILWeights(burn_in_epochs=burn_in),
         AdversarialCE(),
     ])  # fmt: skip
     history = []
