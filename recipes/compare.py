@@ -6,8 +6,11 @@
 Every (recipe, seed) trains as its own process, ``python recipes/<recipe>.py --preset P --seed S --output-dir
 <runs-dir>/<recipe>-seed<S> [flags after --]``; with ``--variant V`` the folder is ``<recipe>-V-seed<S>``. Its
 console output goes to ``<run>.log`` beside the folder. A run whose ``metrics.json`` exists is finished and
-skipped; a run with checkpoints continues with ``--resume latest``, so the same command picks up where an
-interrupted session stopped. With ``--archive DIR`` each finished run's small files (``config.json``,
+skipped, unless its config.json recorded other values than this command gives it (the preset, the seed, the
+flags after ``--``, or a default of the recipe's own flags that changed since): then it is an error naming the
+flags, and nothing in the folder changes (give another ``--variant``, or move the folder). A run with
+checkpoints continues with ``--resume latest``, so the same command picks up where an interrupted session
+stopped. With ``--archive DIR`` each finished run's small files (``config.json``,
 ``metrics.json``, ``metrics.jsonl`` and any evaluation reports) are copied to ``DIR/<run name>/``, the record
 that goes into the repository; the weights stay in the run folder.
 
@@ -18,6 +21,8 @@ keeps every core busy without two runs spin-waiting on the same core.
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -28,8 +33,9 @@ from pathlib import Path
 
 from robustmix.cli.args import nonnegative_int, positive_int
 from robustmix.cli.presets import PRESETS
+from robustmix.cli.recipe import base_parser
 from robustmix.runs.checkpoint import list_checkpoints
-from robustmix.runs.folder import CHECKPOINTS_DIR, CONFIG_FILE, METRICS_FILE, METRICS_LOG
+from robustmix.runs.folder import CHECKPOINTS_DIR, CONFIG_FILE, METRICS_FILE, METRICS_LOG, read_json
 
 RECIPES = ("pgd_at", "fgsm_rs", "trades", "mart", "mail", "awp", "gairat", "sglr", "caat", "bilaw", "adalab")
 HERE = Path(__file__).resolve().parent
@@ -83,6 +89,40 @@ def command(args: argparse.Namespace, recipe: str, seed: int) -> list[str] | Non
     return words
 
 
+def recorded_differences(args: argparse.Namespace, recipe: str, seed: int) -> list[str]:
+    """What the finished run in this (recipe, seed)'s folder recorded with other values than this command would
+    give it: the preset, the seed, the flags after ``--`` and the defaults of the recipe's own flags (a default
+    may have changed since the run trained). One ``"--flag recorded (this command: value)"`` per difference;
+    flags the run did not record (older runs) are not compared."""
+    config = read_json(args.runs_dir / run_name(recipe, seed, args.variant) / CONFIG_FILE)
+    recorded = config.get("flags", {}) if isinstance(config, dict) else {}
+    parser = _recipe_parser(recipe)
+    shared = {action.dest for action in base_parser(recipe)._actions}
+    wanted = {"preset": args.preset, "seed": seed}
+    wanted |= {  # the recipe's own flags at their defaults (the shared ones default to the preset's values)
+        action.dest: action.default
+        for action in parser._actions
+        if action.dest not in shared and action.default not in (None, argparse.SUPPRESS)
+    }
+    given = _recipe_parser(recipe)
+    for action in given._actions:
+        action.default, action.required = argparse.SUPPRESS, False
+    wanted |= vars(given.parse_known_args(args.extra)[0])  # only the flags the command gives
+    return [
+        f"--{name.replace('_', '-')} {recorded[name]!r} (this command: {value!r})"
+        for name, value in wanted.items()
+        if name in recorded and json.loads(json.dumps(recorded[name])) != json.loads(json.dumps(value))
+    ]
+
+
+def _recipe_parser(recipe: str) -> argparse.ArgumentParser:
+    """A fresh copy of the recipe's command line (its ``parser()``), else the shared flags alone."""
+    spec = importlib.util.spec_from_file_location(f"_compare_{recipe}", HERE / f"{recipe}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.parser() if hasattr(module, "parser") else base_parser(recipe)
+
+
 def archive(run_dir: Path, target: Path) -> None:
     target.mkdir(parents=True, exist_ok=True)
     for path in sorted(run_dir.iterdir()):
@@ -111,7 +151,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             recipe, seed = todo.pop(0)
             words = command(args, recipe, seed)
             if words is None:
-                print(f"{run_name(recipe, seed, args.variant)}: finished before, skipped", flush=True)
+                name = run_name(recipe, seed, args.variant)
+                differences = recorded_differences(args, recipe, seed)
+                if differences:
+                    print(f"{name}: error: finished with other flags than this command gives it: "
+                          f"{'; '.join(differences)}; give another --variant, or move the folder", file=sys.stderr,
+                          flush=True)  # fmt: skip
+                    failed.append(name)
+                else:
+                    print(f"{name}: finished before, skipped", flush=True)
                 continue
             log = open(args.runs_dir / f"{run_name(recipe, seed, args.variant)}.log", "a")  # noqa: SIM115
             print(f"start {' '.join(words[1:])}", flush=True)

@@ -27,6 +27,38 @@ def test_command_starts_resumes_or_skips(tmp_path):
     assert compare.command(args, "trades", 1) is None
 
 
+def _finished(run, **flags):
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"flags": flags}))
+    (run / "metrics.json").write_text("{}")
+
+
+def test_a_finished_run_with_other_flags_is_named(tmp_path):
+    args = compare.parse_args(["--preset", "digits", "--runs-dir", str(tmp_path), "--", "--epochs", "2"])
+    _finished(tmp_path / "trades-seed1", preset="digits", seed=1, epochs=2, beta=6.0, lr=0.1)
+    assert compare.recorded_differences(args, "trades", 1) == []  # --lr: the preset's, not compared
+    other = compare.parse_args(["--preset", "digits", "--runs-dir", str(tmp_path), "--", "--epochs", "3"])
+    assert compare.recorded_differences(other, "trades", 1) == ["--epochs 2 (this command: 3)"]
+    # A default of the recipe's own flags that changed since the run trained (ADA-Lab's weighting).
+    plain = compare.parse_args(["--preset", "digits", "--runs-dir", str(tmp_path)])
+    _finished(tmp_path / "adalab-seed0", preset="digits", seed=0, weighting="adalab", importance_c=5.0)
+    assert compare.recorded_differences(plain, "adalab", 0) == ["--weighting 'adalab' (this command: 'mail')"]
+    first = compare.parse_args(["--preset", "digits", "--runs-dir", str(tmp_path), "--", "--weighting", "adalab"])
+    assert compare.recorded_differences(first, "adalab", 0) == []
+    assert compare.recorded_differences(plain, "trades", 1) == []  # older runs: unrecorded flags are not compared
+
+
+def test_main_refuses_a_finished_run_with_other_flags(tmp_path, capsys):
+    _finished(tmp_path / "pgd_at-seed0", preset="digits", seed=0, epochs=4)
+    before = (tmp_path / "pgd_at-seed0" / "config.json").read_text()
+    argv = ["--preset", "digits", "--recipes", "pgd_at", "--seeds", "0", "--runs-dir", str(tmp_path), "--"]
+    assert compare.main([*argv, "--epochs", "5"]) == 1
+    err = capsys.readouterr().err
+    assert "pgd_at-seed0: error: finished with other flags than this command gives it: --epochs 4" in err
+    assert (tmp_path / "pgd_at-seed0" / "config.json").read_text() == before
+    assert compare.main([*argv, "--epochs", "4"]) == 0
+
+
 def test_recipes_lists_every_training_recipe():
     """compare.py's list is the one list of recipe names (the tests parametrize over it): no script left out."""
     scripts = sorted(p.stem for p in (REPO / "recipes").glob("*.py") if "run_recipe(" in p.read_text())
