@@ -137,7 +137,9 @@ def training_command(config: dict[str, Any]) -> str:
     """The command that trained a run, rebuilt from its config.json.
 
     Flags equal to the preset's value or to the default are left out; the recipe's own flags, and the shared
-    flags the recipe fills in itself instead of the preset (its module's ``DEFAULTS``), are always given.
+    flags the recipe fills in itself instead of the preset (its module's ``DEFAULTS``), are always given, but for
+    a value the recipe derives itself when the flag is not given (its module's ``DERIVED_FLAGS``: e.g. ADA-Lab's
+    c, which runs from before ``--weighting mail`` became the default recorded beside every weighting).
     """
     flags = config["flags"]
     preset = PRESETS[flags["preset"]]
@@ -145,8 +147,11 @@ def training_command(config: dict[str, Any]) -> str:
         preset = {**preset, **getattr(_recipe_module(flags["recipe"]), "PAPER", {})}
     defaults = base_parser(flags["recipe"])  # not the recipe's parser: its own flags are always written out
     own = _recipe_defaults(flags["recipe"])
+    derived = getattr(_recipe_module(flags["recipe"]), "DERIVED_FLAGS", {})
     words = [f"recipes/{flags['recipe']}.py"]
     for name, value in flags.items():
+        if name in derived and value == derived[name](argparse.Namespace(**flags)):
+            continue
         default = preset[name] if name in preset else defaults.get_default(name)
         if name == "step_size" and preset["eps"] > 0 and flags["eps"] != preset["eps"]:
             default = preset["step_size"] * flags["eps"] / preset["eps"]  # what parse_args derives from --eps

@@ -74,3 +74,15 @@ def test_a_run_that_predates_a_recipe_flag_compares_at_its_default(tmp_path, mon
     assert results._training_flags({"flags": older}, names) == results._training_flags({"flags": newer}, names)
     other = {**newer, "meta_init": "even"}
     assert results._training_flags({"flags": older}, names) != results._training_flags({"flags": other}, names)
+
+
+def test_a_value_the_recipe_derives_is_left_to_it(training_command, tmp_path, monkeypatch) -> None:
+    # Runs from before --weighting mail became ADA-Lab's default recorded c = 5 beside it; given back, the
+    # command would be refused (--importance-c belongs to --weighting adalab).
+    out = ["--output-dir", str(tmp_path / "run")]
+    for argv in (out, [*out, "--weighting", "adalab"], [*out, "--weighting", "adalab", "--importance-c", "8"]):
+        flags = _flags("adalab", argv, monkeypatch)
+        older = {**flags, "importance_c": flags["importance_c"] or 5.0}
+        words = shlex.split(training_command({"flags": older, "num_processes": 1}))
+        assert _flags("adalab", words[2:], monkeypatch) == flags, words
+    assert "--importance-c 8" in shlex.join(words)
