@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The recipes whose defaults now follow their releases (MAIL's weights and start, FGSM-RS's wong protocol, CAAT's
-# meta objective, class weights and ReMargin) against PGD-AT on the digits preset, seeds 0, 1, 2: training, the
+# meta objective, class weights and ReMargin) and ADA-Lab's default chosen on Fashion-MNIST's validation split
+# (MAIL-shaped weights) against PGD-AT on the digits preset, seeds 0, 1, 2: training, the
 # evaluation suite on the test split (no eps sweep), then docs/results_digits_release_defaults.md. Resumable at every stage.
 #   bash benchmarks/digits_release_defaults.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1
 archive=benchmarks/runs/digits
-recipes=(pgd_at mail fgsm_rs caat)
+recipes=(pgd_at mail fgsm_rs caat adalab)
 evaluation=(--attacks pgd20 cw apgd-ce apgd-t fab-t square --no-sweep)
 python recipes/compare.py --preset digits --recipes "${recipes[@]}" --seeds 0 1 2 --jobs 1 --archive "$archive"
 runs=()
