@@ -30,6 +30,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 
 from robustmix.cli.args import nonnegative_int, positive_int
 from robustmix.cli.presets import PRESETS
@@ -96,7 +97,8 @@ def recorded_differences(args: argparse.Namespace, recipe: str, seed: int) -> li
     flags the run did not record (older runs) are not compared."""
     config = read_json(args.runs_dir / run_name(recipe, seed, args.variant) / CONFIG_FILE)
     recorded = config.get("flags", {}) if isinstance(config, dict) else {}
-    parser = _recipe_parser(recipe)
+    module = _recipe_module(recipe)
+    parser = module.parser() if hasattr(module, "parser") else base_parser(recipe)
     shared = {action.dest for action in base_parser(recipe)._actions}
     wanted = {"preset": args.preset, "seed": seed}
     wanted |= {  # the recipe's own flags at their defaults (the shared ones default to the preset's values)
@@ -104,7 +106,7 @@ def recorded_differences(args: argparse.Namespace, recipe: str, seed: int) -> li
         for action in parser._actions
         if action.dest not in shared and action.default not in (None, argparse.SUPPRESS)
     }
-    given = _recipe_parser(recipe)
+    given = module.parser() if hasattr(module, "parser") else base_parser(recipe)
     for action in given._actions:
         action.default, action.required = argparse.SUPPRESS, False
     wanted |= vars(given.parse_known_args(args.extra)[0])  # only the flags the command gives
@@ -115,12 +117,12 @@ def recorded_differences(args: argparse.Namespace, recipe: str, seed: int) -> li
     ]
 
 
-def _recipe_parser(recipe: str) -> argparse.ArgumentParser:
-    """A fresh copy of the recipe's command line (its ``parser()``), else the shared flags alone."""
+def _recipe_module(recipe: str) -> ModuleType:
+    """``recipes/<recipe>.py``, imported once per call (its ``parser()`` builds a fresh command line each time)."""
     spec = importlib.util.spec_from_file_location(f"_compare_{recipe}", HERE / f"{recipe}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.parser() if hasattr(module, "parser") else base_parser(recipe)
+    return module
 
 
 def archive(run_dir: Path, target: Path) -> None:
