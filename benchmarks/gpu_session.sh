@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures benchmarks/RESULTS.md still lacks (issue 22 first), in one call of under 8 minutes on an H100:
+# The GPU figures benchmarks/RESULTS.md still lacks (issue 22 first), in one call of under 10 minutes on an H100:
 #   1. resnet18_bf16: ResNet-18 (CIFAR stem), 32x32x3, batch 512, bf16, PGD-10 AT: the hand-written eager loop,
 #      robustmix eager and robustmix's fast path side by side (images/s, speed-up over the hand-written loop, peak
 #      memory, TFLOP/s and the fraction of the dense bf16 peak), host syncs, and bf16 against fp32 with and without
@@ -7,6 +7,9 @@
 #   2. digits_b128: the digits model (launch-bound), batch 128, bf16: robustmix eager against the fast path.
 #   3. equivalence: 100 PGD-AT training steps on the digits from the same seed, eager twice and fast, bf16; the
 #      loss and validation accuracies, with the tolerance fast_equivalence.py states.
+#   4. short_batch: which passes through a model compiled in place (channels_last, bf16) fail on CUDA: the eager
+#      attack as it was and as it is, the compiled iteration at a short batch, the training pass (gpu_short_batch.py).
+#   5. recipe_fast: a recipe end to end with --fast (digits, bf16, 2 epochs: short last batches and validation).
 # Every part has its own time limit; a part that fails or runs out of time is reported and the next one runs.
 # Logs (.txt) and figures (.json) go to $OUT (default benchmarks/out); the end prints what was measured.
 #
@@ -29,12 +32,14 @@ if [ "$DEVICE" = cuda ]; then
             --methods pgd_at --repeats 10 --warmup 2)
     DIGITS=(--device cuda --threads 4 --batch-size 128 --precision bf16 --methods pgd_at --repeats 20 --warmup 2)
     EQUIVALENCE=(--device cuda --threads 4 --precision bf16 --steps 100 --backend inductor)
-    LIMITS=(200 60 100 100)  # at most 460 s: the fallback runs only after a failure that was not a timeout
+    RECIPE=(--mixed-precision bf16 --epochs 2)
+    LIMITS=(150 60 80 100 150 100)  # at most 580 s: the fallback runs only after a failure that was not a timeout
 else  # toy sizes: the script's own paths, in seconds
     RESNET=(--device cpu --model test_resnet --batch-size 8 --attack-steps 2 --methods pgd_at --repeats 2 --warmup 1)
     DIGITS=(--device cpu --batch-size 8 --attack-steps 2 --methods pgd_at --repeats 2 --warmup 1)
     EQUIVALENCE=(--device cpu --steps 10 --batch-size 32 --backend aot_eager)
-    LIMITS=(120 120 120 120)
+    RECIPE=(--max-steps 2 --compile aot_eager)
+    LIMITS=(120 120 120 120 120 120)
 fi
 FAST=(--fast --fast-backend "$([ "$DEVICE" = cuda ] && echo inductor || echo aot_eager)")
 declare -A STATUS
@@ -42,8 +47,9 @@ declare -A STATUS
 part() {  # part NAME LIMIT SCRIPT ARGS...: run it under a time limit, keep its log, record how it ended
     local name=$1 limit=$2 script=$3
     shift 3
-    echo "=== $name (at most $limit s): python3 benchmarks/$script $*"
-    timeout -k 10 "$limit" python3 "benchmarks/$script" "$@" --json "$OUT/$name.json" 2>&1 | tee "$OUT/$name.txt"
+    if [[ $script != recipes/* ]]; then script=benchmarks/$script; set -- "$@" --json "$OUT/$name.json"; fi
+    echo "=== $name (at most $limit s): python3 $script $*"
+    timeout -k 10 "$limit" python3 "$script" "$@" 2>&1 | tee "$OUT/$name.txt"
     local status=${PIPESTATUS[0]}
     STATUS[$name]=$([ "$status" = 0 ] && echo ok || { [ "$status" = 124 ] && echo "timed out" || echo "failed ($status)"; })
     return "$status"
@@ -56,6 +62,9 @@ if [ "$status" != 0 ] && [ "$status" != 124 ]; then
 fi
 part digits_b128 "${LIMITS[2]}" throughput.py "${DIGITS[@]}" "${FAST[@]}"
 part equivalence "${LIMITS[3]}" fast_equivalence.py "${EQUIVALENCE[@]}"
+part short_batch "${LIMITS[4]}" gpu_short_batch.py --timeout 40
+part recipe_fast "${LIMITS[5]}" recipes/pgd_at.py --preset digits --fast "${RECIPE[@]}" --output-dir /tmp/recipe_fast \
+    --overwrite
 
 echo "=== measured ($DEVICE; figures in $OUT)"
 for name in "${!STATUS[@]}"; do echo "$name: ${STATUS[$name]}"; done
@@ -77,6 +86,9 @@ for path in sorted(Path(sys.argv[1]).glob("*.json")):
         for target in result["targets"]:
             if target["verdict"] != "PASS" or "fast" in target["target"]:
                 print(f"  {target['verdict']:<5} {target['target']}: {target['measured']}")
+    elif "variants" in result:  # gpu_short_batch.py
+        for line in result["variants"].values():
+            print(f"{path.stem}: {line}")
     elif "within" in result:  # fast_equivalence.py
         print(f"{path.stem}: fast - eager {result['fast_vs_eager']}; A/A {result['eager_vs_eager']}; "
               f"tolerance {result['limits']}; {'PASS' if result['within'] else 'FAIL'}")

@@ -577,3 +577,25 @@ def test_too_few_examples_for_the_hold_outs_say_so(tmp_path, n, kwargs, message)
 def test_an_unreachable_hub_says_how_to_provide_the_data_locally():
     with pytest.raises(ValueError, match=r"'cifar10' could not be fetched.*save_to_disk\(FOLDER\).*--data-path"):
         load_dataset("cifar10", "test")
+
+
+def test_robustmix_and_the_embedded_data_need_no_hugging_face_datasets(tmp_path):
+    """`datasets` is imported where a Hub or local dataset is read: a machine without it (a GPU image, say) still
+    imports robustmix and trains on the digits."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['datasets'] = None\n"  # any `import datasets` now fails
+        "import robustmix, robustmix.cli.recipe\n"
+        "from robustmix.data import load_dataset\n"
+        "print(len(load_dataset('digits', 'train')))\n"
+        "try:\n"
+        "    load_dataset(sys.argv[1], 'train')\n"
+        "except ImportError:\n"
+        "    print('needs datasets')\n"
+    )
+    (tmp_path / "train.parquet").write_bytes(b"")  # a local dataset: reading it needs `datasets`
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["1257", "needs", "datasets"]

@@ -141,6 +141,32 @@ def test_the_fast_step_checks_values_on_the_first_batch_of_each_epoch_only():
         AdversarialStep([PGDAttack(EPS, STEP, 1), AdversarialCE()])(model, x * 2, y, epoch=0)
 
 
+def test_the_eager_attack_runs_a_model_compiled_in_place_eagerly():
+    """``model.compile()`` in place (the recipes' ``--compile`` and ``--fast``): the eager loop compiles no graph of its
+    own (a compiled backward would compute every weight gradient; on CUDA with channels_last weights it failed its
+    stride check) and gives the iterates of the same weights uncompiled."""
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    model, plain = make_model(), make_model()
+    model.compile(backend=counting_backend)
+    (x, y), = batches((6,))  # fmt: skip
+    model(x)
+    assert len(graphs) == 1  # the compiled forward is in use
+    plain.load_state_dict(model.state_dict())  # that train-mode forward moved the BatchNorm statistics
+    attack = {"eps": EPS, "step_size": STEP, "steps": 3, "loss": "kl", "reference": torch.randn(6, 10)}
+    x_adv = perturb(model, x, y, generator=torch.Generator().manual_seed(1), **attack)
+    assert len(graphs) == 1
+    expected = perturb(plain, x, y, generator=torch.Generator().manual_seed(1), **attack)
+    torch.testing.assert_close(x_adv, expected, rtol=0, atol=0)
+    model.eval()
+    model(x)  # outside the attack, the eval-mode forward compiles: what the attack would have done
+    assert len(graphs) == 2
+
+
 def test_the_fast_path_refuses_train_mode_attacks():
     with pytest.raises(ValueError, match="bn_mode='eval' only; PGDAttack runs with bn_mode='train'"):
         AdversarialStep([PGDAttack(EPS, STEP, 1, bn_mode="train"), AdversarialCE()], fast=True)

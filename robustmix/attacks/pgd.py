@@ -17,11 +17,13 @@ Every function here keeps the ground rules of robustmix:
 
 The fast path (``compile_backend``) runs each iteration (forward, input gradient, loss scaling, sign
 step, projection, clamp) as one ``torch.compile`` unit with static shapes, and on CUDA replays it as a
-CUDA graph.
+CUDA graph. Without it the loop is eager all through, also for a model compiled in place
+(``model.compile()``, see ``eager_model``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 from typing import Literal
@@ -127,6 +129,22 @@ def random_start(
     return project(x + noise, x, eps, norm)
 
 
+def eager_model() -> contextlib.AbstractContextManager:
+    """Inside: a model compiled in place (``model.compile()``) runs its eager forward and backward.
+
+    The eager attack loop differentiates with respect to the input only. Through a compiled model, the compiled
+    backward computes every weight's gradient as well (one graph for all of them), which the attack throws away;
+    on CUDA with channels_last weights, PyTorch's compiled ``convolution_backward`` also fails its stride check
+    (its meta kernel predicts contiguous weight gradients where cuDNN returns channels_last ones, pytorch#171622):
+    the fast path's eager short last batch and a fast run's validation attack crashed there on an H100.
+    Eager autograd computes the input gradient alone. A no-op inside a compiled region, and on torch < 2.6.
+    """
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    if set_stance is None or torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return set_stance("force_eager")
+
+
 def check_loss_scale(loss_scale: float) -> None:
     """``loss_scale`` must be a finite number > 0: 0 or NaN would zero or poison every gradient step."""
     if not is_number(loss_scale):
@@ -225,8 +243,10 @@ def _compiled_loop(
         if observer is not None:
             # A CUDA graph's outputs are overwritten by its next replay: the observer gets its own copy.
             observer(k, logits.clone() if cuda_graphs else logits, x_k)
-        x_k = x_next
-    return x_k.clone() if cuda_graphs else x_k
+        # The next step begins a new replay, which invalidates this one's outputs: the iterate that feeds it is a
+        # copy (one image batch per step, outside the graph).
+        x_k = x_next.clone() if cuda_graphs else x_next
+    return x_k
 
 
 def check_attack_inputs(x: Tensor, y: Tensor, steps: int, norm: str, start: str) -> None:
@@ -344,24 +364,42 @@ def perturb(
                 model, x_k, x, y, reference, eps=eps, step_size=step_size, steps=steps, scale=sign * loss_scale,
                 objective=objective, norm=norm, observer=observer, backend=compile_backend, check_labels=check_values,
             ).detach()  # fmt: skip
-        for k in range(steps):
-            x_k.requires_grad_(True)
-            logits = model(x_k)
-            if check_values and k == 0 and not bool((y < logits.shape[1]).all()):
-                raise ValueError(f"y holds a label >= the model's {logits.shape[1]} classes")
-            if observer is not None:
-                observer(k, logits.detach(), x_k.detach())
-            objective_sum = objective(logits, y, reference).sum() * (sign * loss_scale)
-            (grad,) = torch.autograd.grad(objective_sum, x_k)
-            # fp16 overflow would turn into NaN and poison the iterate; such coordinates do not move.
-            grad = torch.nan_to_num(grad, nan=0.0)
-            x_k = x_k.detach()
-            if norm == "linf":
-                x_k = x_k + step_size * grad.sign()
-            else:
-                x_k = x_k + step_size * grad / (flat_norm(grad) + 1e-12)
-            x_k = project(x_k, x, eps, norm)
+        with eager_model():
+            x_k = _eager_loop(model, x_k, x, y, reference, eps, step_size, steps, sign * loss_scale, objective, norm,
+                              observer, check_values)  # fmt: skip
     return x_k.detach()
+
+
+def _eager_loop(
+    model: nn.Module,
+    x_k: Tensor,
+    x: Tensor,
+    y: Tensor,
+    reference: Tensor | None,
+    eps: Tensor,
+    step_size: Tensor,
+    steps: int,
+    scale: float,
+    objective: Callable[[Tensor, Tensor, Tensor | None], Tensor],
+    norm: Norm,
+    observer: Observer | None,
+    check_labels: bool,
+) -> Tensor:
+    """``steps`` eager iterations from ``x_k``; the input gradient from ``torch.autograd.grad``."""
+    for k in range(steps):
+        x_k.requires_grad_(True)
+        logits = model(x_k)
+        if check_labels and k == 0 and not bool((y < logits.shape[1]).all()):
+            raise ValueError(f"y holds a label >= the model's {logits.shape[1]} classes")
+        if observer is not None:
+            observer(k, logits.detach(), x_k.detach())
+        objective_sum = objective(logits, y, reference).sum() * scale
+        (grad,) = torch.autograd.grad(objective_sum, x_k)
+        # fp16 overflow would turn into NaN and poison the iterate; such coordinates do not move.
+        grad = torch.nan_to_num(grad, nan=0.0)
+        step = step_size * grad.sign() if norm == "linf" else step_size * grad / (flat_norm(grad) + 1e-12)
+        x_k = project(x_k.detach() + step, x, eps, norm)
+    return x_k
 
 
 def pgd(

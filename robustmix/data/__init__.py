@@ -20,8 +20,8 @@ import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import datasets
 import numpy as np
 import PIL.Image
 import sklearn.datasets
@@ -33,6 +33,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from robustmix.checks import check_int
 from robustmix.data.idx import find_idx_files, read_idx_split
+
+if TYPE_CHECKING:  # Hugging Face `datasets` is imported where it is used: digits and IDX files never need it
+    import datasets
 
 SPLITS = ("train", "validation", "test")
 CIFAR_PAD = 4
@@ -349,6 +352,8 @@ def load_dataset(
         label_column = label_column or spec.label_column
         num_classes = num_classes or spec.num_classes
 
+    import datasets  # here, not at the top: digits and IDX files never need it
+
     check_int("test_size", test_size, 1, optional=True)
     has_test = not isinstance(source, datasets.Dataset) and "test" in source
     if test_size is not None and has_test:
@@ -492,6 +497,8 @@ def _load_idx(name: str, spec: DatasetSpec, folder: Path, split: str, val_size: 
 
 def _from_hub(name: str, spec: DatasetSpec) -> datasets.DatasetDict:
     """The registry dataset from the Hub (or the Hub's local cache); a failure says how to provide it locally."""
+    import datasets
+
     try:
         return datasets.load_dataset(spec.repo, spec.config)
     except Exception as err:  # offline, unknown repository, network errors: all end the same way for the user
@@ -649,6 +656,8 @@ def _hold_out(labels: np.ndarray, size: int, seed: int, *, name: str = "val_size
 
 
 def _read_local(path: str) -> datasets.Dataset | datasets.DatasetDict:
+    import datasets
+
     local = Path(path)
     if not local.exists():
         raise ValueError(f"local dataset path {path!r} does not exist")
@@ -669,6 +678,8 @@ def _read_local(path: str) -> datasets.Dataset | datasets.DatasetDict:
 
 
 def _source_split(source: datasets.Dataset | datasets.DatasetDict, split: str) -> datasets.Dataset:
+    import datasets
+
     if isinstance(source, datasets.Dataset):
         return source
     if split not in source:
@@ -686,6 +697,8 @@ def _read_labels(ds: datasets.Dataset, label_column: str) -> np.ndarray:
 
 
 def _infer_num_classes(source: datasets.Dataset | datasets.DatasetDict, label_column: str) -> int:
+    import datasets
+
     splits = [source] if isinstance(source, datasets.Dataset) else list(source.values())
     splits = [ds for ds in splits if label_column in ds.column_names]
     feature = splits[0].features[label_column]
@@ -696,6 +709,8 @@ def _infer_num_classes(source: datasets.Dataset | datasets.DatasetDict, label_co
 
 def _local_mode(source: datasets.Dataset | datasets.DatasetDict, image_column: str, name: str) -> str:
     """Grayscale ("L") when every image of every split of a local dataset is, else "RGB"; reads headers only."""
+    import datasets
+
     splits = {"train": source} if isinstance(source, datasets.Dataset) else dict(source)
     for split, ds in splits.items():
         if image_column not in ds.column_names:
@@ -716,6 +731,8 @@ def _local_mode(source: datasets.Dataset | datasets.DatasetDict, image_column: s
 def _decode_images(ds: datasets.Dataset, positions: np.ndarray, image_column: str, mode: str, where: str) -> Tensor:
     """uint8 [N, C, H, W] from the rows `positions` of an image column, converted to PIL `mode` ("RGB" or "L");
     `where` names the dataset and split in errors."""
+    import datasets
+
     ds = ds.select_columns([image_column]).cast_column(image_column, datasets.Image(mode=mode)).with_format("numpy")
     chunks = []
     for start in range(0, len(positions), _DECODE_CHUNK):
