@@ -133,15 +133,19 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict[
     return args, configs
 
 
-def training_command(config: dict[str, Any]) -> str:
+def training_command(config: dict[str, Any], folder: str | Path | None = None) -> str:
     """The command that trained a run, rebuilt from its config.json.
 
     Flags equal to the preset's value or to the default are left out; the recipe's own flags, and the shared
     flags the recipe fills in itself instead of the preset (its module's ``DEFAULTS``), are always given, but for
     a value the recipe derives itself when the flag is not given (its module's ``DERIVED_FLAGS``: e.g. ADA-Lab's
     c, which runs from before ``--weighting mail`` became the default recorded beside every weighting).
+    ``folder``: where the run lives now; a run folder renamed since training (as a reading became the default
+    and took the plain name) gets a command that writes to a folder of that name, beside the recorded one.
     """
     flags = config["flags"]
+    if folder is not None and flags.get("output_dir") and Path(flags["output_dir"]).name != Path(folder).name:
+        flags = {**flags, "output_dir": str(Path(flags["output_dir"]).with_name(Path(folder).name))}
     preset = PRESETS[flags["preset"]]
     if flags["preset"] == PAPER_PRESET:  # what parse_args puts over it: the recipe's release settings
         preset = {**preset, **getattr(_recipe_module(flags["recipe"]), "PAPER", {})}
@@ -224,7 +228,7 @@ def main(argv: list[str] | None = None) -> str:
     page = results_page(
         tables,
         command=command,
-        training_commands={str(Path(run)): training_command(config) for run, config in configs.items()},
+        training_commands={str(Path(run)): training_command(config, run) for run, config in configs.items()},
         training_environments={str(Path(run)): training_environment(config) for run, config in configs.items()},
         scatter=None if scatter is None else scatter.name,
         date=date,

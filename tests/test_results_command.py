@@ -86,3 +86,13 @@ def test_a_value_the_recipe_derives_is_left_to_it(training_command, tmp_path, mo
         words = shlex.split(training_command({"flags": older, "num_processes": 1}))
         assert _flags("adalab", words[2:], monkeypatch) == flags, words
     assert "--importance-c 8" in shlex.join(words)
+
+
+def test_a_renamed_run_folder_gets_a_command_that_writes_to_its_name(training_command) -> None:
+    args = parse_args(load_recipe("pgd_at").parser(), ["--output-dir", "runs/fashion-mnist/pgd_at-weights-seed0"])
+    config = {"flags": vars(args), "num_processes": 1}
+    renamed = shlex.split(training_command(config, "benchmarks/runs/fashion-mnist/pgd_at-seed0"))
+    assert renamed[renamed.index("--output-dir") + 1] == "runs/fashion-mnist/pgd_at-seed0"
+    same = shlex.split(training_command(config, "archive/pgd_at-weights-seed0"))
+    assert same == shlex.split(training_command(config))
+    assert same[same.index("--output-dir") + 1] == "runs/fashion-mnist/pgd_at-weights-seed0"
