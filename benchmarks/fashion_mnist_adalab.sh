@@ -3,6 +3,9 @@
 # Resumable: finished runs are skipped, interrupted ones continue (recipes/compare.py). Two queues, one core each.
 #   bash benchmarks/fashion_mnist_adalab.sh [SEED]     # the screening: every reading on one seed (default 0)
 #   bash benchmarks/fashion_mnist_adalab.sh finalists  # PGD-AT, the default and the two runners-up on seeds 1, 2
+#   bash benchmarks/fashion_mnist_adalab.sh test       # the four finalists x seeds 0-2 on the test split: the
+#       benchmark's suite (fashion_mnist.sh) on the first 2,000 test images, archived, and the page
+#       docs/results_fashion_mnist_adalab_test.md (+ .json) with the paired differences to PGD-AT
 # The screening ran every reading on the first reading's other settings, its weight curve included
 # (--weighting adalab, the default then), so each reading below names it; the folder names are the archive's.
 set -euo pipefail
@@ -36,6 +39,24 @@ queue_b() {
     run recover-noproj "${first[@]}" "${recover[@]}" --no-aa-project
     run margin-clean "${first[@]}" --margin-at clean
 }
+if [[ $seed == test ]]; then
+    finalists=(pgd_at adalab adalab-weights-adalab adalab-keep-true)
+    suite=(--n-examples 2000 --attacks pgd20 cw apgd-ce apgd-t square --no-sweep)
+    runs=()
+    for name in "${finalists[@]}"; do for s in 0 1 2; do
+        run=runs/fashion-mnist/$name-seed$s archived=benchmarks/runs/fashion-mnist/$name-seed$s
+        if [[ ! -f $archived/eval.json ]]; then  # two at a time, one thread each
+            while (( $(jobs -rp | wc -l) >= 2 )); do wait -n; done
+            OMP_NUM_THREADS=1 python recipes/evaluate.py --run-dir "$run" "${suite[@]}" --no-progress \
+                > "$run/eval.log" 2>&1 && cp "$run"/eval.{json,md} "$archived/" &
+        fi
+        runs+=("$archived")
+    done; done
+    wait
+    python recipes/results.py "${runs[@]}" "${suite[@]}" --stored --output docs/results_fashion_mnist_adalab_test.md \
+        --title "ADA-Lab's finalists against PGD-AT on Fashion-MNIST: test split"
+    exit
+fi
 if [[ $seed == finalists ]]; then
     seeds=(1 2)
     defaults > runs/fashion_mnist_adalab_a.log 2>&1 &
