@@ -142,9 +142,9 @@ def test_the_fast_step_checks_values_on_the_first_batch_of_each_epoch_only():
 
 
 def test_the_eager_attack_runs_a_model_compiled_in_place_eagerly():
-    """``model.compile()`` in place (the recipes' ``--compile`` and ``--fast``): the eager loop compiles no graph of its
-    own (a compiled backward would compute every weight gradient; on CUDA with channels_last weights it failed its
-    stride check) and gives the iterates of the same weights uncompiled."""
+    """``model.compile()`` in place (the recipes' ``--compile`` and ``--fast``): the eager loop compiles no graph of
+    its own (a compiled backward would compute every weight gradient; on CUDA with channels_last weights it failed
+    its stride check) and gives the iterates of the same weights uncompiled."""
     graphs = []
 
     def counting_backend(gm, example_inputs):
