@@ -136,7 +136,8 @@ def eager_model() -> contextlib.AbstractContextManager:
     backward computes every weight's gradient as well (one graph for all of them), which the attack throws away;
     on CUDA with channels_last weights, PyTorch's compiled ``convolution_backward`` also fails its stride check
     (its meta kernel predicts contiguous weight gradients where cuDNN returns channels_last ones, pytorch#171622):
-    the fast path's eager short last batch and a fast run's validation attack crashed there on an H100.
+    the fast path's eager short last batch crashed there on an H100, and a fast run's validation attack takes the
+    same path.
     Eager autograd computes the input gradient alone. A no-op inside a compiled region, and on torch < 2.6.
     """
     set_stance = getattr(torch.compiler, "set_stance", None)
