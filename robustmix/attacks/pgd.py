@@ -183,9 +183,16 @@ def _iteration(
         return objective(logits, y, reference).sum() * scale, logits
 
     grad, logits = torch.func.grad(scaled_objective, has_aux=True)(x_k)
+    return _ascend(x_k, grad, x, eps, step_size, norm), logits.detach()
+
+
+def _ascend(x_k: Tensor, grad: Tensor, x: Tensor, eps: Tensor, step_size: Tensor, norm: Norm) -> Tensor:
+    """The next iterate ``[B, ...]``: a sign (L-inf) or normalized (L2) step along ``grad``, projected onto
+    ``B(x, eps)`` and [0, 1]; both loops' update (the compiled one traces it into its graph)."""
+    # fp16 overflow would turn into NaN and poison the iterate; such coordinates do not move.
     grad = torch.nan_to_num(grad, nan=0.0)
     step = step_size * grad.sign() if norm == "linf" else step_size * grad / (flat_norm(grad) + 1e-12)
-    return project(x_k + step, x, eps, norm), logits.detach()
+    return project(x_k + step, x, eps, norm)
 
 
 @functools.cache
@@ -396,10 +403,7 @@ def _eager_loop(
             observer(k, logits.detach(), x_k.detach())
         objective_sum = objective(logits, y, reference).sum() * scale
         (grad,) = torch.autograd.grad(objective_sum, x_k)
-        # fp16 overflow would turn into NaN and poison the iterate; such coordinates do not move.
-        grad = torch.nan_to_num(grad, nan=0.0)
-        step = step_size * grad.sign() if norm == "linf" else step_size * grad / (flat_norm(grad) + 1e-12)
-        x_k = project(x_k.detach() + step, x, eps, norm)
+        x_k = _ascend(x_k.detach(), grad, x, eps, step_size, norm)
     return x_k
 
 
