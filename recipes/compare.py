@@ -21,7 +21,6 @@ keeps every core busy without two runs spin-waiting on the same core.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -30,11 +29,10 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import ModuleType
 
 from robustmix.cli.args import nonnegative_int, positive_int
 from robustmix.cli.presets import PRESETS
-from robustmix.cli.recipe import base_parser
+from robustmix.cli.recipe import base_parser, recipe_parser
 from robustmix.runs.checkpoint import list_checkpoints
 from robustmix.runs.folder import CHECKPOINTS_DIR, CONFIG_FILE, METRICS_FILE, METRICS_LOG, read_json
 
@@ -97,8 +95,7 @@ def recorded_differences(args: argparse.Namespace, recipe: str, seed: int) -> li
     flags the run did not record (older runs) are not compared."""
     config = read_json(args.runs_dir / run_name(recipe, seed, args.variant) / CONFIG_FILE)
     recorded = config.get("flags", {}) if isinstance(config, dict) else {}
-    module = _recipe_module(recipe)
-    parser = module.parser() if hasattr(module, "parser") else base_parser(recipe)
+    parser = recipe_parser(HERE / f"{recipe}.py")
     shared = {action.dest for action in base_parser(recipe)._actions}
     wanted = {"preset": args.preset, "seed": seed}
     wanted |= {  # the recipe's own flags at their defaults (the shared ones default to the preset's values)
@@ -106,7 +103,7 @@ def recorded_differences(args: argparse.Namespace, recipe: str, seed: int) -> li
         for action in parser._actions
         if action.dest not in shared and action.default not in (None, argparse.SUPPRESS)
     }
-    given = module.parser() if hasattr(module, "parser") else base_parser(recipe)
+    given = recipe_parser(HERE / f"{recipe}.py")
     for action in given._actions:
         action.default, action.required = argparse.SUPPRESS, False
     wanted |= vars(given.parse_known_args(args.extra)[0])  # only the flags the command gives
@@ -115,14 +112,6 @@ def recorded_differences(args: argparse.Namespace, recipe: str, seed: int) -> li
         for name, value in wanted.items()
         if name in recorded and json.loads(json.dumps(recorded[name])) != json.loads(json.dumps(value))
     ]
-
-
-def _recipe_module(recipe: str) -> ModuleType:
-    """``recipes/<recipe>.py``, imported once per call (its ``parser()`` builds a fresh command line each time)."""
-    spec = importlib.util.spec_from_file_location(f"_compare_{recipe}", HERE / f"{recipe}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def archive(run_dir: Path, target: Path) -> None:

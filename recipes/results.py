@@ -26,8 +26,6 @@ eps (or pass --eps): otherwise a mean over them would mix protocols, and the scr
 from __future__ import annotations
 
 import argparse
-import functools
-import importlib.util
 import shlex
 import sys
 from datetime import datetime, timezone
@@ -39,7 +37,7 @@ from accelerate import Accelerator
 
 from robustmix.cli.evaluate import add_evaluation_flags, evaluation_kwargs
 from robustmix.cli.presets import PAPER_PRESET, PRESETS
-from robustmix.cli.recipe import base_parser
+from robustmix.cli.recipe import base_parser, recipe_parser, recipe_script
 from robustmix.evaluation import stats
 from robustmix.evaluation.attacks import ATTACKS
 from robustmix.evaluation.report import plot_clean_vs_robust, results_page, results_statistics
@@ -300,22 +298,14 @@ def _evaluations(
     }
 
 
-@functools.cache
 def _recipe_module(recipe: str) -> ModuleType | None:
     """``recipes/<recipe>.py`` next to this script, imported once; None for a recipe that is not there."""
-    path = Path(__file__).resolve().with_name(f"{recipe}.py")
-    if not path.is_file():
-        return None
-    spec = importlib.util.spec_from_file_location(f"_recipe_{recipe}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return recipe_script(Path(__file__).resolve().with_name(f"{recipe}.py"))
 
 
 def _recipe_parser(recipe: str) -> argparse.ArgumentParser:
     """The recipe's own command line (its ``parser()``), else the shared flags alone."""
-    module = _recipe_module(recipe)
-    return module.parser() if hasattr(module, "parser") else base_parser(recipe)
+    return recipe_parser(Path(__file__).resolve().with_name(f"{recipe}.py"))
 
 
 def _recipe_defaults(recipe: str) -> frozenset[str]:

@@ -95,3 +95,18 @@ def test_two_runs_one_job_at_a_time(tiny, tmp_path):
     (tmp_path / "runs" / "pgd_at-seed0" / "eval.json").write_text("{}")  # evaluated later
     assert compare.main([*argv[: -len(flags) - 1], "--archive-only"]) == 0
     assert (tmp_path / "archive" / "pgd_at-seed0" / "eval.json").exists()
+
+
+def test_recipe_scripts_are_read_once_and_give_fresh_parsers(tmp_path):
+    from robustmix.cli.recipe import recipe_parser, recipe_script
+
+    awp = REPO / "recipes" / "awp.py"
+    assert recipe_script(awp) is recipe_script(str(awp))  # imported once per path
+    assert recipe_script(awp).DEFAULTS and recipe_script(tmp_path / "absent.py") is None
+    first = recipe_parser(awp)
+    first.set_defaults(epochs=99)  # what recorded_differences does to a parser must not reach the next one
+    assert recipe_parser(awp) is not first and recipe_parser(awp).get_default("epochs") is None
+    assert "--gamma" in recipe_parser(awp)._option_string_actions
+    plain = tmp_path / "plain.py"  # a recipe without a parser() of its own gets the shared flags
+    plain.write_text("X = 1\n")
+    assert "--eps" in recipe_parser(plain)._option_string_actions

@@ -29,13 +29,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
+import functools
 import hashlib
+import importlib.util
 import os
 import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import timm
@@ -281,6 +284,30 @@ def base_parser(name: str, description: str | None = None) -> argparse.ArgumentP
     )  # fmt: skip
     add("performance", "--threads", type=nonnegative_int, help="intra-op CPU threads of torch (0: torch's default)")
     return parser
+
+
+def recipe_script(path: str | Path) -> ModuleType | None:
+    """The recipe script at ``path`` (``recipes/<name>.py``) imported as a module, once per file; None when there
+    is no such file. Tools that read recipes (compare.py, results.py) get a recipe's ``parser()``, ``DEFAULTS``,
+    ``PAPER`` and ``DERIVED_FLAGS`` from it without running it."""
+    return _import_script(str(Path(path).resolve()))
+
+
+@functools.cache
+def _import_script(path: str) -> ModuleType | None:
+    if not Path(path).is_file():
+        return None
+    spec = importlib.util.spec_from_file_location(f"_recipe_script_{Path(path).stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def recipe_parser(path: str | Path) -> argparse.ArgumentParser:
+    """A fresh copy of the command line of the recipe script at ``path``: its ``parser()``, else the shared flags
+    alone (``base_parser`` named after the file)."""
+    module = recipe_script(path)
+    return module.parser() if hasattr(module, "parser") else base_parser(Path(path).stem)
 
 
 def parse_args(
