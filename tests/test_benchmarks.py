@@ -106,3 +106,20 @@ def test_fast_equivalence_trains_both_ways_and_states_its_tolerance(throughput, 
     assert len(result["runs"]["fast"]["losses"]) == 10
     assert "tolerance: clean_acc <= 2" in printed and "PASS fast path trains like the eager path" in printed
     torch._dynamo.reset()
+
+
+def test_memory_format_compares_both_formats_on_the_same_examples(throughput, capsys) -> None:
+    import memory_format  # benchmarks/ is on the path through the throughput fixture
+
+    result = memory_format.main(["--dataset", "digits", "--batch-size", "8", "--train-batch-size", "8",
+                                 "--repeats", "1", "--n-examples", "10", "--suite-chunk", "4",
+                                 "--attacks", "pgd20", "square"])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert set(result["passes"]) == {"forward", "input grad", "train step"}
+    assert all(row["speedup"] > 0 for row in result["passes"].values())
+    suite = result["suite"]
+    assert suite["n_examples"] == 10 and set(suite["accuracies"]) == {"clean", "worst case", "pgd20", "square"}
+    # The same weights in either layout: the clean decisions cannot differ.
+    assert suite["accuracies"]["clean"]["examples_judged_differently"] == 0
+    assert result["max_logit_difference"] < 1e-4
+    assert "judged differently" in printed and "speed-up" in printed

@@ -201,6 +201,30 @@ def test_attacks_run_under_autocast_and_decisions_in_fp32(report, run_dir, tmp_p
     assert bf16["results"]["clean"] == report["results"]["clean"]
 
 
+def test_the_memory_format_changes_the_speed_not_the_numbers(report, run_dir, tmp_path, monkeypatch):
+    models = []
+
+    def load_kept(*args, **kwargs) -> nn.Module:
+        models.append(load_model(*args, **kwargs))
+        return models[-1]
+
+    monkeypatch.setattr(evaluate, "load_model", load_kept)
+    small = SMALL | {"attacks": CHEAP[:1], "sweep_eps": []}
+    contiguous = evaluate_run(run_dir, output=tmp_path / "a.json", memory_format="contiguous", progress=False, **small)
+    fast = evaluate_run(run_dir, output=tmp_path / "b.json", memory_format="channels_last", progress=False, **small)
+    # A 3x3 convolution of several input channels: its two layouts differ (those of a 1-channel one coincide).
+    conv = [next(p for p in model.parameters() if p.dim() == 4 and min(p.shape[1:]) > 1) for model in models]
+    assert conv[0].is_contiguous() and not conv[1].is_contiguous()
+    assert conv[1].is_contiguous(memory_format=torch.channels_last)
+    # On the CPU "auto" is channels_last; the format is where the report keeps the machine, not a setting.
+    assert report["environment"]["memory_format"] == "channels_last" == fast["environment"]["memory_format"]
+    assert contiguous["environment"]["memory_format"] == "contiguous"
+    assert contiguous["settings"] == fast["settings"]
+    assert contiguous["results"]["clean"] == fast["results"]["clean"] == report["results"]["clean"]
+    assert contiguous["margins"]["mean_clean"] == pytest.approx(fast["margins"]["mean_clean"], abs=1e-5)
+    assert "channels_last weights" in (tmp_path / "b.md").read_text()
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
@@ -212,6 +236,7 @@ def test_attacks_run_under_autocast_and_decisions_in_fp32(report, run_dir, tmp_p
         (["--weights", "best"], "the run has no best weights"),
         (["--sweep-eps"], "expected at least one argument"),  # a bare flag would hide that no sweep runs
         (["--sweep-eps", "0.1", "--no-sweep"], "not allowed with argument"),
+        (["--memory-format", "nhwc"], "invalid choice: 'nhwc'"),
     ],
 )
 def test_cli_rejects_bad_input_before_work(flags, message, run_dir, tmp_path, capsys, monkeypatch):
@@ -234,6 +259,7 @@ def test_cli_rejects_bad_input_before_work(flags, message, run_dir, tmp_path, ca
         ({"attacks": ["pgd20", "fgsm"]}, "unknown evaluation attack 'fgsm'"),
         ({"split": "dev"}, "unknown split"),
         ({"sweep_eps": [0.1, 1.5]}, r"every eps of the sweep is an L-inf radius in pixels in \[0, 1\]"),
+        ({"memory_format": "nhwc"}, r"memory_format must be one of \('auto', 'contiguous', 'channels_last'\)"),
     ],
 )
 def test_evaluate_run_rejects_bad_input_before_any_attack(kwargs, message, run_dir, tmp_path, monkeypatch):

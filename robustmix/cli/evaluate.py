@@ -13,6 +13,7 @@ from robustmix.cli.args import nonnegative_int, nonnegative_number, positive_int
 from robustmix.core.step import MIXED_PRECISION
 from robustmix.data import SPLITS
 from robustmix.evaluation.attacks import ATTACKS, DEFAULT_ATTACKS
+from robustmix.evaluation.run import MEMORY_FORMATS
 from robustmix.runs.folder import WEIGHTS
 
 
@@ -50,6 +51,11 @@ def add_evaluation_flags(parser: argparse.ArgumentParser) -> None:
         default="no",
         help="autocast of the attacks; decisions stay fp32 (default: no)",
     )
+    add(
+        "--memory-format", choices=MEMORY_FORMATS, default="auto",
+        help="the model's memory format; auto: channels_last on a CPU (faster there), contiguous elsewhere; the "
+        "numbers agree up to float rounding (default: auto)",
+    )  # fmt: skip
     # Two flags, not a bare `--sweep-eps` meaning "none": reading the command must tell whether a sweep ran.
     sweep = parser.add_mutually_exclusive_group()
     sweep.add_argument(
@@ -73,7 +79,7 @@ def add_evaluation_flags(parser: argparse.ArgumentParser) -> None:
 def evaluation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The keyword arguments of ``evaluate_run`` from flags added by ``add_evaluation_flags``."""
     keys = ("attacks", "eps", "n_examples", "split", "weights", "batch_size", "seed", "mixed_precision")
-    return {key: getattr(args, key) for key in (*keys, "sweep_eps", "plots", "progress")}
+    return {key: getattr(args, key) for key in (*keys, "memory_format", "sweep_eps", "plots", "progress")}
 
 
 def _eps_flag(text: str) -> float:

@@ -188,8 +188,8 @@ def evaluation_markdown(report: Mapping[str, Any]) -> str:
         "## Environment",
         "",
         f"robustmix {env['robustmix']}, torch {env['torch']}, accelerate {env['accelerate']}, Python "
-        f"{env['python']}; {env['num_processes']} process(es) on {env['device']}; {env['elapsed_s']} s; "
-        f"{env['date']}.",
+        f"{env['python']}; {env['num_processes']} process(es) on {env['device']}"
+        f"{_memory_format(env)}; {env['elapsed_s']} s; {env['date']}.",
         "",
     ]
     return "\n".join(lines)
@@ -701,11 +701,16 @@ def _environments(environments: Any) -> str:
     seen = sorted(
         {
             f"robustmix {e['robustmix']}, torch {e['torch']}, accelerate {e['accelerate']}, Python {e['python']} "
-            f"on {e['num_processes']} process(es), {e['device']}"
+            f"on {e['num_processes']} process(es), {e['device']}{_memory_format(e)}"
             for e in environments
         }
     )
     return "; ".join(seen)
+
+
+def _memory_format(environment: Mapping[str, Any]) -> str:
+    """The model's memory format in an environment line (reports made before it was recorded have none)."""
+    return f", {environment['memory_format']} weights" if "memory_format" in environment else ""
 
 
 def _planned_steps(run: Mapping[str, Any]) -> int:
