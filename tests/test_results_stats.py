@@ -318,6 +318,8 @@ def test_a_second_evaluation_adds_columns_and_differences():
 
     table = results_table(runs, full)
     assert table[0].endswith("| worst case | clean (all 100) | PGD-20 (all 100) | flags |")
+    alone = results_table(full)  # a page of the single-attack evaluation: no worst-case column repeating PGD-20
+    assert alone[0] == "| recipe | seeds | clean | PGD-20 | flags |" and alone[3].endswith("| 51.00 ± 0.00 | 0 |")
     assert table[3].endswith("| 50.33 ± 2.08 | 50.00 ± 0.00 | 52.00 ± 0.00 | 50.00 ± 0.00 | 51.00 ± 0.00 | 0 |")
     page = _page(runs, comparison, full_split={"digits": full}, full_split_report_name="eval_full_split.json")
     assert "Evaluation: the first 100 examples of the test split" in page

@@ -260,8 +260,9 @@ def results_table(
         full_split: ``{recipe: reports}`` of a second evaluation of the same runs (in the same order) on the
             whole split; its accuracies follow as columns marked with its number of examples.
     """
-    attacks = next(iter(runs.values()))[0]["settings"]["attacks"]
-    header = ["recipe", "seeds", "clean", *(attack["label"] for attack in attacks), "worst case"]
+    first = next(iter(runs.values()))[0]
+    main = metrics(first)  # with a single attack, no worst-case column: it would repeat the attack's
+    header = ["recipe", "seeds", *(metric_label(first, metric) for metric in main)]
     extra: list[str] = []
     if full_split:
         extra = metrics(next(iter(full_split.values()))[0])
@@ -269,14 +270,11 @@ def results_table(
     header.append("flags")
     lines = ["| " + " | ".join(header) + " |", "| --- | --- |" + " ---: |" * (len(header) - 2)]
     for recipe, group in runs.items():
-        results = [r["results"] for r in group]
         second = list(full_split[recipe]) if full_split else []
         cells = [
             recipe,
             f"{len(group)} ({', '.join(str(r['run']['train_seed']) for r in group)})",
-            mean_std([r["clean"] for r in results]),
-            *(mean_std([r["standalone"][attack["name"]] for r in results]) for attack in attacks),
-            mean_std([r["worst_case"] for r in results]),
+            *(mean_std([accuracy(r, metric) for r in group]) for metric in main),
             *(mean_std([accuracy(r, metric) for r in second]) for metric in extra),
             str(sum(len(r["sanity_flags"]) for r in [*group, *second])),
         ]
