@@ -331,12 +331,15 @@ def row_name(config: dict[str, Any]) -> str:
     parser = _recipe_parser(recipe)
     shared = vars(base_parser(recipe).parse_args([]))
     words = [recipe]
-    derived = getattr(_recipe_module(recipe), "DERIVED_FLAGS", {})
+    # What the recipe fills in for a flag left unset (its DEFAULTS, e.g. AWP's gamma for --base at) and what it
+    # derives (DERIVED_FLAGS) is its default too: a run that recorded it set nothing.
+    module = _recipe_module(recipe)
+    filled = {**getattr(module, "DEFAULTS", {}), **getattr(module, "DERIVED_FLAGS", {})}
     for action in parser._actions:
         name = action.dest
         if name in shared or name == "help" or name not in flags or flags[name] == action.default:
             continue
-        if action.default is None and name in derived and flags[name] == derived[name](argparse.Namespace(**flags)):
+        if action.default is None and name in filled and flags[name] == _filled(filled[name], flags):
             continue
         value = flags[name]
         if isinstance(value, bool):
@@ -347,6 +350,11 @@ def row_name(config: dict[str, Any]) -> str:
     if mode is not None and mode != _default_attack_bn_mode(flags):
         words += ["--attack-bn-mode", mode]
     return " ".join(words)
+
+
+def _filled(default: Any, flags: dict[str, Any]) -> Any:
+    """A recipe's default for a flag left unset: a value, or a function of the other flags."""
+    return default(argparse.Namespace(**flags)) if callable(default) else default
 
 
 def attack_bn_mode(config: dict[str, Any]) -> str | None:

@@ -571,6 +571,21 @@ def test_readings_of_one_recipe_get_rows_of_their_own():
     assert results.row_name(shared) == "adalab"
 
 
+def test_values_a_recipe_fills_in_itself_name_no_row():
+    # AWP records the gamma and warm-up its --base implies (DEFAULTS): the release's values are its default.
+    results = load_recipe("results")
+    parser = results._recipe_parser("awp")
+
+    def config(*argv):
+        return {"flags": vars(parse_args(results._recipe_parser("awp"), list(argv), load_recipe("awp").DEFAULTS))}
+
+    assert config()["flags"]["gamma"] == 0.01 and results.row_name(config()) == "awp"
+    assert results.row_name(config("--base", "trades", "--epochs", "40")) == "awp --base trades"
+    assert results.row_name(config("--gamma", "0.02")) == "awp --gamma 0.02"
+    assert results.row_name(config("--warmup-epochs", "2")) == "awp --warmup-epochs 2"
+    assert parser.get_default("gamma") is None  # so without DEFAULTS the recorded 0.01 would name the row
+
+
 def test_runs_from_before_a_default_changed_keep_their_reading():
     # Until --weighting mail became ADA-Lab's default, every run recorded its weighting and c = 5 (used or not).
     results = load_recipe("results")
