@@ -122,10 +122,9 @@ def _page(runs: dict[str, list[dict]], comparison: dict, **kwargs) -> str:
         {"digits": runs},
         command="python recipes/results.py ...",
         training_commands={r["run"]["run_dir"]: "python recipes/x.py" for group in runs.values() for r in group},
-        scatter=None,
         date="2026-01-01",
         comparisons={"digits": comparison},
-        **kwargs,
+        **{"scatter": None, **kwargs},
     )
 
 
@@ -320,6 +319,8 @@ def test_a_second_evaluation_adds_columns_and_differences():
     assert table[0].endswith("| worst case | clean (all 100) | PGD-20 (all 100) | flags |")
     alone = results_table(full)  # a page of the single-attack evaluation: no worst-case column repeating PGD-20
     assert alone[0] == "| recipe | seeds | clean | PGD-20 | flags |" and alone[3].endswith("| 51.00 ± 0.00 | 0 |")
+    single = _page(full, results_statistics(full, reference="pgd_at"), scatter="s.png")
+    assert "## Clean against PGD-20 accuracy" in single and "worst-case accuracy" not in single
     assert table[3].endswith("| 50.33 ± 2.08 | 50.00 ± 0.00 | 52.00 ± 0.00 | 50.00 ± 0.00 | 51.00 ± 0.00 | 0 |")
     page = _page(runs, comparison, full_split={"digits": full}, full_split_report_name="eval_full_split.json")
     assert "Evaluation: the first 100 examples of the test split" in page

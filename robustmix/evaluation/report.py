@@ -597,7 +597,8 @@ def results_page(
                 lines.append(f"{training_commands[r['run']['run_dir']]}  # evaluated {r['environment']['date']}")
         lines += ["```", ""]
     if scatter is not None:
-        lines += ["## Clean against worst-case accuracy", "", f"![clean against worst-case accuracy]({scatter})", ""]
+        robust = _robust_name(next(iter(next(iter(tables.values())).values()))[0])
+        lines += [f"## Clean against {robust} accuracy", "", f"![clean against {robust} accuracy]({scatter})", ""]
     return "\n".join(lines)
 
 
@@ -657,9 +658,15 @@ def plot_clean_vs_robust(tables: Mapping[str, Mapping[str, Sequence[Mapping[str,
             fontsize=9,
         )
         axes.set_xlabel("clean accuracy (%)")
-        axes.set_ylabel("worst-case robust accuracy (%)")
+        axes.set_ylabel(f"{_robust_name(first)} robust accuracy (%)")
         axes.legend(fontsize=8)
     figure.savefig(path, dpi=120)
+
+
+def _robust_name(report: Mapping[str, Any]) -> str:
+    """What the robust accuracy of a report is against: "worst-case", or its single attack's label."""
+    attacks = report["settings"]["attacks"]
+    return attacks[0]["label"] if len(attacks) == 1 else "worst-case"
 
 
 def _precision(mixed_precision: str) -> str:
