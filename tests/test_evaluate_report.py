@@ -690,3 +690,63 @@ def test_a_derived_default_recorded_by_the_run_names_nothing():
     chosen = {"flags": vars(parser.parse_args(["--train-size", "1000", "--meta-size", "59"]))}
     assert results.row_name(derived) == "caat"
     assert results.row_name(chosen) == "caat --meta-size 59"
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_an_interrupted_evaluation_continues_from_the_chunks_it_finished(report, run_dir, tmp_path, monkeypatch):
+    # SMALL: 12 examples in 2 chunks of 6; each chunk calls worst_case 3 times (the suite, then 2 sweep radii).
+    calls = []
+    real = evaluate.worst_case
+
+    def crashing(*args, **kwargs):
+        calls.append(kwargs["seed"])
+        if crash_at is not None and len(calls) == crash_at:
+            raise _Crash("the machine went away")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "worst_case", crashing)
+    output = tmp_path / "eval.json"
+    crash_at = 4  # chunk 1's suite: chunk 0 is finished
+    with pytest.raises(_Crash):
+        evaluate_run(run_dir, output=output, progress=False, **SMALL)
+    kept = tmp_path / "eval_chunks"
+    assert [p.name for p in kept.iterdir()] == ["chunk_00000.json"] and not output.exists()
+    assert json.loads((kept / "chunk_00000.json").read_text())["made_by"]["weights_sha256"]  # plain JSON
+    calls.clear()
+    crash_at = None
+    resumed = evaluate_run(run_dir, output=output, progress=False, **SMALL)
+    assert calls == [1, 1, 1]  # only chunk 1 (seed 0 + 1) was attacked again
+    assert resumed["results"] == report["results"] and resumed["margins"] == report["margins"]
+    assert resumed["eps_sweep"] == report["eps_sweep"]
+    assert not kept.exists()  # the report holds the chunks now
+
+
+@pytest.mark.parametrize("spoil", ["garbage", "other weights", "missing attack", "short"])
+def test_a_spoilt_or_foreign_kept_chunk_is_evaluated_again(spoil, report, run_dir, tmp_path, monkeypatch):
+    from robustmix.evaluation import chunks
+
+    saved = []
+    monkeypatch.setattr(chunks, "remove_chunks", lambda folder: saved.extend(sorted(folder.iterdir())))
+    output = tmp_path / "eval.json"
+    evaluate_run(run_dir, output=output, progress=False, **SMALL)  # keeps its chunks (removal patched out)
+    path = saved[0]
+    stored = json.loads(path.read_text())
+    if spoil == "garbage":
+        path.write_text('{"format": 1, "chunk": 0, "made_by": ')
+    elif spoil == "other weights":
+        stored["made_by"]["weights_sha256"] = "0" * 64
+    elif spoil == "missing attack":
+        stored["attacked"]["pairs"].pop()
+    else:
+        stored["per_example"]["pairs"][0][1]["n"] = 5  # correct: 5 of the chunk's 6 examples
+    if spoil != "garbage":
+        path.write_text(json.dumps(stored))
+    calls = []
+    real = evaluate.worst_case
+    monkeypatch.setattr(evaluate, "worst_case", lambda *a, **k: calls.append(k["seed"]) or real(*a, **k))
+    again = evaluate_run(run_dir, output=output, progress=False, **SMALL)
+    assert calls == [0, 0, 0]  # chunk 0 attacked again, chunk 1 taken from its file
+    assert again["results"] == report["results"]

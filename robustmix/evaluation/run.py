@@ -29,6 +29,7 @@ from robustmix.attacks.pgd import check_eps
 from robustmix.checks import check_choice, check_int, check_number, is_integer, is_number
 from robustmix.core.step import MIXED_PRECISION
 from robustmix.data import SPLITS, ImageDataset, load_split
+from robustmix.evaluation import chunks
 from robustmix.evaluation import report as reports
 from robustmix.evaluation.attacks import (
     DEFAULT_ATTACKS,
@@ -90,7 +91,9 @@ def evaluate_run(
     per-example results are gathered with ``accelerator.gather_for_metrics``, every example once; since a
     chunk's numbers do not depend on where it runs, any number of processes gives the numbers of one (bit for
     bit on the same hardware). Keep ``batch_size`` at most ``n_examples / num_processes`` so that every
-    process has work.
+    process has work. Each finished chunk is kept on disk until the report is written (``<output stem>_chunks/``,
+    ``robustmix.evaluation.chunks``): an evaluation interrupted by a crash or a lost machine continues, when run
+    again with the same settings on the same weights, device and memory format, from the chunks it finished.
 
     The main process writes ``output`` atomically (JSON: every setting, the results, ``sanity_flags``),
     the Markdown table ``eval.md`` next to it and, with ``plots``, two PNGs: robust accuracy against eps
@@ -222,8 +225,8 @@ def evaluate_run(
     if model.num_classes != data.num_classes:
         raise ValueError(f"the model has {model.num_classes} classes, the {split} split {data.num_classes}")
 
-    chunks = np.array_split(np.arange(math.ceil(n / batch_size)), accelerator.num_processes)
-    mine = chunks[accelerator.process_index].tolist()
+    shares = np.array_split(np.arange(math.ceil(n / batch_size)), accelerator.num_processes)
+    mine = shares[accelerator.process_index].tolist()
     attacked_sweep = [value for value in sweep if value > 0]
     # The bar advances by each attack's nominal cost (attack_cost x examples), so its rate and ETA stay steady
     # from a cheap PGD-20 to a 5,000-query Square.
@@ -242,8 +245,24 @@ def evaluate_run(
         bar.set_postfix_str(f"{spec.label} at eps {eps:.4g}, examples {first}-{first + size - 1}")
         bar.update(round(attack_cost(spec) * size))
 
+    # An interrupted evaluation continues: the chunks it finished are on disk (robustmix.evaluation.chunks).
+    kept = chunks.chunk_folder(output)
+    made_by = {
+        "settings": settings, "weights_sha256": run["weights_sha256"], "robustmix": __version__,
+        "device": device_name(device), "memory_format": memory_format,
+    }  # fmt: skip
+    resumed = 0
     records = []
     for c in mine:
+        record = chunks.load_chunk(
+            kept, c, made_by, chunk_sizes[c], [spec.name for spec in specs], attacked_sweep,
+            [spec.name for spec in sweep_specs],
+        )  # fmt: skip
+        if record is not None:
+            resumed += 1
+            records.append(record)
+            bar.update(sum(round(attack_cost(spec) * chunk_sizes[c]) for spec in passes))
+            continue
         xc, yc = (t[c * batch_size : (c + 1) * batch_size].to(device) for t in (x, y))
         with _autocast(device, mixed_precision):
             main = worst_case(
@@ -258,8 +277,12 @@ def evaluate_run(
                     after_attack=functools.partial(advance, eps=value, c=c),
                 )  # fmt: skip
             swept[value] = result["per_example"]
-        records.append({key: main[key] for key in ("per_example", "attacked", "loss_trace")} | {"sweep": swept})
+        record = {key: main[key] for key in ("per_example", "attacked", "loss_trace")} | {"sweep": swept}
+        chunks.save_chunk(kept, c, made_by, record)
+        records.append(record)
     bar.close()
+    if resumed:
+        print(f"{run_dir}: {resumed} of {len(mine)} chunk(s) taken from {kept}, finished by an earlier evaluation")
     # Objects, not tensors: shards differ in length, and gather_object keeps the processes' order.
     records = accelerator.gather_for_metrics(records, use_gather_object=True)
 
@@ -280,6 +303,8 @@ def evaluate_run(
         _write_report(report, output)
         _print(report, output, "written")
     accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        chunks.remove_chunks(kept)  # the report holds them now
     return report
 
 
