@@ -113,7 +113,7 @@ def evaluate_run(
         mixed_precision: "no", "bf16" or "fp16": the autocast of the attacks' forwards and backwards.
         memory_format: The model's weights (and with them its activations) in "contiguous" or "channels_last"
             memory format; "auto" is channels_last on a CPU, where oneDNN's convolutions run faster that way
-            (the evaluation suite 1.3x on a trained Fashion-MNIST model, ``benchmarks/memory_format.py``), and
+            (the evaluation suite 1.44x on a trained Fashion-MNIST model, ``benchmarks/memory_format.py``), and
             contiguous elsewhere. Not a setting of the protocol: the two formats give the same logits up to float
             rounding, and the report records the format used under ``"environment"``.
         sweep_eps: Radii of the eps sweep in pixels; defaults to ``SWEEP_MULTIPLES`` of ``eps``, capped at
