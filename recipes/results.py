@@ -152,7 +152,7 @@ def training_command(config: dict[str, Any], folder: str | Path | None = None) -
     derived = getattr(_recipe_module(flags["recipe"]), "DERIVED_FLAGS", {})
     words = [f"recipes/{flags['recipe']}.py"]
     for name, value in flags.items():
-        if name in derived and value == derived[name](argparse.Namespace(**flags)):
+        if name in derived and value == _filled(derived[name], flags):
             continue
         default = preset[name] if name in preset else defaults.get_default(name)
         if name == "step_size" and preset["eps"] > 0 and flags["eps"] != preset["eps"]:
