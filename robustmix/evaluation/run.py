@@ -251,13 +251,11 @@ def evaluate_run(
         "settings": settings, "weights_sha256": run["weights_sha256"], "robustmix": __version__,
         "device": device_name(device), "memory_format": memory_format,
     }  # fmt: skip
+    names, sweep_names = [spec.name for spec in specs], [spec.name for spec in sweep_specs]
     resumed = 0
     records = []
     for c in mine:
-        record = chunks.load_chunk(
-            kept, c, made_by, chunk_sizes[c], [spec.name for spec in specs], attacked_sweep,
-            [spec.name for spec in sweep_specs],
-        )  # fmt: skip
+        record = chunks.load_chunk(kept, c, made_by, chunk_sizes[c], names, attacked_sweep, sweep_names)
         if record is not None:
             resumed += 1
             records.append(record)
