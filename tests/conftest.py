@@ -87,7 +87,8 @@ def launch_two_processes(script: str | Path, *args: str, timeout: int = 300) -> 
 
     Accelerate 1.x runs ``--cpu --num_processes 2`` as ONE process; gloo ranks need the torchrun
     launcher (``--multi_gpu``) with ``ACCELERATE_USE_CPU`` set. The repository root goes on the path
-    so worker scripts can import ``tests.conftest``.
+    so worker scripts can import ``tests.conftest``. Each process starts in ``tests/distributed_entry.py``,
+    which runs ``script`` and then destroys the process group it left alive (see there why).
     """
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -101,7 +102,7 @@ def launch_two_processes(script: str | Path, *args: str, timeout: int = 300) -> 
     }
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--main_process_port", str(port), str(script), *args,
+        "--main_process_port", str(port), str(REPO / "tests" / "distributed_entry.py"), str(script), *args,
     ]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> torch.nn.Module:
     if args.save:
         weights = accelerator.unwrap_model(model).state_dict()
         torch.save(weights, f"{args.save}.rank{accelerator.process_index}.pt")
+    accelerator.end_training()  # several processes: leave the process group before the interpreter exits
     return model
 
 

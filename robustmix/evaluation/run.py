@@ -44,6 +44,7 @@ from robustmix.evaluation.worstcase import combination_name, sanity_flags, worst
 from robustmix.runs.checkpoint import atomic_write_json, atomic_write_text, file_sha256
 from robustmix.runs.environment import device_name, versions
 from robustmix.runs.folder import CONFIG_FILE, WEIGHTS, load_config, load_model, missing_weights, read_json
+from robustmix.training.distributed import destroy_process_group_at_exit
 from robustmix.version import __version__
 
 #: The default eps sweep in multiples of the evaluation eps (capped at 1). At 4x and 8x a working attack
@@ -200,7 +201,10 @@ def evaluate_run(
         "weights_file": weights_file.relative_to(run_dir).as_posix(),
         "weights_sha256": file_sha256(weights_file),
     }
-    accelerator = accelerator or Accelerator()
+    if accelerator is None:
+        accelerator = Accelerator()
+        if accelerator.num_processes > 1:  # the process group is this evaluation's: it is left cleanly at exit
+            destroy_process_group_at_exit()
     if reuse:
         stored = _current_report(output, settings, run["weights_sha256"])
         if stored is not None:

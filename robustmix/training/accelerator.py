@@ -11,6 +11,7 @@ from accelerate.tracking import GeneralTracker
 from accelerate.utils import GradientAccumulationPlugin
 
 from robustmix.core.step import AdversarialStep
+from robustmix.training.distributed import destroy_process_group_at_exit
 
 
 def training_forwards(step: AdversarialStep) -> set[str]:
@@ -50,6 +51,8 @@ def trainer_accelerator(
             gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=grad_accum, sync_with_dataloader=False),
             project_dir=project_dir,
         )
+        if accelerator.num_processes > 1:  # the process group is this trainer's: it is left cleanly at exit
+            destroy_process_group_at_exit()
     elif accelerator.gradient_accumulation_steps != grad_accum:
         raise ValueError(
             f"the accelerator accumulates {accelerator.gradient_accumulation_steps} micro-batches, not grad_accum "

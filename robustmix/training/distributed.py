@@ -1,6 +1,9 @@
-"""Keeping model state identical across DDP ranks."""
+"""Keeping model state identical across DDP ranks, and leaving the process group cleanly."""
 
 from __future__ import annotations
+
+import atexit
+import functools
 
 import torch
 import torch.distributed as dist
@@ -30,3 +33,21 @@ def sync_buffers(*models: nn.Module) -> None:
     flat /= dist.get_world_size()
     for buffer, values in zip(buffers, flat.split([b.numel() for b in buffers])):
         buffer.copy_(values.view_as(buffer))
+
+
+@functools.cache
+def destroy_process_group_at_exit() -> None:
+    """Destroy the default process group when the interpreter exits, while it is still fully alive (once per process).
+
+    A process that ends with its process group alive leaves its teardown to interpreter finalization. Gloo's worker
+    threads then may still hold work objects whose tensors reach back into Python, and the process dies of SIGABRT
+    ("terminate called without an active exception") after a run that finished and saved everything: its launcher
+    reports a failure. NCCL warns that the group was never destroyed. Destroying it from an ``atexit`` handler,
+    after the last collective and before finalization, avoids both; a group the user destroyed already is left alone.
+    """
+    atexit.register(_destroy_process_group)
+
+
+def _destroy_process_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
