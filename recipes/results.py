@@ -264,9 +264,10 @@ def main(argv: list[str] | None = None) -> str:
 
 
 def _plot_curves(configs: dict[str, dict[str, Any]], path: Path) -> bool:
-    """Write the training curves of the runs that kept their metrics.jsonl (one colour per run); whether any did."""
+    """Write the training curves of the runs that kept their metrics.jsonl (one colour per recipe, one line style
+    per seed); whether any did."""
     datasets = {config["data"]["dataset"] for config in configs.values()}
-    runs = {}
+    runs, groups = {}, {}
     for run_dir, config in sorted(configs.items(), key=lambda item: (row_name(item[1]), item[1]["seed"])):
         label = f"{row_name(config)} seed {config['seed']}"
         if len(datasets) > 1:
@@ -275,8 +276,9 @@ def _plot_curves(configs: dict[str, dict[str, Any]], path: Path) -> bool:
             runs[label] = load_metrics_log(run_dir)
         except (FileNotFoundError, ValueError):  # an archive without its metrics.jsonl
             continue
+        groups[label] = label.replace(f" seed {config['seed']}", "", 1)  # a recipe's seeds share a colour
     if runs:
-        plot_training_curves(runs, path, title="validation: the training run's PGD at its eps")
+        plot_training_curves(runs, path, title="validation: the training run's PGD at its eps", groups=groups)
     return bool(runs)
 
 

@@ -140,6 +140,25 @@ def test_curves_of_several_runs_in_one_figure(tmp_path):
     assert (tmp_path / "c.png").read_bytes()[:8] == PNG_MAGIC
 
 
+def test_the_seeds_of_a_recipe_share_a_colour_and_one_legend_names_every_run(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    drawn = []
+    monkeypatch.setattr(Figure, "savefig", lambda figure, path, **kwargs: drawn.append(figure))
+    rows = [{"step": s, "loss": 2 / s, "val_clean_acc": 0.5, "val_ema_clean_acc": 0.6} for s in range(1, 5)]
+    labels = ["a seed 0", "a seed 1", "b seed 0"]
+    plot_training_curves(dict.fromkeys(labels, rows), tmp_path / "c.png", groups={"a seed 0": "a", "a seed 1": "a"})
+    (figure,) = drawn
+    assert not any(axes.get_legend() for axes in figure.axes)  # no legend inside a panel
+    (legend,) = figure.legends
+    lines = dict(zip([text.get_text() for text in legend.get_texts()], legend.legend_handles))
+    assert list(lines) == [*labels, *(f"{label} (EMA)" for label in labels)]
+    a0, a1, b0 = (lines[label] for label in labels)
+    assert a0.get_color() == a1.get_color() != b0.get_color()
+    assert a0.get_linestyle() != a1.get_linestyle() and a0.get_linestyle() == b0.get_linestyle()
+    assert lines["a seed 0 (EMA)"].get_alpha() < 1 and lines["a seed 0 (EMA)"].get_color() == a0.get_color()
+
+
 def test_results_page_shows_the_training_curves_of_its_runs(tiny, run, tmp_path):
     other = tmp_path / "seed1"
     load_recipe("pgd_at").main(quick_flags(tiny, other, "--attack-steps", "1", "--seed", "1", "--log-every", "3"))

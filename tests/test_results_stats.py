@@ -272,6 +272,30 @@ def test_page_says_in_words_which_differences_are_beyond_noise():
     assert "- awp (seeds 0): clean -11.00 points, p 0.0034, no verdict (one seed); " in page
     assert "- mart: no training seed in common with pgd_at, no paired difference." in page
     assert "- pgd_at" not in page
+    summary = (
+        "In short, on clean and worst case accuracy:\n\n"
+        "- **beyond noise above pgd_at**: none;\n"
+        "- **beyond noise below pgd_at**: trades (clean);\n"
+        "- within noise on every one of them: none;\n"
+        "- no verdict (one paired seed): awp.\n"
+    )
+    assert summary in page
+
+
+def test_the_summary_names_every_headline_accuracy_and_recipes_within_noise():
+    runs, full = _runs(extra=False), _full_split_runs()
+    # mail gets right exactly what pgd_at gets right on every accuracy of both evaluations: within noise.
+    right = _pair(0, 0)[0]
+    runs["mail"] = [_report("mail", seed, *_everything(right)) for seed in range(3)]
+    full["mail"] = [_report("mail", seed, right, {"pgd20": right}, right) for seed in range(3)]
+    for group in runs.values():
+        for report in group:
+            report["settings"]["n_examples"] = N
+    comparison = results_statistics(runs, reference="pgd_at", full_split=full)
+    page = _page(runs, comparison, full_split={"digits": full}, full_split_report_name="eval_full_split.json")
+    assert "In short, on clean, worst case, clean (all 100) and PGD-20 (all 100) accuracy:\n" in page
+    assert "- **beyond noise below pgd_at**: trades (clean);\n" in page
+    assert "- within noise on every one of them: mail.\n" in page
 
 
 def test_old_reports_without_per_example_results_still_render():

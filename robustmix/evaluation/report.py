@@ -422,6 +422,7 @@ def differences_lines(
         f"per seed are in the JSON file next to this page. Rule: {stats.RULE}.",
         "",
     ]
+    lines += _summary_lines(comparison, first)
     for recipe, entry in comparison["recipes"].items():
         if recipe == reference:
             continue
@@ -436,6 +437,63 @@ def differences_lines(
         ]
         lines.append(f"- {recipe} (seeds {seeds}): " + "; ".join(parts) + ".")
     return [*lines, ""]
+
+
+def headline_metrics(report: Mapping[str, Any]) -> list[str]:
+    """The accuracies a comparison is summed up on: clean, and the robust accuracy of ``report``'s evaluation
+    (its worst case, or its single attack)."""
+    return ["clean", metrics(report)[-1]]
+
+
+def _summary_lines(comparison: Mapping[str, Any], first: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The verdicts on the headline accuracies of every evaluation, grouped: better, worse, within noise, none.
+
+    Args:
+        comparison: What ``results_statistics`` returned.
+        first: ``{evaluation name: one of its reports}`` (``"main"``, and ``"full_split"`` when there is one).
+    """
+    reference = comparison["reference"]
+    headlines = [
+        (name, metric, metric_label(report, metric, whole_split=name == "full_split"))
+        for name, report in first.items()
+        for metric in headline_metrics(report)
+    ]
+    groups: dict[str, list[str]] = {"better": [], "worse": [], "within": [], "none": []}
+    for recipe, entry in comparison["recipes"].items():
+        differences = entry.get("difference")
+        if recipe == reference or differences is None or differences["main"] is None:
+            continue
+        verdicts = {
+            label: differences[name][metric]["verdict"]
+            for name, metric, label in headlines
+            if differences.get(name) and metric in differences[name]
+        }
+        for side in ("better", "worse"):
+            labels = [label for label, verdict in verdicts.items() if verdict == f"beyond noise ({side})"]
+            if labels:
+                groups[side].append(f"{recipe} ({', '.join(labels)})")
+        if all(verdict == "within noise" for verdict in verdicts.values()):
+            groups["within"].append(recipe)
+        elif all(verdict.startswith("no verdict") for verdict in verdicts.values()):
+            groups["none"].append(recipe)
+    labels = [label for _, _, label in headlines]
+    names = f"{', '.join(labels[:-1])} and {labels[-1]} accuracy"
+
+    def listed(recipes: list[str]) -> str:
+        return ", ".join(recipes) if recipes else "none"
+
+    lines = [
+        f"In short, on {names}:",
+        "",
+        f"- **beyond noise above {reference}**: {listed(groups['better'])};",
+        f"- **beyond noise below {reference}**: {listed(groups['worse'])};",
+        f"- within noise on every one of them: {listed(groups['within'])}",
+    ]
+    if groups["none"]:
+        lines[-1] += ";"
+        lines.append(f"- no verdict (one paired seed): {listed(groups['none'])}")
+    lines[-1] += "."
+    return [*lines, "", "Every difference:", ""]
 
 
 def _same_run(report: Mapping[str, Any], like: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -5,11 +5,13 @@
 The rows are those of a run's ``metrics.jsonl`` (``robustmix.runs.folder.load_metrics_log``); each panel draws,
 per run, the rows that hold its value at their optimizer step. Validation of EMA weights (``val_ema_*``),
 where a run has it, is drawn dashed beside the raw weights'. matplotlib (``pip install 'robustmix[plot]'``)
-is imported inside ``plot_training_curves`` only, on the Agg canvas: no pyplot state, no display.
+is imported inside ``plot_training_curves`` only, on the Agg canvas: no pyplot state, no display. One legend beside
+the four panels names every run; the seeds of one recipe (``groups``) share a colour and differ in line style.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,33 +32,54 @@ def curve(rows: Sequence[Mapping[str, Any]], key: str) -> tuple[list[int], list[
 
 
 def plot_training_curves(
-    runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path, *, title: str | None = None
+    runs: Mapping[str, Sequence[Mapping[str, Any]]],
+    path: str | Path,
+    *,
+    title: str | None = None,
+    groups: Mapping[str, str] | None = None,
 ) -> None:
-    """Write a PNG of the training curves of ``runs`` (``{label: metrics.jsonl rows}``), one colour per run.
+    """Write a PNG of the training curves of ``runs`` (``{label: metrics.jsonl rows}``) with one legend beside the
+    panels.
 
     Args:
         runs: The runs' rows, each labelled as the legend shows it.
         path: Where the PNG goes.
         title: Above the panels (e.g. the evaluation attack of the validation rows).
+        groups: ``{label: group}``: the runs of one group (a recipe's seeds) share a colour and differ in line
+            style. Without it every run has a colour of its own.
     """
     from matplotlib import colormaps
     from matplotlib.figure import Figure
 
+    group_of = {label: (groups or {}).get(label, label) for label in runs}
+    colour_index = {group: i for i, group in enumerate(dict.fromkeys(group_of.values()))}
+    member, seen = {}, Counter()  # a run's place in its group picks its line style
+    for label, group in group_of.items():
+        member[label], seen[group] = seen[group], seen[group] + 1
+    colors, styles = colormaps["tab20"].colors, ("-", "--", ":", "-.")
     figure = Figure(figsize=(11, 7.5), layout="constrained")
-    colors = colormaps["tab20"].colors
+    legend: dict[str, Any] = {}  # label -> its first line, for the one legend of the figure
     for axes, (panel, keys, accuracy) in zip(figure.subplots(2, 2).flat, PANELS):
-        for i, (label, rows) in enumerate(runs.items()):
+        for label, rows in runs.items():
+            i = colour_index[group_of[label]]
             color = colors[(2 * i) % 20 + (2 * i) // 20 % 2]  # the dark shades first, then the light ones
-            for key, style in zip(keys, ("-", "--")):
+            for key, alpha in zip(keys, (1.0, 0.45)):  # validation of the moving average: the same line, fainter
                 steps, values = curve(rows, key)
-                if steps:
-                    scaled = [100 * v for v in values] if accuracy else values
-                    shown = label if key == keys[0] else f"{label} (EMA)"
-                    axes.plot(steps, scaled, style, marker=".", color=color, label=shown, linewidth=1.2)
+                if not steps:
+                    continue
+                scaled = [100 * v for v in values] if accuracy else values
+                shown = label if key == keys[0] else f"{label} (EMA)"
+                (line,) = axes.plot(
+                    steps, scaled, styles[member[label] % len(styles)], color=color, alpha=alpha, linewidth=1.2,
+                    marker="." if len(steps) <= 30 else None,  # a marker on each of few points, none on a dense curve
+                )  # fmt: skip
+                legend.setdefault(shown, line)
         axes.set_title(panel, fontsize=10)
         axes.set_xlabel("optimizer step")
-        if axes.has_data():
-            axes.legend(fontsize=7)
+    if legend:
+        figure.legend(
+            list(legend.values()), list(legend), loc="outside right upper", fontsize=7, ncols=1 + len(legend) // 40
+        )
     if title:
         figure.suptitle(title, fontsize=10)
     figure.savefig(path, dpi=110)
