@@ -371,3 +371,16 @@ def test_std_is_the_sample_standard_deviation():
     comparison = results_statistics(runs, reference="pgd_at")
     values = [100 * r["results"]["standalone"]["pgd20"] for r in runs["trades"]]
     assert comparison["recipes"]["trades"]["std"]["main"]["pgd20"] == pytest.approx(statistics.stdev(values))
+
+
+def test_the_environments_of_a_page_say_how_many_reports_each_made():
+    runs = _runs(extra=False)
+    page = _page(runs, results_statistics(runs, reference="pgd_at"))
+    alike = next(line for line in page.splitlines() if line.startswith("Evaluated with"))
+    assert "report" not in alike  # one environment for all: no counts
+    runs["trades"][0]["environment"] = {**runs["trades"][0]["environment"], "memory_format": "channels_last"}
+    page = _page(runs, results_statistics(runs, reference="pgd_at"))
+    line = next(line for line in page.splitlines() if line.startswith("Evaluated with"))
+    assert line.endswith(
+        "cpu (test) (5 reports); " + alike.removeprefix("Evaluated with ")[:-1] + ", channels_last weights (1 report)."
+    )

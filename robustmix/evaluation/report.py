@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import statistics
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -760,15 +761,16 @@ def _sanity_markdown(flags: Sequence[str], *, swept: bool = True) -> list[str]:
 
 
 def _environments(environments: Any) -> str:
-    """The distinct software versions and hardware of some reports, in words."""
-    seen = sorted(
-        {
-            f"robustmix {e['robustmix']}, torch {e['torch']}, accelerate {e['accelerate']}, Python {e['python']} "
-            f"on {e['num_processes']} process(es), {e['device']}{_memory_format(e)}"
-            for e in environments
-        }
+    """The distinct software versions and hardware of some reports, in words, each with how many reports it made
+    when they are not all alike."""
+    seen = Counter(
+        f"robustmix {e['robustmix']}, torch {e['torch']}, accelerate {e['accelerate']}, Python {e['python']} "
+        f"on {e['num_processes']} process(es), {e['device']}{_memory_format(e)}"
+        for e in environments
     )
-    return "; ".join(seen)
+    if len(seen) == 1:
+        return next(iter(seen))
+    return "; ".join(f"{words} ({count} report{'s' if count > 1 else ''})" for words, count in sorted(seen.items()))
 
 
 def _memory_format(environment: Mapping[str, Any]) -> str:
