@@ -345,9 +345,11 @@ def test_a_second_evaluation_adds_columns_and_differences():
     assert alone[0] == "| recipe | seeds | clean | PGD-20 | flags |" and alone[3].endswith("| 51.00 ± 0.00 | 0 |")
     single = _page(full, results_statistics(full, reference="pgd_at"), scatter="s.png")
     assert "## Clean against PGD-20 accuracy" in single and "worst-case accuracy" not in single
+    assert "One attack: its robust accuracy is an upper bound on the model's." in single
     assert table[3].endswith("| 50.33 ± 2.08 | 50.00 ± 0.00 | 52.00 ± 0.00 | 50.00 ± 0.00 | 51.00 ± 0.00 | 0 |")
     page = _page(runs, comparison, full_split={"digits": full}, full_split_report_name="eval_full_split.json")
     assert "Evaluation: the first 100 examples of the test split" in page
+    assert "One attack:" not in page  # the main evaluation is a suite
     heading = 'Second evaluation (`eval_full_split.json`, the columns marked "all 100"): all 100 examples of the'
     assert heading in page
     assert "their eval.json and eval_full_split.json; do not edit" in page

@@ -625,6 +625,8 @@ def results_page(
         second = full_split[dataset] if full_split is not None else None
         evaluated = [(r, report_name) for group in runs.values() for r in group]
         lines += [f"## {dataset}", "", *_evaluation_lines(evaluated[0][0], "Evaluation"), ""]
+        if len(evaluated[0][0]["settings"]["attacks"]) == 1:
+            lines += [_ONE_ATTACK, ""]
         if second is not None:
             first = next(iter(second.values()))[0]
             heading = (
@@ -659,6 +661,14 @@ def results_page(
         robust = _robust_name(next(iter(next(iter(tables.values())).values()))[0])
         lines += [f"## Clean against {robust} accuracy", "", f"![clean against {robust} accuracy]({scatter})", ""]
     return "\n".join(lines)
+
+
+#: Under a page whose evaluation runs one attack: what its robust accuracy is, and is not.
+_ONE_ATTACK = (
+    "One attack: its robust accuracy is an upper bound on the model's. A model that hides its gradients can look "
+    "robust to it and not to other attacks, so a ranking on it can mislead; the worst case over a suite of attacks "
+    "(`recipes/evaluate.py`'s default) is the number to compare methods on."
+)
 
 
 def _evaluation_lines(report: Mapping[str, Any], heading: str, *, sweep: bool = True) -> list[str]:
