@@ -4,9 +4,10 @@
 
 The rows are those of a run's ``metrics.jsonl`` (``robustmix.runs.folder.load_metrics_log``); each panel draws,
 per run, the rows that hold its value at their optimizer step. Validation of EMA weights (``val_ema_*``),
-where a run has it, is drawn dashed beside the raw weights'. matplotlib (``pip install 'robustmix[plot]'``)
-is imported inside ``plot_training_curves`` only, on the Agg canvas: no pyplot state, no display. One legend beside
-the four panels names every run; the seeds of one recipe (``groups``) share a colour and differ in line style.
+where a run has it, is drawn fainter in the raw weights' colour and line style. matplotlib
+(``pip install 'robustmix[plot]'``) is imported inside ``plot_training_curves`` only, on the Agg canvas: no pyplot
+state, no display. One legend beside the four panels names every run; the seeds of one recipe (``groups``) share a
+colour and differ in line style.
 """
 
 from __future__ import annotations
