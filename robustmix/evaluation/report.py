@@ -696,17 +696,17 @@ def plot_clean_vs_robust(tables: Mapping[str, Mapping[str, Sequence[Mapping[str,
         tables: ``{dataset: {recipe: reports}}``.
         path: Where the PNG goes.
     """
-    from matplotlib import colormaps
     from matplotlib.figure import Figure
 
+    from robustmix.training.curves import distinct_colour
+
     figure = Figure(figsize=(5.5 * len(tables), 4.5), layout="constrained")
-    # 20 distinct colours, then the mean markers change shape: no two recipes look alike.
-    colors, shapes = colormaps["tab20"].colors, "Dsv^<>ph*"
+    shapes = "Dsv^<>ph*"  # after 20 colours the mean markers change shape: no two recipes look alike
     for axes, (dataset, runs) in zip(figure.subplots(1, len(tables), squeeze=False)[0], tables.items()):
         for i, (recipe, group) in enumerate(runs.items()):
             clean = [100 * r["results"]["clean"] for r in group]
             robust = [100 * r["results"]["worst_case"] for r in group]
-            color = colors[(2 * i) % 20 + (2 * i) // 20 % 2]  # the dark shades first, then the light ones
+            color = distinct_colour(i)
             (points,) = axes.plot(clean, robust, "o", alpha=0.4, color=color)
             axes.errorbar(
                 statistics.fmean(clean),

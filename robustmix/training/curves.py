@@ -26,6 +26,17 @@ PANELS = (
 )
 
 
+def distinct_colour(i: int) -> tuple[float, float, float]:
+    """The ``i``-th of 20 distinct colours (matplotlib's ``tab20``): its ten dark shades first, then the light ones.
+
+    The training curves and the clean-against-robust scatter both colour the ``i``-th recipe with it, so a recipe
+    looks the same in every figure of a results page.
+    """
+    from matplotlib import colormaps
+
+    return colormaps["tab20"].colors[(2 * i) % 20 + (2 * i) // 20 % 2]
+
+
 def curve(rows: Sequence[Mapping[str, Any]], key: str) -> tuple[list[int], list[float]]:
     """(optimizer steps, values) of the rows that hold ``key``, in the order written."""
     points = [(row["step"], row[key]) for row in rows if isinstance(row.get(key), (int, float))]
@@ -49,7 +60,6 @@ def plot_training_curves(
         groups: ``{label: group}``: the runs of one group (a recipe's seeds) share a colour and differ in line
             style. Without it every run has a colour of its own.
     """
-    from matplotlib import colormaps
     from matplotlib.figure import Figure
 
     group_of = {label: (groups or {}).get(label, label) for label in runs}
@@ -57,13 +67,12 @@ def plot_training_curves(
     member, seen = {}, Counter()  # a run's place in its group picks its line style
     for label, group in group_of.items():
         member[label], seen[group] = seen[group], seen[group] + 1
-    colors, styles = colormaps["tab20"].colors, ("-", "--", ":", "-.")
+    styles = ("-", "--", ":", "-.")
     figure = Figure(figsize=(11, 7.5), layout="constrained")
     legend: dict[str, Any] = {}  # label -> its first line, for the one legend of the figure
     for axes, (panel, keys, accuracy) in zip(figure.subplots(2, 2).flat, PANELS):
         for label, rows in runs.items():
-            i = colour_index[group_of[label]]
-            color = colors[(2 * i) % 20 + (2 * i) // 20 % 2]  # the dark shades first, then the light ones
+            color = distinct_colour(colour_index[group_of[label]])
             for key, alpha in zip(keys, (1.0, 0.45)):  # validation of the moving average: the same line, fainter
                 steps, values = curve(rows, key)
                 if not steps:
