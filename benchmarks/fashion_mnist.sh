@@ -5,6 +5,8 @@
 #   bash benchmarks/fashion_mnist.sh evaluate   # every finished run: the two evaluations below, then archive
 #   bash benchmarks/fashion_mnist.sh page       # docs/results_fashion_mnist.md (+ .json, scatter) from the archive,
 #                                               # and docs/results_fashion_mnist_full_split.md (PGD-20, all 10,000)
+#   bash benchmarks/fashion_mnist.sh status     # what each of the 33 runs has: training, the two evaluations
+#                                               # (finished chunks of an interrupted suite), the archived reports
 # Evaluation: clean and PGD-20 on all 10,000 test images; the per-example worst case of PGD-20, CW-inf, APGD-CE,
 # APGD-T and Square on the first 2,000 test images, no eps sweep. FAB-T is left out: on PGD-AT's and ADA-Lab's
 # seed 0 (first 1,000 test images, eval_test1000.json) it broke no image the other five missed, and it took about
@@ -61,5 +63,22 @@ case "${1:-}" in
           --output docs/results_fashion_mnist_full_split.md \
           --title "Results: Fashion-MNIST, clean and PGD-20 on all 10,000 test images"
     fi ;;
-  *) echo "usage: bash benchmarks/fashion_mnist.sh train|evaluate|page" >&2; exit 2 ;;
+  status)
+    # One line per run; "-" is missing. The suite runs in chunks of 256 examples: 8 for the first 2,000.
+    printf '%-16s %-9s %-11s %-11s %s\n' run trained suite full-split archived
+    for recipe in "${recipes[@]}"; do for seed in 0 1 2; do
+      name=$recipe-seed$seed run=runs/fashion-mnist/$recipe-seed$seed
+      trained=- suite=- full=- archived=
+      [[ -f $run/metrics.json ]] && trained=yes
+      if [[ -f $run/eval.json ]]; then suite=yes
+      elif [[ -d $run/eval_chunks ]]; then suite="$(find "$run/eval_chunks" -name 'chunk_*.json' | wc -l)/8 chunks"
+      fi
+      [[ -f $run/eval_full_split.json ]] && full=yes
+      for report in config.json eval.json eval_full_split.json; do
+        [[ -f $archive/$name/$report ]] && archived+="$report "
+      done
+      archived=${archived% }
+      printf '%-16s %-9s %-11s %-11s %s\n' "$name" "$trained" "$suite" "$full" "${archived:--}"
+    done; done ;;
+  *) echo "usage: bash benchmarks/fashion_mnist.sh train|evaluate|page|status" >&2; exit 2 ;;
 esac
