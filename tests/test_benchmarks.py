@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -123,3 +125,29 @@ def test_memory_format_compares_both_formats_on_the_same_examples(throughput, ca
     assert suite["accuracies"]["clean"]["examples_judged_differently"] == 0
     assert result["max_logit_difference"] < 1e-4
     assert "judged differently" in printed and "speed-up" in printed
+
+
+def test_fashion_mnist_status_lists_what_each_run_has(tmp_path) -> None:
+    (tmp_path / "benchmarks").mkdir()
+    shutil.copy(BENCHMARKS / "fashion_mnist.sh", tmp_path / "benchmarks")
+    runs, archive = tmp_path / "runs" / "fashion-mnist", tmp_path / "benchmarks" / "runs" / "fashion-mnist"
+    for name, files in {
+        "pgd_at-seed0": ["metrics.json", "eval.json", "eval_full_split.json"],
+        "mart-seed1": ["metrics.json", "eval_chunks/chunk_00000.json", "eval_chunks/chunk_00001.json"],
+    }.items():
+        for file in files:
+            (runs / name / file).parent.mkdir(parents=True, exist_ok=True)
+            (runs / name / file).write_text("{}")
+    (archive / "pgd_at-seed0").mkdir(parents=True)
+    (archive / "pgd_at-seed0" / "config.json").write_text("{}")
+    printed = subprocess.run(
+        ["bash", str(tmp_path / "benchmarks" / "fashion_mnist.sh"), "status"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    rows = {line.split()[0]: line.split()[1:] for line in printed.splitlines()[1:]}
+    assert len(rows) == 33
+    assert rows["pgd_at-seed0"] == ["yes", "yes", "yes", "config.json"]
+    assert rows["mart-seed1"] == ["yes", "2/8", "chunks", "-", "-"]
+    assert rows["adalab-seed2"] == ["-", "-", "-", "-"]
