@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from robustmix.evaluation import stats
 from robustmix.evaluation.report import (
+    every_seed_direction,
     pack_bools,
     per_example_results,
     results_page,
@@ -296,6 +297,47 @@ def test_the_summary_names_every_headline_accuracy_and_recipes_within_noise():
     assert "In short, on clean, worst case, clean (all 100) and PGD-20 (all 100) accuracy:\n" in page
     assert "- **beyond noise below pgd_at**: trades (clean);\n" in page
     assert "- within noise on every one of them: mail.\n" in page
+
+
+def _difference(per_seed: list[float], p: list[float] | None) -> dict:
+    mcnemar = None if p is None else {"per_seed": [{"seed": i, "p": value} for i, value in enumerate(p)]}
+    return {"per_seed": per_seed, "mcnemar": mcnemar}
+
+
+@pytest.mark.parametrize(
+    ("per_seed", "p", "expected"),
+    [
+        ([-10, -40, -12], [0.002, 1e-9, 0.001], "below"),
+        ([3, 1, 2], [0.01, 0.04, 0.02], "above"),
+        ([-10, -40, -12], [0.002, 0.2, 0.001], None),  # one seed within its test examples' noise
+        ([-10, 40, -12], [0.002, 1e-9, 0.001], None),  # the seeds disagree
+        ([-10, 0, -12], [0.002, 0.01, 0.001], None),  # a tie is no direction
+        ([-10], [0.002], None),  # one seed: nothing to be steady about
+        ([-10, -40, -12], None, None),  # no per-example results, no per-seed test
+    ],
+)
+def test_every_seed_direction_needs_every_seed_one_way_and_beyond_its_own_noise(per_seed, p, expected):
+    assert every_seed_direction(_difference(per_seed, p)) == expected
+
+
+def test_the_summary_marks_a_difference_within_noise_only_because_the_seeds_spread():
+    """fgsm_rs loses 10, 40 and 12 worst-case examples of 100 to pgd_at (each seed: McNemar p <= 0.002): the
+    interval over seeds (mean -20.67, 95% half-width 43) includes 0, so within noise, and one way on every seed."""
+    right = _pair(0, 0)[0]
+    runs: dict[str, list[dict]] = {"pgd_at": [], "fgsm_rs": []}
+    for seed, lost in enumerate((10, 40, 12)):
+        reference, other = _pair(lost, 0)
+        runs["pgd_at"].append(_report("pgd_at", seed, right, {"pgd20": reference, "square": reference}, reference))
+        runs["fgsm_rs"].append(_report("fgsm_rs", seed, right, {"pgd20": other, "square": other}, other))
+    comparison = results_statistics(runs, reference="pgd_at")
+    worst = comparison["recipes"]["fgsm_rs"]["difference"]["main"]["worst_case"]
+    assert worst["verdict"] == "within noise" and worst["low"] < 0 < worst["high"]
+    page = _page(runs, comparison)
+    assert "- within noise on every one of them: fgsm_rs;\n" in page
+    assert (
+        "- within noise, yet one way on every paired seed (each seed's McNemar p < 0.05; the seeds spread too far "
+        "for the interval to exclude 0, more seeds would decide): fgsm_rs (below on every seed: worst case).\n"
+    ) in page
 
 
 def test_old_reports_without_per_example_results_still_render():

@@ -459,7 +459,7 @@ def _summary_lines(comparison: Mapping[str, Any], first: Mapping[str, Mapping[st
         for name, report in first.items()
         for metric in headline_metrics(report)
     ]
-    groups: dict[str, list[str]] = {"better": [], "worse": [], "within": [], "none": []}
+    groups: dict[str, list[str]] = {"better": [], "worse": [], "within": [], "none": [], "steady": []}
     for recipe, entry in comparison["recipes"].items():
         differences = entry.get("difference")
         if recipe == reference or differences is None or differences["main"] is None:
@@ -473,6 +473,13 @@ def _summary_lines(comparison: Mapping[str, Any], first: Mapping[str, Mapping[st
             labels = [label for label, verdict in verdicts.items() if verdict == f"beyond noise ({side})"]
             if labels:
                 groups[side].append(f"{recipe} ({', '.join(labels)})")
+        steady: dict[str, list[str]] = {}  # "above" / "below" -> the labels of the metrics
+        for name, metric, label in headlines:
+            if verdicts.get(label) == "within noise" and (side := every_seed_direction(differences[name][metric])):
+                steady.setdefault(side, []).append(label)
+        if steady:
+            sides = "; ".join(f"{side} on every seed: {', '.join(labels)}" for side, labels in steady.items())
+            groups["steady"].append(f"{recipe} ({sides})")
         if all(verdict == "within noise" for verdict in verdicts.values()):
             groups["within"].append(recipe)
         elif all(verdict.startswith("no verdict") for verdict in verdicts.values()):
@@ -490,11 +497,34 @@ def _summary_lines(comparison: Mapping[str, Any], first: Mapping[str, Mapping[st
         f"- **beyond noise below {reference}**: {listed(groups['worse'])};",
         f"- within noise on every one of them: {listed(groups['within'])}",
     ]
+    if groups["steady"]:
+        lines[-1] += ";"
+        lines.append(
+            f"- within noise, yet one way on every paired seed (each seed's McNemar p < {stats.ALPHA}; the seeds "
+            f"spread too far for the interval to exclude 0, more seeds would decide): {listed(groups['steady'])}"
+        )
     if groups["none"]:
         lines[-1] += ";"
         lines.append(f"- no verdict (one paired seed): {listed(groups['none'])}")
     lines[-1] += "."
     return [*lines, "", "Every difference:", ""]
+
+
+def every_seed_direction(difference: Mapping[str, Any]) -> str | None:
+    """``"above"`` or ``"below"`` when at least two paired seeds all differ one way, each beyond its own test
+    examples' noise (McNemar p < ``stats.ALPHA`` per seed), else None (also without per-example results).
+
+    Not a verdict: it marks a difference within noise only because the seeds spread, e.g. a recipe whose
+    robustness collapses by a different amount on each seed.
+    """
+    per_seed, tests = difference.get("per_seed") or [], (difference.get("mcnemar") or {}).get("per_seed") or []
+    if len(per_seed) < 2 or len(tests) != len(per_seed) or any(test["p"] >= stats.ALPHA for test in tests):
+        return None
+    if all(value > 0 for value in per_seed):
+        return "above"
+    if all(value < 0 for value in per_seed):
+        return "below"
+    return None
 
 
 def _same_run(report: Mapping[str, Any], like: Mapping[str, Any]) -> Mapping[str, Any]:
