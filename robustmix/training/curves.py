@@ -29,8 +29,8 @@ PANELS = (
 def distinct_colour(i: int) -> tuple[float, float, float]:
     """The ``i``-th of 20 distinct colours (matplotlib's ``tab20``): its ten dark shades first, then the light ones.
 
-    The training curves and the clean-against-robust scatter both colour the ``i``-th recipe with it, so a recipe
-    looks the same in every figure of a results page.
+    The training curves and the clean-against-robust scatter both colour their ``i``-th recipe with it; both take
+    the recipes in name order, so on a one-dataset results page a recipe has one colour in both figures.
     """
     from matplotlib import colormaps
 
