@@ -15,7 +15,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 archive=benchmarks/runs/fashion-mnist
 recipes=(pgd_at fgsm_rs trades mart mail awp gairat sglr caat bilaw adalab)
-suite=(--n-examples 2000 --attacks pgd20 cw apgd-ce apgd-t square --no-sweep)
+names=()  # the 33 run folders' names, recipe by recipe
+for recipe in "${recipes[@]}"; do for seed in 0 1 2; do names+=("$recipe-seed$seed"); done; done
+examples=2000  # the suite's test images; evaluate.py takes them in chunks of 256 (its default --batch-size)
+suite=(--n-examples "$examples" --attacks pgd20 cw apgd-ce apgd-t square --no-sweep)
 evaluation=("${suite[@]}" --full-split-attacks pgd20)
 page=(--output docs/results_fashion_mnist.md --title "Results: Fashion-MNIST")
 case "${1:-}" in
@@ -24,16 +27,16 @@ case "${1:-}" in
         --archive "$archive" ;;
   evaluate)
     runs=()
-    for recipe in "${recipes[@]}"; do for seed in 0 1 2; do
-      [[ -f runs/fashion-mnist/$recipe-seed$seed/metrics.json ]] && runs+=("runs/fashion-mnist/$recipe-seed$seed")
-    done; done
+    for name in "${names[@]}"; do
+      [[ -f runs/fashion-mnist/$name/metrics.json ]] && runs+=("runs/fashion-mnist/$name")
+    done
     # JOBS runs at a time, one thread each; results.py then finds every report up to date and only writes the page.
     export OMP_NUM_THREADS=1
+    # sh -c gets the run folder as $0 and the suite's flags as "$@".
     printf '%s\n' "${runs[@]}" | xargs -P "${JOBS:-2}" -I RUN sh -c '
-      [ -f RUN/eval.json ] || python recipes/evaluate.py --run-dir RUN --n-examples 2000 \
-          --attacks pgd20 cw apgd-ce apgd-t square --no-sweep --no-progress > RUN/eval.log 2>&1
-      [ -f RUN/eval_full_split.json ] || python recipes/evaluate.py --run-dir RUN --attacks pgd20 --no-sweep \
-          --output RUN/eval_full_split.json --no-progress > RUN/eval_full_split.log 2>&1'
+      [ -f "$0/eval.json" ] || python recipes/evaluate.py --run-dir "$0" "$@" --no-progress > "$0/eval.log" 2>&1
+      [ -f "$0/eval_full_split.json" ] || python recipes/evaluate.py --run-dir "$0" --attacks pgd20 --no-sweep \
+          --output "$0/eval_full_split.json" --no-progress > "$0/eval_full_split.log" 2>&1' RUN "${suite[@]}"
     python recipes/results.py "${runs[@]}" "${evaluation[@]}" "${page[@]}"
     python recipes/compare.py --preset fashion-mnist --recipes "${recipes[@]}" --seeds 0 1 2 --archive "$archive" \
         --archive-only ;;
@@ -41,10 +44,10 @@ case "${1:-}" in
     # Every archived run with the suite's report; PGD-20 on the whole test split joins the table once every one
     # of them has that report too (until then the page has the suite's columns only).
     runs=() full=1
-    for recipe in "${recipes[@]}"; do for seed in 0 1 2; do
-      run=$archive/$recipe-seed$seed
+    for name in "${names[@]}"; do
+      run=$archive/$name
       [[ -f $run/eval.json ]] && { runs+=("$run"); [[ -f $run/eval_full_split.json ]] || full=0; }
-    done; done
+    done
     (( ${#runs[@]} )) || { echo "no archived run has eval.json yet" >&2; exit 1; }
     if (( full )); then
       python recipes/results.py "${runs[@]}" "${evaluation[@]}" "${page[@]}" --stored
@@ -54,24 +57,22 @@ case "${1:-}" in
     # Every archived run with PGD-20 on the whole test split, suite or not: a second page, clean and PGD-20 on all
     # 10,000 test images, that takes in each run as soon as its cheap evaluation is archived.
     whole=()
-    for recipe in "${recipes[@]}"; do for seed in 0 1 2; do
-      run=$archive/$recipe-seed$seed
-      [[ -f $run/eval_full_split.json ]] && whole+=("$run")
-    done; done
+    for name in "${names[@]}"; do
+      [[ -f $archive/$name/eval_full_split.json ]] && whole+=("$archive/$name")
+    done
     if (( ${#whole[@]} )); then
       python recipes/results.py "${whole[@]}" --attacks pgd20 --no-sweep --report-name eval_full_split.json --stored \
           --output docs/results_fashion_mnist_full_split.md \
           --title "Results: Fashion-MNIST, clean and PGD-20 on all 10,000 test images"
     fi ;;
   status)
-    # One line per run; "-" is missing. The suite runs in chunks of 256 examples: 8 for the first 2,000.
+    # One line per run; "-" is missing. An interrupted suite shows its finished chunks of 256 examples.
     printf '%-16s %-9s %-11s %-11s %s\n' run trained suite full-split archived
-    for recipe in "${recipes[@]}"; do for seed in 0 1 2; do
-      name=$recipe-seed$seed run=runs/fashion-mnist/$recipe-seed$seed
-      trained=- suite=- full=- archived=
+    for name in "${names[@]}"; do
+      run=runs/fashion-mnist/$name trained=- suite=- full=- archived=
       [[ -f $run/metrics.json ]] && trained=yes
       if [[ -f $run/eval.json ]]; then suite=yes
-      elif [[ -d $run/eval_chunks ]]; then suite="$(find "$run/eval_chunks" -name 'chunk_*.json' | wc -l)/8 chunks"
+      elif [[ -d $run/eval_chunks ]]; then suite="$(find "$run/eval_chunks" -name 'chunk_*.json' | wc -l)/$(( (examples + 255) / 256 )) chunks"
       fi
       [[ -f $run/eval_full_split.json ]] && full=yes
       for report in config.json eval.json eval_full_split.json; do
@@ -79,6 +80,6 @@ case "${1:-}" in
       done
       archived=${archived% }
       printf '%-16s %-9s %-11s %-11s %s\n' "$name" "$trained" "$suite" "$full" "${archived:--}"
-    done; done ;;
+    done ;;
   *) echo "usage: bash benchmarks/fashion_mnist.sh train|evaluate|page|status" >&2; exit 2 ;;
 esac
