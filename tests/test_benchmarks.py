@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -151,3 +152,63 @@ def test_fashion_mnist_status_lists_what_each_run_has(tmp_path) -> None:
     assert rows["pgd_at-seed0"] == ["yes", "yes", "yes", "config.json"]
     assert rows["mart-seed1"] == ["yes", "2/8", "chunks", "-", "-"]
     assert rows["adalab-seed2"] == ["-", "-", "-", "-"]
+
+
+def _worst_case_table():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import worst_case_table
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return worst_case_table
+
+
+def test_worst_case_table_sorts_by_worst_case_and_bolds_what_is_beyond_noise() -> None:
+    module = _worst_case_table()
+
+    def recipe(worst: float, difference: dict | None) -> dict:
+        accuracies = {"clean": 80.0, "pgd20": 70.0, "worst_case": worst}
+        return {
+            "runs": [{"seed": 1}, {"seed": 0}],
+            "mean": {"main": accuracies},
+            "std": {"main": dict.fromkeys(accuracies, 0.5)},
+            "difference": {"main": dict.fromkeys(("clean", "worst_case"), difference)} if difference else {},
+        }
+
+    beyond = {
+        "mean": -2.0,
+        "low": -3.0,
+        "high": -1.0,
+        "mcnemar": {"pooled": {"p": 1e-6}},
+        "verdict": "beyond noise (worse)",
+    }
+    within = {"mean": 0.5, "low": -1.25, "high": 2.25, "mcnemar": {"pooled": {"p": 0.3}}, "verdict": "within noise"}
+    page = {"datasets": {"d": {"reference": "ref", "recipes": {
+        "low": recipe(50.0, beyond), "ref": recipe(60.0, None), "high": recipe(70.0, within)}}}}  # fmt: skip
+    lines = module.table(page).splitlines()
+    assert [line.split(" | ")[0] for line in lines[2:]] == ["| `ref`", "| `high`", "| `low`"]
+    assert lines[2].endswith("| 0, 1 | 80.00 ± 0.50 | 70.00 ± 0.50 | 60.00 ± 0.50 |  |  |")
+    assert lines[3].endswith("| +0.50 [-1.25, +2.25], p 0.3 | +0.50 [-1.25, +2.25], p 0.3 |")
+    assert lines[4].endswith("| **-2.00 [-3.00, -1.00], p < 0.0001** | **-2.00 [-3.00, -1.00], p < 0.0001** |")
+
+
+def test_the_readme_quotes_the_fashion_mnist_worst_case_table_as_the_page_has_it() -> None:
+    root = BENCHMARKS.parent
+    page = json.loads((root / "docs" / "results_fashion_mnist.json").read_text())
+    readme = (root / "recipes" / "README.md").read_text()
+    missing = [line for line in _worst_case_table().table(page).splitlines() if line not in readme]
+    assert not missing, (
+        "recipes/README.md lacks these rows of `python benchmarks/worst_case_table.py "
+        f"docs/results_fashion_mnist.json`: {missing}"
+    )
+
+
+@pytest.mark.parametrize(("content", "message"), [(None, "no such file"), ("{", "not a results page"),
+                                                  ("[]", "no 'datasets'")])  # fmt: skip
+def test_worst_case_table_names_a_bad_page_in_one_line(tmp_path, capsys, content, message) -> None:
+    path = tmp_path / "page.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SystemExit):
+        _worst_case_table().main([str(path)])
+    assert message in capsys.readouterr().err

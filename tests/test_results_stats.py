@@ -428,3 +428,20 @@ def test_the_environments_of_a_page_say_how_many_reports_each_made():
     assert line.endswith(
         "cpu (test) (5 reports); " + alike.removeprefix("Evaluated with ")[:-1] + ", channels_last weights (1 report)."
     )
+
+
+def test_a_page_names_the_runs_that_trained_somewhere_else_than_most():
+    runs = _runs(extra=False)
+    comparison = results_statistics(runs, reference="pgd_at")
+    dirs = [r["run"]["run_dir"] for group in runs.values() for r in group]
+    page = _page(runs, comparison, training_environments=dict.fromkeys(dirs, "torch 2.9 on 1 process(es), cpu (A)"))
+    alike = next(line for line in page.splitlines() if line.startswith("Trained with"))
+    assert alike == "Trained with torch 2.9 on 1 process(es), cpu (A)."  # one environment: no counts, no names
+    moved = {"runs/trades-seed0", "runs/trades-seed2"}
+    environments = {d: f"torch 2.9 on 1 process(es), cpu ({'B' if d in moved else 'A'})" for d in dirs}
+    page = _page(runs, comparison, training_environments=environments)
+    line = next(line for line in page.splitlines() if line.startswith("Trained with"))
+    assert line == (
+        "Trained with torch 2.9 on 1 process(es), cpu (A) (4 runs); "
+        "torch 2.9 on 1 process(es), cpu (B) (2 runs: trades-seed0, trades-seed2)."
+    )

@@ -592,8 +592,22 @@ def _difference_words(difference: Mapping[str, Any]) -> str:
 
 
 def _trained_with(runs: Mapping[str, Sequence[Mapping[str, Any]]], environments: Mapping[str, str]) -> list[str]:
-    known = sorted({environments.get(r["run"]["run_dir"], "") for group in runs.values() for r in group} - {""})
-    return [f"Trained with {'; '.join(known)}.", ""] if known else []
+    """What the runs trained with; when that differs between them, each environment with its number of runs, and
+    the runs by name for every environment but the most common one, so a reader knows which rows it touches."""
+    by_environment: dict[str, list[str]] = {}
+    for group in runs.values():
+        for r in group:
+            run_dir = r["run"]["run_dir"]
+            if environments.get(run_dir):
+                by_environment.setdefault(environments[run_dir], []).append(Path(run_dir).name)
+    if len(by_environment) <= 1:
+        return [f"Trained with {next(iter(by_environment))}.", ""] if by_environment else []
+    common = max(sorted(by_environment), key=lambda words: len(by_environment[words]))
+    parts = []
+    for words, names in sorted(by_environment.items()):
+        count = f"{len(names)} run{'s' if len(names) > 1 else ''}"
+        parts.append(f"{words} ({count})" if words == common else f"{words} ({count}: {', '.join(sorted(names))})")
+    return [f"Trained with {'; '.join(parts)}.", ""]
 
 
 def results_page(
