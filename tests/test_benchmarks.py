@@ -154,17 +154,17 @@ def test_fashion_mnist_status_lists_what_each_run_has(tmp_path) -> None:
     assert rows["adalab-seed2"] == ["-", "-", "-", "-"]
 
 
-def _worst_case_table():
+def _summary_table():
     sys.path.insert(0, str(BENCHMARKS))
     try:
-        import worst_case_table
+        import summary_table
     finally:
         sys.path.remove(str(BENCHMARKS))
-    return worst_case_table
+    return summary_table
 
 
-def test_worst_case_table_sorts_by_worst_case_and_bolds_what_is_beyond_noise() -> None:
-    module = _worst_case_table()
+def test_summary_table_sorts_by_worst_case_and_bolds_what_is_beyond_noise() -> None:
+    module = _summary_table()
 
     def recipe(worst: float, difference: dict | None) -> dict:
         accuracies = {"clean": 80.0, "pgd20": 70.0, "worst_case": worst}
@@ -192,23 +192,33 @@ def test_worst_case_table_sorts_by_worst_case_and_bolds_what_is_beyond_noise() -
     assert lines[4].endswith("| **-2.00 [-3.00, -1.00], p < 0.0001** | **-2.00 [-3.00, -1.00], p < 0.0001** |")
 
 
-def test_the_readme_quotes_the_fashion_mnist_worst_case_table_as_the_page_has_it() -> None:
+@pytest.mark.parametrize("page", ["results_fashion_mnist.json", "results_fashion_mnist_full_split.json"])
+def test_the_readme_quotes_the_fashion_mnist_tables_as_the_pages_have_them(page) -> None:
     root = BENCHMARKS.parent
-    page = json.loads((root / "docs" / "results_fashion_mnist.json").read_text())
     readme = (root / "recipes" / "README.md").read_text()
-    missing = [line for line in _worst_case_table().table(page).splitlines() if line not in readme]
+    table = _summary_table().table(json.loads((root / "docs" / page).read_text()))
+    missing = [line for line in table.splitlines() if line not in readme]
     assert not missing, (
-        "recipes/README.md lacks these rows of `python benchmarks/worst_case_table.py "
-        f"docs/results_fashion_mnist.json`: {missing}"
+        f"recipes/README.md lacks these rows of `python benchmarks/summary_table.py docs/{page}`: {missing}"
     )
+
+
+def test_summary_table_leads_with_pgd20_where_the_evaluation_has_no_worst_case() -> None:
+    accuracies = {"clean": 80.0, "pgd20": 70.0}
+    recipe = {"runs": [{"seed": 0}], "mean": {"main": accuracies}, "std": {}, "difference": {}}
+    lines = _summary_table().table({"reference": "a", "datasets": {"d": {"recipes": {"a": recipe}}}}).splitlines()
+    assert lines[0] == "| recipe | seeds | clean | PGD-20 | clean vs `a` | PGD-20 vs `a` |"
+    assert lines[2] == "| `a` | 0 | 80.00 | 70.00 |  |  |"
+    with pytest.raises(SystemExit, match="no evaluation 'full_split'"):
+        _summary_table().table({"datasets": {"d": {"recipes": {"a": recipe}}}}, evaluation="full_split")
 
 
 @pytest.mark.parametrize(("content", "message"), [(None, "no such file"), ("{", "not a results page"),
                                                   ("[]", "no 'datasets'")])  # fmt: skip
-def test_worst_case_table_names_a_bad_page_in_one_line(tmp_path, capsys, content, message) -> None:
+def test_summary_table_names_a_bad_page_in_one_line(tmp_path, capsys, content, message) -> None:
     path = tmp_path / "page.json"
     if content is not None:
         path.write_text(content)
     with pytest.raises(SystemExit):
-        _worst_case_table().main([str(path)])
+        _summary_table().main([str(path)])
     assert message in capsys.readouterr().err
