@@ -1,13 +1,16 @@
 """The short table of a results page: each recipe's clean, PGD-20 and worst-case accuracy and its paired
-differences to the reference recipe, sorted by worst case, as the Markdown table the READMEs quote.
+differences to the reference recipe, as the Markdown table the READMEs quote.
 
-    python benchmarks/worst_case_table.py docs/results_fashion_mnist.json
+    python benchmarks/summary_table.py docs/results_fashion_mnist.json
+    python benchmarks/summary_table.py docs/results_fashion_mnist_full_split.json   # no worst case: PGD-20 leads
 
 Reads the JSON that ``recipes/results.py`` writes beside its page (so it needs no run folder and no weights) and
-prints one row per recipe: the seeds, mean ± std over them of clean, PGD-20 and worst-case accuracy on the
-page's main evaluation, then the mean paired difference to the reference recipe on clean and worst-case
-accuracy with its 95% interval over seeds and McNemar's p pooled over seeds, **bold** where the page calls the
-difference beyond noise. The reference comes first, the others by worst case, highest first.
+prints one row per recipe: the seeds, mean ± std over them of clean, PGD-20 and worst-case accuracy (those the
+evaluation has) on one of the page's evaluations (``--evaluation``, default the main one), then the mean paired
+difference to the reference recipe on clean accuracy and on the headline (worst case, or PGD-20 when the
+evaluation has no worst case) with its 95% interval over seeds and McNemar's p pooled over seeds, **bold** where
+the page calls the difference beyond noise. The reference comes first, the others by the headline, highest
+first.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 COLUMNS = (("clean", "clean"), ("pgd20", "PGD-20"), ("worst_case", "worst case"))
-DIFFERENCES = ("clean", "worst_case")
 
 
 def difference_cell(difference: dict[str, Any] | None) -> str:
@@ -49,24 +51,31 @@ def table(page: dict[str, Any], dataset: str | None = None, evaluation: str = "m
     reference = datasets[dataset].get("reference") or page.get("reference")
     reference_label = f"`{reference}`" if reference else "the reference"
 
-    def worst(name: str) -> float:
-        return recipes[name]["mean"][evaluation]["worst_case"]
+    evaluations = {e for recipe in recipes.values() for e in recipe["mean"]}
+    if evaluation not in evaluations:
+        raise SystemExit(f"error: the page has no evaluation {evaluation!r} (it has {', '.join(sorted(evaluations))})")
+    first = next(iter(recipes.values()))["mean"][evaluation]
+    columns = [(key, label) for key, label in COLUMNS if key in first]
+    headline = columns[-1][0]
+    differences = ("clean", headline)
 
-    order = sorted(recipes, key=lambda name: (name != reference, -worst(name), name))
-    header = ["recipe", "seeds", *(label for _, label in COLUMNS)]
-    header += [f"{label} vs {reference_label}" for key, label in COLUMNS if key in DIFFERENCES]
-    lines = ["| " + " | ".join(header) + " |", "| --- | --- | " + "---: | " * len(COLUMNS) + "--- | " * 2]
-    lines[-1] = lines[-1].rstrip()
+    def score(name: str) -> float:
+        return recipes[name]["mean"][evaluation][headline]
+
+    order = sorted(recipes, key=lambda name: (name != reference, -score(name), name))
+    header = ["recipe", "seeds", *(label for _, label in columns)]
+    header += [f"{label} vs {reference_label}" for key, label in columns if key in differences]
+    lines = ["| " + " | ".join(header) + " |", "| --- | --- |" + " ---: |" * len(columns) + " --- |" * 2]
     for name in order:
         recipe = recipes[name]
         seeds = ", ".join(str(run["seed"]) for run in sorted(recipe["runs"], key=lambda run: run["seed"]))
         cells = [f"`{name}`", seeds]
-        for key, _ in COLUMNS:
+        for key, _ in columns:
             std = (recipe.get("std") or {}).get(evaluation, {}).get(key)
             mean = recipe["mean"][evaluation][key]
             cells.append(f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f}")
-        differences = (recipe.get("difference") or {}).get(evaluation, {})
-        cells += [difference_cell(differences.get(key)) for key in DIFFERENCES]
+        paired = (recipe.get("difference") or {}).get(evaluation, {})
+        cells += [difference_cell(paired.get(key)) for key in differences]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
