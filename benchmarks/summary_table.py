@@ -21,6 +21,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from robustmix.evaluation.report import p_words
+
 COLUMNS = (("clean", "clean"), ("pgd20", "PGD-20"), ("worst_case", "worst case"))
 
 
@@ -33,8 +35,7 @@ def difference_cell(difference: dict[str, Any] | None) -> str:
         words += f" [{difference['low']:+.2f}, {difference['high']:+.2f}]"
     mcnemar = difference.get("mcnemar")
     if mcnemar:
-        p = mcnemar["pooled"]["p"]
-        words += ", p < 0.0001" if p < 1e-4 else f", p {p:.2g}"
+        words += f", {p_words(mcnemar['pooled']['p'])}"
     return f"**{words}**" if difference.get("verdict", "").startswith("beyond noise") else words
 
 

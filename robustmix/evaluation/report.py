@@ -586,9 +586,13 @@ def _difference_words(difference: Mapping[str, Any]) -> str:
     if mcnemar is None:
         words += "no per-example test, "
     else:
-        p = mcnemar["pooled"]["p"]
-        words += "p < 0.0001, " if p < 1e-4 else f"p {p:.2g}, "
+        words += f"{p_words(mcnemar['pooled']['p'])}, "
     return words + difference["verdict"]
+
+
+def p_words(p: float) -> str:
+    """A p-value as the pages write it: ``"p < 0.0001"`` below 1e-4, else two significant digits (``"p 0.052"``)."""
+    return "p < 0.0001" if p < 1e-4 else f"p {p:.2g}"
 
 
 def _trained_with(runs: Mapping[str, Sequence[Mapping[str, Any]]], environments: Mapping[str, str]) -> list[str]:
